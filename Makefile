@@ -1,0 +1,34 @@
+# The two commands the README promises, each from a fresh clone:
+#   make demo   -- create .venv if missing, install, run the main job on the demo data
+#   make test   -- create .venv if missing, install, run the test suite
+PYTHON  ?= python3
+VENV    ?= .venv
+SHARED  ?= $(abspath ../shared)
+export REIDX_MODEL_DIR ?= $(SHARED)/models
+export REIDX_SHARED ?= $(SHARED)
+BIN := $(VENV)/bin
+
+.PHONY: demo test venv clean
+
+# torch is pinned first so a CPU machine takes the CPU wheel and never pulls CUDA packages;
+# the project's own range (torch>=2.3) is then already satisfied.
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[test,onnx]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/reidx evaluate \
+	    --query $(SHARED)/data/con-reid/query \
+	    --gallery $(SHARED)/data/con-reid/bounding_box_test \
+	    --weights osnet_x0_25_msmt17
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,152 @@
+"""The ``reidx`` command line: a thin click layer over functions the tests call directly.
+
+Every command has ``--help``; commands that report take ``--json`` and then print exactly one
+JSON object on stdout (progress bars and warnings go to stderr). Errors the user can fix print
+one ``Error: ...`` line and exit with status 1; set ``REIDX_DEBUG=1`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+DEFAULT_WEIGHTS = "osnet_x0_25_msmt17"
+
+
+class ReidxGroup(click.Group):
+    """Turns expected failures (bad paths, weights, labels) into one clear line instead of a traceback."""
+
+    def invoke(self, ctx):
+        from pipeline.datasets import DatasetError
+        from pipeline.models.weights import WeightsError
+
+        try:
+            return super().invoke(ctx)
+        except (WeightsError, DatasetError, ValueError, ImportError, FileNotFoundError) as exc:
+            if os.environ.get("REIDX_DEBUG"):
+                raise
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=ReidxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="reidx")
+def main():
+    """reidx: find people in large image archives and ask where else they appear.
+
+    Weights are given by file path or known name (e.g. osnet_x0_25_msmt17); names are looked
+    up in $REIDX_MODEL_DIR, then ~/.cache/reidx/models.
+    """
+
+
+# Options shared by every command that embeds crops, defined once so they read the same everywhere.
+def embedder_options(func):
+    options = [
+        click.option("--weights", "-w", default=DEFAULT_WEIGHTS, show_default=True,
+                     help="ReID weights: a file path or a known model name."),
+        click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+                     help="Inference backend; onnx needs the extra reidx[onnx] and a .onnx export."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="auto uses CUDA when torch sees a GPU."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+                     help="bf16 autocast is faster but less exact (see README: Speed)."),
+        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
+                     help="Crops per forward pass."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _embedder(weights, backend, device, precision):
+    from pipeline.embed import build_embedder
+
+    return build_embedder(weights, backend=backend, device=device, precision=precision)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output Parquet file.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False),
+              help="CSV/Parquet table (path, person_id, camera) for images not in Market-1501 naming.")
+@embedder_options
+@json_option
+def embed(inputs, out, labels, weights, backend, device, precision, batch_size, as_json):
+    """Embed person crops (files, folders, globs) into a Parquet table.
+
+    One row per image: path, person_id and camera (from Market-1501 naming such as
+    0001_c1s1_001051_00.jpg, or --labels), the unit-length embedding, and an error column
+    for images that could not be decoded (their embedding is null).
+    """
+    from pipeline.datasets import label_crops, list_images
+    from pipeline.embed import embed_files
+    from pipeline.embedding_table import build_table, write_parquet_atomic
+
+    paths = list_images(list(inputs))
+    if not paths:
+        raise click.ClickException("no images found in the inputs")
+    embedder = _embedder(weights, backend, device, precision)
+    crops = label_crops(paths, labels)
+    result = embed_files(embedder, crops["path"].to_pylist(), batch_size=batch_size, progress=_progress())
+    write_parquet_atomic(build_table(crops, result, embedder.info), out)
+    failed = [(p, e) for p, e in zip(crops["path"].to_pylist(), result.errors) if e]
+    report = {"out": str(out), "num_images": len(paths), "num_embedded": len(paths) - len(failed),
+              "num_failed": len(failed), "embedder": embedder.info.id, "dim": embedder.info.dim}
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for path, err in failed:
+            click.echo(f"skipped {path}: {err}", err=True)
+        click.echo(f"embedded {report['num_embedded']}/{len(paths)} images with {embedder.info.id} → {out}")
+
+
+@main.command()
+@click.option("--query", "-q", "query_inputs", required=True, multiple=True,
+              help="Query images (folder, glob or file; repeatable) or a Parquet table from `reidx embed`.")
+@click.option("--gallery", "-g", "gallery_inputs", required=True, multiple=True,
+              help="Gallery images (folder, glob or file; repeatable) or a Parquet table from `reidx embed`.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False),
+              help="CSV/Parquet table (path, person_id, camera) instead of Market-1501 naming.")
+@embedder_options
+@json_option
+def evaluate(query_inputs, gallery_inputs, labels, weights, backend, device, precision, batch_size, as_json):
+    """Evaluate ReID retrieval on a labelled query/gallery split.
+
+    Market-1501 protocol: same id and same camera ignored, junk (id -1) removed from the
+    gallery, queries without a valid match skipped. Reports mAP, CMC rank-1/5/10 and mINP
+    in percent. Example:
+
+      reidx evaluate --query DATA/query --gallery DATA/bounding_box_test --weights osnet_x0_25_msmt17
+    """
+    from indexers.evaluation import embed_side, evaluate_split
+
+    needs_model = not all(len(s) == 1 and s[0].endswith(".parquet") for s in (query_inputs, gallery_inputs))
+    embedder = _embedder(weights, backend, device, precision) if needs_model else None
+    query = embed_side(list(query_inputs), embedder, labels, batch_size, _progress())
+    gallery = embed_side(list(gallery_inputs), embedder, labels, batch_size, _progress())
+    metrics = evaluate_split(query, gallery)
+    report = metrics.as_percent_dict()
+    report["num_failed_images"] = query.num_failed + gallery.num_failed
+    if embedder is not None:
+        report["embedder"] = embedder.info.id
+    if as_json:
+        click.echo(json.dumps(report))
+        return
+    click.echo(f"queries {report['num_query']} (skipped without a valid match: {report['num_query_skipped']}), "
+               f"gallery {report['num_gallery']}")
+    for key, label in (("mAP", "mAP"), ("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"),
+                       ("mINP", "mINP")):
+        click.echo(f"{label:>8}: {report[key]:6.2f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""reidx indexers: metrics, Faiss index, search, re-ranking and export over embedded galleries."""

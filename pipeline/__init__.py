@@ -1,0 +1,1 @@
+"""reidx pipeline: image archives → person detections → ReID embeddings → Parquet shards."""

@@ -1,0 +1,94 @@
+"""Embedded crops as an Arrow table, written to and read from Parquet.
+
+Schema (version 1), one row per input image, in input order:
+
+| column      | type                          | meaning                                         |
+|-------------|-------------------------------|-------------------------------------------------|
+| path        | string                        | absolute path of the image                      |
+| person_id   | int64, null                   | identity from Market naming or a label table    |
+| camera      | int64, null                   | camera from Market naming or a label table      |
+| embedding   | fixed_size_list<float32>[D], null | unit-length feature; null if the image failed |
+| error       | string, null                  | why the image could not be embedded, else null  |
+
+The Parquet file's key-value metadata records the embedder (``reidx.embedder``: name,
+``reidx.weights_sha256``, ``reidx.backend``, ``reidx.dim``) so a table is never compared with
+features of another model.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.embed import EmbeddedFiles, EmbedderInfo
+
+SCHEMA_VERSION = "1"
+
+
+def embedding_array(embeddings: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
+    """(N, D) float32 → ``fixed_size_list<float32>[D]``, null where ``valid`` is False."""
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, dim = embeddings.shape
+    values = pa.array(embeddings.reshape(-1), type=pa.float32())
+    mask = None if valid is None else pa.array(~np.asarray(valid, dtype=bool))
+    return pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
+
+
+def embeddings_to_numpy(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
+    """``fixed_size_list<float>[D]`` column (no nulls) → (N, D) float32 array, without copying rows one by one."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if column.null_count:
+        raise ValueError("embedding column has nulls; filter failed rows first")
+    dim = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+
+
+def build_table(crops: pa.Table, result: EmbeddedFiles, info: EmbedderInfo) -> pa.Table:
+    """Join a crop set (path, person_id, camera) with its embeddings and errors."""
+    table = crops.append_column("embedding", embedding_array(np.nan_to_num(result.embeddings), result.ok))
+    table = table.append_column("error", pa.array(result.errors, pa.string()))
+    metadata = {
+        "reidx.schema": "embedded-crops",
+        "reidx.schema_version": SCHEMA_VERSION,
+        "reidx.embedder": info.name,
+        "reidx.weights_sha256": info.weights_sha256,
+        "reidx.backend": info.backend,
+        "reidx.dim": str(info.dim),
+    }
+    return table.replace_schema_metadata(metadata)
+
+
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write to a temporary file beside ``path``, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f, compression="zstd")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_table(path: str | os.PathLike) -> pa.Table:
+    table = pq.read_table(path)
+    meta = table.schema.metadata or {}
+    if meta.get(b"reidx.schema") != b"embedded-crops":
+        raise ValueError(f"{path} is not an embeddings table written by `reidx embed`")
+    return table
+
+
+def table_embedder_id(table: pa.Table) -> tuple[str, str]:
+    meta = table.schema.metadata or {}
+    return meta.get(b"reidx.embedder", b"?").decode(), meta.get(b"reidx.weights_sha256", b"?").decode()

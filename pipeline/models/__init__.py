@@ -1,0 +1,1 @@
+"""Plain-torch models (no I/O) and safe weight loading."""
