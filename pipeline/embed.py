@@ -47,7 +47,7 @@ def resize_crop(image: Image.Image) -> np.ndarray:
 
 def to_input_tensor(crops: np.ndarray) -> torch.Tensor:
     """uint8 batch (N, 256, 128, 3) → normalised float32 (N, 3, 256, 128)."""
-    x = torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).float().div_(255.0)
+    x = torch.from_numpy(np.array(crops, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return x.sub_(mean).div_(std)
@@ -95,11 +95,20 @@ class TorchEmbedder(Embedder):
     def __init__(self, weights: str = "osnet_x0_25_msmt17", device: str = "auto", precision: str = "fp32",
                  fast: bool = True):
         resolved = resolve_weights(weights, ".pth")
-        state = load_state_dict(resolved.path)
-        arch = resolved.known.arch if resolved.known else infer_osnet_arch(state)
-        feature_dim = state["fc.0.weight"].shape[0] if "fc.0.weight" in state else 512
-        model = build_osnet(arch, feature_dim=feature_dim)
-        load_osnet_state(model, state)
+        if resolved.path.suffix == ".onnx":
+            # An ONNX export runs in our torch model too: same features, our fast path and devices.
+            from pipeline.models.onnx_import import load_onnx_weights
+
+            arch, feature_dim = (resolved.known.arch if resolved.known else "osnet_x0_25"), 512
+            example = torch.zeros(1, 3, INPUT_HEIGHT, INPUT_WIDTH)
+            model = load_onnx_weights(build_osnet(arch), resolved.path, example, fold_batchnorm)
+            # (an unknown export is assumed x0_25; a wrong width fails the shape check loudly)
+        else:
+            state = load_state_dict(resolved.path)
+            arch = resolved.known.arch if resolved.known else infer_osnet_arch(state)
+            feature_dim = state["fc.0.weight"].shape[0] if "fc.0.weight" in state else 512
+            model = build_osnet(arch, feature_dim=feature_dim)
+            load_osnet_state(model, state)
         model.eval()
         self.device = resolve_device(device)
         if fast:
@@ -135,9 +144,7 @@ class OnnxEmbedder(Embedder):
             raise ImportError("the onnx backend needs the extra: pip install 'reidx[onnx]'") from None
         resolved = resolve_weights(weights, ".onnx")
         graph = onnx.load(os.fspath(resolved.path))
-        # Exports often fix the batch dimension to 1; a symbolic batch lets us run whole batches.
-        for value in list(graph.graph.input) + list(graph.graph.output):
-            value.type.tensor_type.shape.dim[0].dim_param = "batch"
+        make_batch_dynamic(graph)
         providers = ["CPUExecutionProvider"]
         if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -155,6 +162,26 @@ class OnnxEmbedder(Embedder):
         x = to_input_tensor(crops).contiguous().numpy()
         (features,) = self.session.run(None, {self.input_name: x})
         return l2_normalise(features)
+
+
+def make_batch_dynamic(graph) -> None:
+    """Let an ONNX export traced at batch 1 run whole batches.
+
+    Exports fix the batch dimension to 1 in the graph's inputs and outputs and in the shape
+    constant of the flatten ``Reshape`` ([1, -1]); a symbolic batch and a 0 there ("copy the
+    input's dimension", ONNX Reshape semantics) make it batch-agnostic.
+    """
+    from onnx import numpy_helper
+
+    for value in list(graph.graph.input) + list(graph.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    initializers = {init.name: init for init in graph.graph.initializer}
+    for node in graph.graph.node:
+        if node.op_type == "Reshape" and node.input[1] in initializers:
+            shape = numpy_helper.to_array(initializers[node.input[1]]).copy()
+            if shape.size and shape[0] == 1:
+                shape[0] = 0
+                initializers[node.input[1]].CopyFrom(numpy_helper.from_array(shape, node.input[1]))
 
 
 def build_embedder(weights: str, backend: str = "torch", device: str = "auto", precision: str = "fp32") -> Embedder:

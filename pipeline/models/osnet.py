@@ -103,14 +103,12 @@ class OSBlock(nn.Module):
 
     def forward(self, x):
         x1 = self.conv1(x)
-        x2 = (
-            self.gate(self.conv2a(x1))
-            + self.gate(self.conv2b(x1))
-            + self.gate(self.conv2c(x1))
-            + self.gate(self.conv2d(x1))
-        )
+        # streams first, then the shared gate: the published call order, which ONNX exports follow
+        streams = [self.conv2a(x1), self.conv2b(x1), self.conv2c(x1), self.conv2d(x1)]
+        x2 = sum(self.gate(s) for s in streams)
+        x3 = self.conv3(x2)
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.conv3(x2) + identity
+        out = x3 + identity
         if self.IN is not None:
             out = self.IN(out)
         return F.relu(out)
@@ -186,7 +184,10 @@ def infer_osnet_arch(state_dict: dict[str, torch.Tensor]) -> str:
 def load_osnet_state(model: OSNet, state_dict: dict[str, torch.Tensor]) -> None:
     """Load a torchreid checkpoint strictly, ignoring only the training classifier."""
     features = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
-    result = model.load_state_dict(features, strict=False)
+    try:
+        result = model.load_state_dict(features, strict=False)
+    except RuntimeError as exc:  # shape mismatches: a checkpoint of another width
+        raise ValueError(f"checkpoint does not match the OSNet architecture: {exc}") from None
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(
             "checkpoint does not match the OSNet architecture: "
@@ -212,7 +213,7 @@ def _folded(layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | nn.BatchNorm1d):
 
 @torch.no_grad()
 def fold_batchnorm(model: OSNet) -> OSNet:
-    """Fold each BatchNorm into the layer before it, in place (inference only).
+    """Fold each BatchNorm into the layer before it, in place (inference only; idempotent).
 
     Saves a full memory pass per layer; features change by float rounding only (tested).
     """
@@ -221,7 +222,7 @@ def fold_batchnorm(model: OSNet) -> OSNet:
         if isinstance(module, (ConvLayer, Conv1x1Linear)) and isinstance(module.bn, nn.BatchNorm2d):
             module.conv = _folded(module.conv, module.bn)
             module.bn = nn.Identity()
-        elif isinstance(module, LightConv3x3):
+        elif isinstance(module, LightConv3x3) and isinstance(module.bn, nn.BatchNorm2d):
             module.conv2 = _folded(module.conv2, module.bn)
             module.bn = nn.Identity()
     linear, bn = model.fc[0], model.fc[1]

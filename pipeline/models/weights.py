@@ -139,12 +139,11 @@ def resolve_weights(spec: str | os.PathLike, suffix: str = ".pth") -> ResolvedWe
     if Path(spec).expanduser().is_file():
         path = Path(spec).expanduser().resolve()
         return ResolvedWeights(path, sha256_of(path), None)
-    if _is_path_like(spec):
-        raise WeightsError(f"weights file {spec!r} does not exist")
-
-    key = spec if suffix == ".pth" else spec + suffix
-    known = KNOWN_MODELS.get(key)
+    candidates = [spec] if suffix == ".pth" else [spec + suffix, spec]
+    known = next((KNOWN_MODELS[c] for c in candidates if c in KNOWN_MODELS), None)
     if known is None:
+        if _is_path_like(spec):
+            raise WeightsError(f"weights file {spec!r} does not exist")
         names = sorted(n for n in KNOWN_MODELS if n.endswith(suffix) or "." not in n)
         raise WeightsError(f"unknown model name {spec!r}; give a file path or one of: {', '.join(names)}")
     dirs = search_dirs()
