@@ -46,8 +46,9 @@ def embedder_options(func):
     options = [
         click.option("--weights", "-w", default=DEFAULT_WEIGHTS, show_default=True,
                      help="ReID weights: a file path or a known model name."),
-        click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
-                     help="Inference backend; onnx needs the extra reidx[onnx] and a .onnx export."),
+        click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+                     help="auto: onnxruntime on CPU when installed (fastest there), else torch. "
+                          "Both run the same weights; onnx needs the extra reidx[onnx]."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="auto uses CUDA when torch sees a GPU."),
         click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,

@@ -42,9 +42,9 @@ def con_reid_split(weights: str):
     """(query, gallery) EmbeddedSplit of the Con-ReID evaluation split, embedded once per session."""
     if weights not in _SPLITS:
         from indexers.evaluation import embed_side
-        from pipeline.embed import TorchEmbedder
+        from pipeline.embed import build_embedder
 
-        embedder = TorchEmbedder(weights)
+        embedder = build_embedder(weights)  # the shipped default path
         _SPLITS[weights] = (
             embed_side([str(CON_REID / "query")], embedder),
             embed_side([str(CON_REID / "bounding_box_test")], embedder),

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from pipeline.datasets import list_images
-from pipeline.embed import OnnxEmbedder, TorchEmbedder, embed_files, resize_crop, to_input_tensor
+from pipeline.embed import OnnxEmbedder, TorchEmbedder, build_embedder, embed_files, resize_crop, to_input_tensor
 from pipeline.imaging import load_image
 from tests.conftest import CON_REID
 
@@ -64,12 +64,20 @@ def test_bf16_is_opt_in_and_close(crops, plain_fp32):
 def test_onnx_backend_matches_our_torch_model_on_the_same_weights(crops):
     # The shared export is another training run than osnet_x0_25_msmt17.pth (its weights differ),
     # so the comparison that means something is onnxruntime vs our OSNet holding the export's weights.
-    onnx_embedder = OnnxEmbedder("osnet_x0_25_msmt17")
+    onnx_embedder = OnnxEmbedder("osnet_x0_25_msmt17.onnx")
     torch_embedder = TorchEmbedder("osnet_x0_25_msmt17.onnx")
     assert onnx_embedder.info.name == "osnet_x0_25_msmt17"
     assert onnx_embedder.info.weights_sha256 == torch_embedder.info.weights_sha256
     cosine = (onnx_embedder.embed(crops) * torch_embedder.embed(crops)).sum(1)
     assert cosine.min() >= 0.999
+
+
+def test_checkpoint_run_by_onnxruntime_equals_torch(crops, plain_fp32):
+    """The default CPU path: our OSNet exported in memory, run by onnxruntime."""
+    onnx_embedder = build_embedder("osnet_x0_25_msmt17")
+    assert isinstance(onnx_embedder, OnnxEmbedder)
+    assert onnx_embedder.info.weights_sha256 == plain_fp32.info.weights_sha256
+    assert (onnx_embedder.embed(crops) * plain_fp32.embed(crops)).sum(1).min() >= 0.99999
 
 
 def test_onnx_batches_equal_single_images(crops):
