@@ -75,7 +75,7 @@ def _onnx_exports() -> list[KnownModel]:
             "osnet_x0_25_msmt17.onnx",
             "osnet_x0_25",
             "osnet_x0_25_msmt17.onnx",
-            "export it with `torch.onnx.export` from osnet_x0_25_msmt17.pth (see docs/models.md)",
+            "no official download: see docs/models.md",
             "c61799fb79be8959f950590604c6d7a097c7c0aac7aca2baa49b09406ecb5829",
         ),
         KnownModel(
