@@ -1,0 +1,215 @@
+"""Sources: list the image members of a folder, glob, tar/zip archive or fsspec URL; read their bytes.
+
+Nothing is ever extracted to disk: members are read into memory by the worker that decodes
+them. Archive members that could write or read outside the archive if extracted — absolute
+names, ``..`` components, symlinks, hard links, devices, FIFOs — are never read; listing
+returns them as *rejected* with the reason, so the ledger records them and the night goes on.
+
+A member is named by its POSIX path relative to the source root (for a glob: relative to the
+pattern's fixed leading folder); ``(source name, member)`` is an image's stable key.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import os
+import stat
+import tarfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+from pipeline.datasets import IMAGE_SUFFIXES
+from pipeline.manifest import Source
+
+ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+
+
+class SourceError(OSError):
+    """A whole source cannot be listed (missing folder, unreadable archive); the night goes on."""
+
+
+@dataclass
+class Listing:
+    """What a source holds: readable image members (sorted) and members refused with a reason."""
+
+    members: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def archive_type(uri: str) -> str | None:
+    lower = uri.lower()
+    if lower.endswith((".tar.gz", ".tgz")):
+        return "tar.gz"
+    if lower.endswith(".tar"):
+        return "tar"
+    if lower.endswith(".zip"):
+        return "zip"
+    return None
+
+
+def unsafe_name_reason(name: str) -> str | None:
+    """Why an archive member name is unsafe to use as a path, or None."""
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        return "absolute member name"
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        return "member name contains '..'"
+    return None
+
+
+def _wanted(source: Source, member: str) -> bool:
+    if PurePosixPath(member).suffix.lower() not in IMAGE_SUFFIXES:
+        return False
+    if source.include and not any(fnmatch.fnmatch(member, p) for p in source.include):
+        return False
+    return not any(fnmatch.fnmatch(member, p) for p in source.exclude)
+
+
+def _open_binary(uri: str):
+    if "://" in uri:
+        import fsspec
+
+        return fsspec.open(uri, "rb").open()
+    return open(uri, "rb")
+
+
+def _glob_root(pattern: str) -> Path:
+    parts = []
+    for part in Path(pattern).parts:
+        if glob.has_magic(part):
+            break
+        parts.append(part)
+    return Path(*parts) if parts else Path(".")
+
+
+def _local_files(source: Source) -> tuple[Path, list[Path]]:
+    if glob.has_magic(source.uri):
+        root = _glob_root(source.uri)
+        return root, [Path(p) for p in glob.glob(source.uri, recursive=True) if os.path.isfile(p)]
+    root = Path(source.uri)
+    if not root.is_dir():
+        raise SourceError(f"source {source.name}: {source.uri} does not exist")
+    return root, [p for p in root.rglob("*") if p.is_file()]
+
+
+def _tar_member_reason(info: tarfile.TarInfo) -> str | None:
+    reason = unsafe_name_reason(info.name)
+    if reason:
+        return reason
+    if info.issym() or info.islnk():
+        return "link member (never followed)"
+    if info.ischr() or info.isblk() or info.isfifo():
+        return "device or FIFO member"
+    return None if info.isfile() else "not a regular file"
+
+
+def _zip_member_reason(info: zipfile.ZipInfo) -> str | None:
+    reason = unsafe_name_reason(info.filename)
+    if reason:
+        return reason
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return "link member (never followed)"
+    return None
+
+
+def list_source(source: Source) -> Listing:
+    """List a source's image members; raise :class:`SourceError` if the source itself is missing."""
+    listing = Listing()
+    kind = archive_type(source.uri)
+    try:
+        if kind in ("tar", "tar.gz"):
+            with _open_binary(source.uri) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+                for info in tar:
+                    if info.isdir() or not _wanted(source, info.name):
+                        continue
+                    reason = _tar_member_reason(info)
+                    (listing.rejected.append((info.name, reason)) if reason else listing.members.append(info.name))
+        elif kind == "zip":
+            with _open_binary(source.uri) as raw, zipfile.ZipFile(raw) as archive:
+                for info in archive.infolist():
+                    if info.is_dir() or not _wanted(source, info.filename):
+                        continue
+                    reason = _zip_member_reason(info)
+                    (listing.rejected.append((info.filename, reason)) if reason
+                     else listing.members.append(info.filename))
+        elif "://" in source.uri:
+            import fsspec
+
+            fs, root = fsspec.core.url_to_fs(source.uri)
+            if not fs.isdir(root):
+                raise SourceError(f"source {source.name}: {source.uri} does not exist")
+            for path in fs.find(root):
+                member = PurePosixPath(path).relative_to(PurePosixPath(root)).as_posix()
+                if _wanted(source, member):
+                    listing.members.append(member)
+        else:
+            root, files = _local_files(source)
+            for path in files:
+                member = path.relative_to(root).as_posix()
+                if _wanted(source, member):
+                    listing.members.append(member)
+    except FileNotFoundError:
+        raise SourceError(f"source {source.name}: {source.uri} does not exist") from None
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
+        if isinstance(exc, SourceError):
+            raise
+        raise SourceError(f"source {source.name}: cannot read {source.uri}: {exc}") from None
+    listing.members.sort()
+    return listing
+
+
+def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """Yield ``(member, data, None)`` or ``(member, None, reason)`` for each wanted member.
+
+    Archives are opened once per call; a .tar.gz is read in one forward pass (it has no index).
+    """
+    wanted = set(members)
+    kind = archive_type(source.uri)
+    if kind in ("tar", "tar.gz"):
+        found: set[str] = set()
+        try:
+            with _open_binary(source.uri) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+                for info in tar:
+                    if info.name not in wanted or info.name in found:
+                        continue
+                    found.add(info.name)
+                    reason = _tar_member_reason(info)
+                    if reason:
+                        yield info.name, None, reason
+                        continue
+                    try:
+                        yield info.name, tar.extractfile(info).read(), None
+                    except (tarfile.TarError, OSError, EOFError) as exc:
+                        yield info.name, None, f"unreadable archive member: {exc}"
+                    if len(found) == len(wanted):
+                        break
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            for member in sorted(wanted - found):
+                yield member, None, f"unreadable archive: {exc}"
+            return
+        for member in sorted(wanted - found):
+            yield member, None, "member not found in archive"
+    elif kind == "zip":
+        try:
+            with _open_binary(source.uri) as raw, zipfile.ZipFile(raw) as archive:
+                for member in members:
+                    try:
+                        info = archive.getinfo(member)
+                        reason = _zip_member_reason(info)
+                        yield (member, None, reason) if reason else (member, archive.read(info), None)
+                    except (KeyError, zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
+                        yield member, None, f"unreadable archive member: {exc}"
+        except (zipfile.BadZipFile, OSError) as exc:
+            for member in members:
+                yield member, None, f"unreadable archive: {exc}"
+    else:
+        root = source.uri if "://" in source.uri else str(_glob_root(source.uri) if glob.has_magic(source.uri)
+                                                          else Path(source.uri))
+        for member in members:
+            try:
+                with _open_binary(f"{root.rstrip('/')}/{member}") as f:
+                    yield member, f.read(), None
+            except OSError as exc:
+                yield member, None, f"cannot read: {exc.strerror or exc}"
