@@ -1,0 +1,94 @@
+"""The ledger: which images a gallery has processed, with what outcome — the job's commit record.
+
+``GALLERY/ledger/part-*.parquet``, append-only, each part written atomically. Schema (v1):
+
+| column        | type                 | meaning                                              |
+|---------------|----------------------|------------------------------------------------------|
+| image_key     | string               | ``<source>/<member>`` (see :mod:`pipeline.shards`)    |
+| source        | string               | manifest source name                                  |
+| member        | string               | member path inside the source                         |
+| status        | string               | ``ok`` or ``failed``                                  |
+| reason        | string, null         | why it failed (decode error, unsafe member, ...)      |
+| num_persons   | int32                | persons written for this image (0 if none / failed)   |
+| shard         | string, null         | shard file holding its rows (null when none)          |
+| processed_at  | timestamp[ms, UTC]   | when the driver committed it                          |
+
+Commit protocol (exactly once across crashes): a worker writes a shard durably first; only then
+does the driver append the ledger part naming the shard and its images. A crash between the
+two leaves a shard no ledger row names: :func:`recover` deletes it (and temporary files), and
+its images — absent from the ledger — are processed again. Images the ledger holds are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.embedding_table import write_parquet_atomic
+from pipeline.shards import SHARDS_DIR, shard_files
+
+LEDGER_DIR = "ledger"
+LEDGER_SCHEMA = pa.schema(
+    [
+        pa.field("image_key", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("member", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("num_persons", pa.int32(), nullable=False),
+        pa.field("shard", pa.string()),
+        pa.field("processed_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+    ],
+    metadata={"reidx.schema": "ledger", "reidx.schema_version": "1"},
+)
+
+
+def ledger_rows(records: list[dict]) -> pa.Table:
+    """Rows from dicts with the schema's keys; ``processed_at`` defaults to now."""
+    now = datetime.now(timezone.utc)
+    columns = {f.name: [r.get(f.name) for r in records] for f in LEDGER_SCHEMA}
+    columns["processed_at"] = [r.get("processed_at") or now for r in records]
+    columns["num_persons"] = [r.get("num_persons") or 0 for r in records]
+    return pa.table(columns, schema=LEDGER_SCHEMA)
+
+
+def append(gallery: str | os.PathLike, rows: pa.Table) -> Path | None:
+    """Commit rows: one new ledger part, written atomically. Nothing is written for no rows."""
+    if rows.num_rows == 0:
+        return None
+    return write_parquet_atomic(rows.cast(LEDGER_SCHEMA), Path(gallery) / LEDGER_DIR / f"part-{uuid.uuid4().hex}.parquet")
+
+
+def read_ledger(gallery: str | os.PathLike) -> pa.Table:
+    parts = sorted((Path(gallery) / LEDGER_DIR).glob("part-*.parquet"))
+    if not parts:
+        return LEDGER_SCHEMA.empty_table()
+    return pa.concat_tables([pq.read_table(p).cast(LEDGER_SCHEMA) for p in parts])
+
+
+def processed_keys(gallery: str | os.PathLike) -> set[str]:
+    return set(read_ledger(gallery)["image_key"].to_pylist())
+
+
+def recover(gallery: str | os.PathLike) -> dict:
+    """Remove what a crashed run left: temporary files and shards no ledger row names.
+
+    Must only run while this process holds the gallery's job lock.
+    """
+    gallery = Path(gallery)
+    removed = {"temporary_files": 0, "orphan_shards": 0}
+    for folder in (gallery / SHARDS_DIR, gallery / LEDGER_DIR):
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
+            tmp.unlink(missing_ok=True)
+            removed["temporary_files"] += 1
+    committed = {s for s in read_ledger(gallery)["shard"].to_pylist() if s}
+    for shard in shard_files(gallery):
+        if shard.name not in committed:
+            shard.unlink(missing_ok=True)
+            removed["orphan_shards"] += 1
+    return removed

@@ -1,0 +1,85 @@
+"""Gallery shards: detections with their embeddings, as Parquet files under ``GALLERY/shards/``.
+
+Schema version 1 (documented in docs/schemas.md), one row per detected person:
+
+==================  ==============================  ==========================================
+column              type                            meaning
+==================  ==============================  ==========================================
+detection_id        string                          ``<sha1(image_key)[:20]>-<k>``: stable, unique
+image_key           string                          ``<source name>/<member path>``
+source              string                          manifest source name
+source_uri          string                          the source's uri
+member              string                          POSIX path of the image inside the source
+camera              string, null                    from the manifest (constant or regex)
+timestamp           timestamp[ms], null             from the manifest (regex + format)
+frame_width         int32                           decoded (EXIF-upright) image width
+frame_height        int32                           decoded (EXIF-upright) image height
+x1, y1, x2, y2      float32                         person box in frame pixels
+score               float32                         detection score (1.0 for crop sources)
+embedding           fixed_size_list<float32>[D]     unit-length ReID embedding
+embedder            string                          embedder model name
+embedder_sha256     string                          sha256 of the embedder weights
+detector            string, null                    detector model name (null for crops)
+detector_sha256     string, null                    sha256 of the detector weights
+person_id           int64, null                     label from the manifest, when it gives one
+==================  ==============================  ==========================================
+
+Shards are written atomically (temporary name, fsync, rename) and become part of the gallery
+only once the ledger names them (see :mod:`pipeline.ledger`); an unnamed shard is a crash
+leftover and is removed on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipeline.embedding_table import write_parquet_atomic
+
+SHARD_SCHEMA_VERSION = "1"
+SHARDS_DIR = "shards"
+
+
+def shard_schema(dim: int) -> pa.Schema:
+    fields = [
+        ("detection_id", pa.string()), ("image_key", pa.string()), ("source", pa.string()),
+        ("source_uri", pa.string()), ("member", pa.string()), ("camera", pa.string()),
+        ("timestamp", pa.timestamp("ms")), ("frame_width", pa.int32()), ("frame_height", pa.int32()),
+        ("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32()),
+        ("score", pa.float32()), ("embedding", pa.list_(pa.float32(), dim)), ("embedder", pa.string()),
+        ("embedder_sha256", pa.string()), ("detector", pa.string()), ("detector_sha256", pa.string()),
+        ("person_id", pa.int64()),
+    ]
+    nullable = {"camera", "timestamp", "detector", "detector_sha256", "person_id"}
+    metadata = {"reidx.schema": "gallery-shard", "reidx.schema_version": SHARD_SCHEMA_VERSION}
+    return pa.schema([pa.field(n, t, nullable=n in nullable) for n, t in fields], metadata=metadata)
+
+
+def image_key(source: str, member: str) -> str:
+    return f"{source}/{member}"
+
+
+def detection_id(key: str, index: int) -> str:
+    """Stable across reruns: the same image and detection order always give the same id."""
+    return f"{hashlib.sha1(key.encode()).hexdigest()[:20]}-{index}"
+
+
+def new_shard_name() -> str:
+    """A name no other run or worker can pick: shards are never overwritten, only added or removed."""
+    return f"part-{uuid.uuid4().hex}.parquet"
+
+
+def write_shard(table: pa.Table, gallery: str | os.PathLike, name: str | None = None) -> str:
+    """Write a shard durably under ``GALLERY/shards/``; return its file name."""
+    name = name or new_shard_name()
+    write_parquet_atomic(table, Path(gallery) / SHARDS_DIR / name)
+    return name
+
+
+def shard_files(gallery: str | os.PathLike) -> list[Path]:
+    folder = Path(gallery) / SHARDS_DIR
+    return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
