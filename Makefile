@@ -21,11 +21,15 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# The main job on the demo data: evaluate the embedder on the Con-ReID split, then run the
+# nightly indexing job over the demo manifests into out/demo-gallery (a rerun adds nothing).
 demo: venv
 	$(BIN)/reidx evaluate \
 	    --query $(SHARED)/data/con-reid/query \
 	    --gallery $(SHARED)/data/con-reid/bounding_box_test \
 	    --weights osnet_x0_25_msmt17
+	$(BIN)/reidx index data_manifests/con-reid.toml data_manifests/scenes.toml --out out/demo-gallery
+	$(BIN)/reidx ledger out/demo-gallery
 
 test: venv
 	$(BIN)/python -m pytest -q

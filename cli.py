@@ -21,11 +21,12 @@ class ReidxGroup(click.Group):
 
     def invoke(self, ctx):
         from pipeline.datasets import DatasetError
+        from pipeline.lock import GalleryLockedError
         from pipeline.models.weights import WeightsError
 
         try:
             return super().invoke(ctx)
-        except (WeightsError, DatasetError, ValueError, ImportError, FileNotFoundError) as exc:
+        except (WeightsError, DatasetError, ValueError, ImportError, FileNotFoundError, GalleryLockedError) as exc:
             if os.environ.get("REIDX_DEBUG"):
                 raise
             raise click.ClickException(str(exc)) from None
@@ -147,6 +148,79 @@ def evaluate(query_inputs, gallery_inputs, labels, weights, backend, device, pre
     for key, label in (("mAP", "mAP"), ("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"),
                        ("mINP", "mINP")):
         click.echo(f"{label:>8}: {report[key]:6.2f}%")
+
+
+@main.command()
+@click.argument("manifests", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "-o", "gallery", required=True, type=click.Path(file_okay=False),
+              help="Gallery folder (shards/, ledger/, gallery.json); created if missing.")
+@click.option("--scheduler", help="Address of an existing Dask scheduler (default: a local cluster).")
+@click.option("--workers", type=click.IntRange(1), help="Local worker processes (default: 1, best on 2 cores).")
+@click.option("--weights", "-w", default=DEFAULT_WEIGHTS, show_default=True, help="ReID weights: path or known name.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
+              help="Embedding backend inside the workers (see `reidx embed --help`).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
+              help="Images per Dask task (one shard each).")
+@click.option("--max-pixels", type=click.IntRange(1), default=50_000_000, show_default=True,
+              help="Images larger than this are refused before decoding.")
+@click.option("--strict", is_flag=True, help="Exit 2 when any image or source failed.")
+@json_option
+def index(manifests, gallery, scheduler, workers, weights, backend, device, batch_size, max_pixels, strict, as_json):
+    """Index the images of MANIFEST(s) into a gallery: the nightly job.
+
+    Lists every source, skips images the gallery's ledger already holds, and runs batches on
+    Dask workers that read, decode, embed and write Parquet shards. Safe to kill and rerun:
+    the rerun finishes the job with no image lost or counted twice. Failures (corrupt images,
+    unsafe archive members, missing sources) are recorded with their reason; see `reidx ledger`.
+    """
+    from pipeline.job import run_index
+
+    if scheduler and workers:
+        raise click.UsageError("--scheduler and --workers exclude each other")
+    summary = run_index(list(manifests), gallery, weights=weights, backend=backend, device=device, workers=workers,
+                        scheduler=scheduler, batch_size=batch_size, max_pixels=max_pixels, progress=_progress(),
+                        log=lambda line: click.echo(line, err=True))
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(f"images seen {summary['images_seen']}, new {summary['images_new']}, "
+                   f"skipped (already indexed) {summary['images_skipped']}, failed {summary['images_failed']}")
+        for reason, count in sorted(summary["failed_by_reason"].items()):
+            click.echo(f"  failed: {count} × {reason}")
+        for name, reason in summary["sources_failed"].items():
+            click.echo(f"  source {name} not indexed: {reason}")
+        click.echo(f"persons {summary['persons']}, {summary['wall_s']} s, {summary['images_per_s']} images/s")
+    if strict and (summary["images_failed"] or summary["sources_failed"]):
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("gallery", type=click.Path(exists=True, file_okay=False))
+@click.option("--failed", is_flag=True, help="List only failed images, with their reasons.")
+@json_option
+def ledger(gallery, failed, as_json):
+    """Show what a gallery's ledger records (each image's latest outcome): counts, or failures with --failed."""
+    import pyarrow.compute as pc
+
+    from pipeline.ledger import latest
+
+    table = latest(gallery)
+    if failed:
+        table = table.filter(pc.equal(table["status"], "failed"))
+        rows = [{"image_key": k, "reason": r} for k, r in zip(table["image_key"].to_pylist(),
+                                                              table["reason"].to_pylist())]
+        if as_json:
+            click.echo(json.dumps({"failed": rows}))
+        else:
+            for row in rows:
+                click.echo(f"{row['image_key']}\t{row['reason']}")
+        return
+    statuses = table["status"].to_pylist()
+    report = {"images": len(statuses), "ok": statuses.count("ok"), "failed": statuses.count("failed"),
+              "persons": int(pc.sum(table["num_persons"]).as_py() or 0)}
+    click.echo(json.dumps(report) if as_json else
+               f"{report['images']} images: {report['ok']} ok, {report['failed']} failed; {report['persons']} persons")
 
 
 if __name__ == "__main__":

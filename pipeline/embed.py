@@ -141,7 +141,7 @@ class OnnxEmbedder(Embedder):
     convolutions ~3× faster than torch does (``benchmarks/embed.py``), with the same features.
     """
 
-    def __init__(self, weights: str = "osnet_x0_25_msmt17", device: str = "auto"):
+    def __init__(self, weights: str = "osnet_x0_25_msmt17", device: str = "auto", threads: int | None = None):
         try:
             import onnx
             import onnxruntime as ort
@@ -162,6 +162,8 @@ class OnnxEmbedder(Embedder):
             providers.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads  # several worker processes must not oversubscribe
         self.session = ort.InferenceSession(graph_bytes, options, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
         self.info = EmbedderInfo(resolved.model_name.removesuffix(".onnx"), resolved.sha256, dim, "onnx")
@@ -217,15 +219,21 @@ def onnxruntime_available() -> bool:
     return True
 
 
-def build_embedder(weights: str, backend: str = "auto", device: str = "auto", precision: str = "fp32") -> Embedder:
-    """``auto``: onnxruntime on CPU when installed (fastest there), else torch; bf16 needs torch."""
+def build_embedder(weights: str, backend: str = "auto", device: str = "auto", precision: str = "fp32",
+                   threads: int | None = None) -> Embedder:
+    """``auto``: onnxruntime on CPU when installed (fastest there), else torch; bf16 needs torch.
+
+    ``threads`` caps the CPU threads of this embedder (torch's are per process).
+    """
+    if threads:
+        torch.set_num_threads(threads)
     if backend == "auto":
         cpu = resolve_device(device).type == "cpu"
         backend = "onnx" if cpu and precision == "fp32" and onnxruntime_available() else "torch"
     if backend == "torch":
         return TorchEmbedder(weights, device=device, precision=precision)
     if backend == "onnx":
-        return OnnxEmbedder(weights, device=device)
+        return OnnxEmbedder(weights, device=device, threads=threads)
     raise ValueError(f"unknown backend {backend!r}; use torch or onnx")
 
 

@@ -71,6 +71,16 @@ def read_ledger(gallery: str | os.PathLike) -> pa.Table:
     return pa.concat_tables([pq.read_table(p).cast(LEDGER_SCHEMA) for p in parts])
 
 
+def latest(gallery: str | os.PathLike) -> pa.Table:
+    """One row per image key: its most recent outcome (a missing source is recorded every night)."""
+    table = read_ledger(gallery)
+    if table.num_rows == 0:
+        return table
+    table = table.sort_by([("processed_at", "ascending")])
+    last_index = {key: i for i, key in enumerate(table["image_key"].to_pylist())}
+    return table.take(sorted(last_index.values()))
+
+
 def processed_keys(gallery: str | os.PathLike) -> set[str]:
     return set(read_ledger(gallery)["image_key"].to_pylist())
 

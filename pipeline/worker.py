@@ -1,0 +1,91 @@
+"""What each Dask worker process does with a batch of images: read, decode, (detect), crop, embed,
+write one shard. Models are loaded once per process and cached here — never pickled into the
+task graph — so a task carries only names and paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from pipeline.embed import build_embedder, resize_crop
+from pipeline.embedding_table import embedding_array
+from pipeline.imaging import ImageDecodeError, decode_image
+from pipeline.manifest import Source
+from pipeline.shards import detection_id, image_key, shard_schema, write_shard
+
+_MODELS: dict = {}  # per worker process: ModelSpec -> loaded embedder
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Picklable description of the models a worker needs (the models themselves stay put)."""
+
+    weights: str
+    backend: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    max_pixels: int = 50_000_000
+
+
+def embedder_for(spec: ModelSpec):
+    if spec not in _MODELS:
+        _MODELS[spec] = build_embedder(spec.weights, backend=spec.backend, device=spec.device, threads=spec.threads)
+    return _MODELS[spec]
+
+
+def _person_boxes(source: Source, image: Image.Image) -> list[tuple[float, float, float, float, float]]:
+    """(x1, y1, x2, y2, score) of each person: the whole image for crop sources."""
+    if source.kind == "crops":
+        return [(0.0, 0.0, float(image.width), float(image.height), 1.0)]
+    raise RuntimeError("frames sources need the person detector, which this build does not have yet")
+
+
+def process_batch(gallery: str, source: Source, members: list[str], spec: ModelSpec) -> list[dict]:
+    """Process images of one source; return one ledger record per image (shard durable first)."""
+    from pipeline.sources import read_members
+
+    embedder = embedder_for(spec)
+    records, crops, rows = [], [], []
+    for member, data, error in read_members(source, members):
+        key = image_key(source.name, member)
+        record = {"image_key": key, "source": source.name, "member": member}
+        records.append(record)
+        if error is None:
+            try:
+                image = decode_image(data, max_pixels=spec.max_pixels)
+            except ImageDecodeError as exc:
+                error = str(exc)
+        if error is not None:
+            record.update(status="failed", reason=error)
+            continue
+        boxes = _person_boxes(source, image)
+        record.update(status="ok", num_persons=len(boxes))
+        for index, (x1, y1, x2, y2, score) in enumerate(boxes):
+            crops.append(resize_crop(image.crop((int(x1), int(y1), int(x2), int(y2)))))
+            rows.append((detection_id(key, index), key, member, image.width, image.height, x1, y1, x2, y2, score))
+    if rows:
+        embeddings = np.concatenate([embedder.embed(np.stack(crops[i:i + 32])) for i in range(0, len(crops), 32)])
+        shard = write_shard(_shard_table(source, rows, embeddings, embedder.info), gallery)
+        for record in records:
+            if record.get("num_persons"):
+                record["shard"] = shard
+    return records
+
+
+def _shard_table(source: Source, rows: list[tuple], embeddings: np.ndarray, info) -> pa.Table:
+    n = len(rows)
+    ids, keys, members, widths, heights, x1, y1, x2, y2, scores = (list(c) for c in zip(*rows))
+    columns = {
+        "detection_id": ids, "image_key": keys, "source": [source.name] * n, "source_uri": [source.uri] * n,
+        "member": members, "camera": [source.camera_of(m) for m in members],
+        "timestamp": [source.timestamp_of(m) for m in members], "frame_width": widths, "frame_height": heights,
+        "x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": scores, "embedding": embedding_array(embeddings),
+        "embedder": [info.name] * n, "embedder_sha256": [info.weights_sha256] * n,
+        "detector": [None] * n, "detector_sha256": [None] * n,
+        "person_id": [source.person_id_of(m) for m in members],
+    }
+    return pa.table(columns, schema=shard_schema(info.dim))
