@@ -118,9 +118,17 @@ def embed(inputs, out, labels, weights, backend, device, precision, batch_size, 
               help="Gallery images (folder, glob or file; repeatable) or a Parquet table from `reidx embed`.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False),
               help="CSV/Parquet table (path, person_id, camera) instead of Market-1501 naming.")
+@click.option("--rerank", type=click.Choice(["none", "k-reciprocal", "sim", "sim-graph"]), default="none",
+              show_default=True, help="Re-rank the cosine ranking: k-reciprocal (Zhong et al. 2017), sim (Jia et al. "
+                                      "2020), sim-graph (SIM's graph reasoning alone).")
+@click.option("--k1", type=click.IntRange(1), help="k-reciprocal neighbourhood size (k-reciprocal, sim; default 20).")
+@click.option("--k2", type=click.IntRange(1), help="Local query expansion size (k-reciprocal; default 6).")
+@click.option("--lambda", "lambda_value", type=click.FloatRange(0, 1),
+              help="Weight of the original distance in the re-ranked one (k-reciprocal, sim; default 0.3).")
 @embedder_options
 @json_option
-def evaluate(query_inputs, gallery_inputs, labels, weights, backend, device, precision, batch_size, as_json):
+def evaluate(query_inputs, gallery_inputs, labels, rerank, k1, k2, lambda_value, weights, backend, device, precision,
+             batch_size, as_json):
     """Evaluate ReID retrieval on a labelled query/gallery split.
 
     Market-1501 protocol: same id and same camera ignored, junk (id -1) removed from the
@@ -130,19 +138,24 @@ def evaluate(query_inputs, gallery_inputs, labels, weights, backend, device, pre
       reidx evaluate --query DATA/query --gallery DATA/bounding_box_test --weights osnet_x0_25_msmt17
     """
     from indexers.evaluation import embed_side, evaluate_split
+    from indexers.rerank import params_from_options
 
+    rerank_params = params_from_options(rerank, k1=k1, k2=k2, lambda_value=lambda_value)
     needs_model = not all(len(s) == 1 and s[0].endswith(".parquet") for s in (query_inputs, gallery_inputs))
     embedder = _embedder(weights, backend, device, precision) if needs_model else None
     query = embed_side(list(query_inputs), embedder, labels, batch_size, _progress())
     gallery = embed_side(list(gallery_inputs), embedder, labels, batch_size, _progress())
-    metrics = evaluate_split(query, gallery)
+    metrics = evaluate_split(query, gallery, rerank, rerank_params)
     report = metrics.as_percent_dict()
     report["num_failed_images"] = query.num_failed + gallery.num_failed
     if embedder is not None:
         report["embedder"] = embedder.info.id
+    report["rerank"] = rerank
     if as_json:
         click.echo(json.dumps(report))
         return
+    if rerank != "none":
+        click.echo(f"re-ranked with {rerank}")
     click.echo(f"queries {report['num_query']} (skipped without a valid match: {report['num_query_skipped']}), "
                f"gallery {report['num_gallery']}")
     for key, label in (("mAP", "mAP"), ("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"),
@@ -155,7 +168,7 @@ def evaluate(query_inputs, gallery_inputs, labels, weights, backend, device, pre
 @click.option("--out", "-o", "gallery", required=True, type=click.Path(file_okay=False),
               help="Gallery folder (shards/, ledger/, gallery.json); created if missing.")
 @click.option("--scheduler", help="Address of an existing Dask scheduler (default: a local cluster).")
-@click.option("--workers", type=click.IntRange(1), help="Local worker processes (default: 1, best on 2 cores).")
+@click.option("--workers", type=click.IntRange(1), help="Local worker processes, one thread each (default: one per core, measured best).")
 @click.option("--weights", "-w", default=DEFAULT_WEIGHTS, show_default=True, help="ReID weights: path or known name.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
               help="Embedding backend inside the workers (see `reidx embed --help`).")

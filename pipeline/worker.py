@@ -5,6 +5,7 @@ task graph — so a task carries only names and paths.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,13 +45,21 @@ def _person_boxes(source: Source, image: Image.Image) -> list[tuple[float, float
     raise RuntimeError("frames sources need the person detector, which this build does not have yet")
 
 
-def process_batch(gallery: str, source: Source, members: list[str], spec: ModelSpec) -> list[dict]:
-    """Process images of one source; return one ledger record per image (shard durable first)."""
+def process_batch(gallery: str, source: Source, members: list[str], spec: ModelSpec) -> dict:
+    """Process images of one source (shard written durably first).
+
+    Returns ``{"records": one ledger record per image, "seconds": time per stage}``.
+    """
     from pipeline.sources import read_members
 
     embedder = embedder_for(spec)
     records, crops, rows = [], [], []
+    seconds = {"read": 0.0, "decode": 0.0, "detect": 0.0, "embed": 0.0, "write": 0.0}
+    clock = time.perf_counter()
     for member, data, error in read_members(source, members):
+        now = time.perf_counter()
+        seconds["read"] += now - clock
+        clock = now
         key = image_key(source.name, member)
         record = {"image_key": key, "source": source.name, "member": member}
         records.append(record)
@@ -62,18 +71,28 @@ def process_batch(gallery: str, source: Source, members: list[str], spec: ModelS
         if error is not None:
             record.update(status="failed", reason=error)
             continue
+        now = time.perf_counter()
+        seconds["decode"] += now - clock
         boxes = _person_boxes(source, image)
+        clock = time.perf_counter()
+        seconds["detect"] += clock - now
         record.update(status="ok", num_persons=len(boxes))
         for index, (x1, y1, x2, y2, score) in enumerate(boxes):
             crops.append(resize_crop(image.crop((int(x1), int(y1), int(x2), int(y2)))))
             rows.append((detection_id(key, index), key, member, image.width, image.height, x1, y1, x2, y2, score))
+        now = time.perf_counter()
+        seconds["decode"] += now - clock  # cropping and resizing count as decode
+        clock = now
     if rows:
         embeddings = np.concatenate([embedder.embed(np.stack(crops[i:i + 32])) for i in range(0, len(crops), 32)])
+        now = time.perf_counter()
+        seconds["embed"] += now - clock
         shard = write_shard(_shard_table(source, rows, embeddings, embedder.info), gallery)
+        seconds["write"] += time.perf_counter() - now
         for record in records:
             if record.get("num_persons"):
                 record["shard"] = shard
-    return records
+    return {"records": records, "seconds": seconds}
 
 
 def _shard_table(source: Source, rows: list[tuple], embeddings: np.ndarray, info) -> pa.Table:

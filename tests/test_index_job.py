@@ -228,3 +228,17 @@ kind = "crops"
     assert strict.returncode == 2
     listed = reidx("ledger", str(gallery), "--failed", "--json")
     assert len(json.loads(listed.stdout)["failed"]) == 7  # 6 images + the missing source
+
+
+def test_shards_read_as_one_dataset_by_pyarrow_and_duckdb(reference_gallery):
+    import duckdb
+    import pyarrow.dataset as ds
+
+    gallery, _ = reference_gallery
+    dataset = ds.dataset(gallery / "shards", format="parquet").to_table()
+    con = duckdb.connect()
+    count, persons, dim = con.execute(
+        f"SELECT count(*), count(DISTINCT person_id), max(len(embedding)) "
+        f"FROM read_parquet('{gallery}/shards/part-*.parquet')").fetchone()
+    assert count == dataset.num_rows == 120
+    assert persons == len(set(dataset["person_id"].to_pylist())) and dim == 512
