@@ -242,3 +242,18 @@ def test_shards_read_as_one_dataset_by_pyarrow_and_duckdb(reference_gallery):
         f"FROM read_parquet('{gallery}/shards/part-*.parquet')").fetchone()
     assert count == dataset.num_rows == 120
     assert persons == len(set(dataset["person_id"].to_pylist())) and dim == 512
+
+
+@pytest.mark.slow
+def test_acceptance_full_con_reid_split(tmp_path):
+    """Issue acceptance: every readable image once, with label and camera; a rerun adds nothing."""
+    manifest = REPO / "data_manifests" / "con-reid.toml"
+    first = reidx("index", str(manifest), "--out", str(tmp_path / "g"), "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["images_new"] == 212 + 5295
+    table = pq.read_table(tmp_path / "g" / "shards", columns=["member", "person_id", "camera"])
+    assert table.num_rows == 5507 and table["person_id"].null_count == 0 and table["camera"].null_count == 0
+    for member, pid, cam in zip(*(table[c].to_pylist()[:50] for c in table.column_names)):
+        assert parse_market_name(member) == (pid, int(cam))
+    second = reidx("index", str(manifest), "--out", str(tmp_path / "g"), "--json")
+    assert json.loads(second.stdout)["images_new"] == 0
