@@ -50,12 +50,19 @@ def embed_side(inputs: list[str], embedder: Embedder | None, labels: str | os.Pa
     return EmbeddedSplit(kept, embeddings_to_numpy(kept["embedding"]), table.num_rows - kept.num_rows)
 
 
-def evaluate_split(query: EmbeddedSplit, gallery: EmbeddedSplit) -> RankingMetrics:
-    """Plain cosine ranking of every query against the gallery, junk (id -1) removed."""
+def evaluate_split(query: EmbeddedSplit, gallery: EmbeddedSplit, rerank: str = "none",
+                   rerank_params=None) -> RankingMetrics:
+    """Cosine ranking of every query against the gallery, junk (id -1) removed, optionally
+    re-ranked (``indexers.rerank``: k-reciprocal, sim, sim-graph) on Euclidean distances."""
     g_pids = gallery.table["person_id"].to_numpy()
     not_junk = g_pids != -1
     g_feats, g_pids = gallery.features[not_junk], g_pids[not_junk]
     g_cams = gallery.table["camera"].to_numpy()[not_junk]
-    distances = cosine_distances(query.features, g_feats)
+    if rerank == "none":
+        distances = cosine_distances(query.features, g_feats)
+    else:
+        from indexers.rerank import rerank_features
+
+        distances = rerank_features(rerank, query.features, g_feats, rerank_params)
     return evaluate_ranking(distances, query.table["person_id"].to_numpy(), query.table["camera"].to_numpy(),
                             g_pids, g_cams)
