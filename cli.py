@@ -236,5 +236,61 @@ def ledger(gallery, failed, as_json):
                f"{report['images']} images: {report['ok']} ok, {report['failed']} failed; {report['persons']} persons")
 
 
+@main.command()
+@click.argument("images", nargs=-1, required=True)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output Parquet file.")
+@click.option("--crops", "crops_dir", type=click.Path(file_okay=False),
+              help="Also save each person crop here as <frame>_<k>.jpg.")
+@click.option("--draw", "draw_dir", type=click.Path(file_okay=False),
+              help="Also save each frame with its boxes drawn here, for looking.")
+@click.option("--weights", "-w", default="yolox_nano.onnx", show_default=True,
+              help="Detector weights: a known name (yolox_nano.onnx, yolox_nano … yolox_x) or a .onnx/.pth path.")
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="torch: our YOLOX (any weights, CUDA when present). onnx: onnxruntime on an ONNX export.")
+@click.option("--input-size", type=click.IntRange(32), default=None,
+              help="Square canvas side, a multiple of 32 [default: 416 for Nano/Tiny and the ONNX export, 640 others]. "
+                   "Larger finds smaller people, slower (640 finds people down to ~55 px tall in full HD, 416 ~70-110 px).")
+@click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+              help="Keep boxes with objectness × person probability at least this.")
+@click.option("--nms-iou", type=click.FloatRange(0, 1), default=0.45, show_default=True,
+              help="A box overlapping a better one by more than this IoU is dropped.")
+@click.option("--min-height", type=click.FloatRange(0), default=0.0, show_default=True,
+              help="Drop boxes shorter than this, in frame pixels.")
+@click.option("--max-detections", type=click.IntRange(1), default=100, show_default=True, help="Per frame, best first.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto uses CUDA when torch sees a GPU.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16 autocast (torch backend) moves boxes and flips near-threshold ones; not for production.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Frames per forward pass.")
+@json_option
+def detect(images, out, crops_dir, draw_dir, weights, backend, input_size, score_threshold, nms_iou, min_height,
+           max_detections, device, precision, batch_size, as_json):
+    """Detect people in full frames (files, folders, globs) into a Parquet table.
+
+    One row per person: path, detection (index in the frame, best first), frame_width,
+    frame_height, x1 y1 x2 y2 (frame pixels), score. Frames that cannot be decoded are
+    reported and named in the table's metadata (reidx.failed). Example:
+
+      reidx detect frames/ --out detections.parquet --draw boxes/
+    """
+    from pipeline.datasets import list_images
+    from pipeline.detect import Detector, PostProcess, detect_to_parquet
+
+    paths = list_images(list(images))
+    if not paths:
+        raise click.ClickException("no images found in the inputs")
+    options = PostProcess(score_threshold, nms_iou, min_height, max_detections)
+    detector = Detector(weights, backend=backend, device=device, input_size=input_size, options=options,
+                        precision=precision)
+    report = detect_to_parquet(detector, paths, out, crops_dir, draw_dir, batch_size, progress=_progress())
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for path, err in report["failed"].items():
+            click.echo(f"skipped {path}: {err}", err=True)
+        click.echo(f"{report['num_detections']} people in {report['num_frames'] - report['num_failed']}/"
+                   f"{report['num_frames']} frames with {report['detector']} at {report['input_size']} → {out}")
+
+
 if __name__ == "__main__":
     main()
