@@ -81,9 +81,6 @@ def run_index(manifests: list[str | os.PathLike], gallery: str | os.PathLike, *,
                    "sources_failed": {}, "recovered": recovered, "stage_seconds": Counter()}
         tasks, refused = [], []
         for source in (s for m in loaded for s in m.sources):
-            if source.kind == "frames":
-                summary["sources_failed"][source.name] = "frames sources need the person detector (not in this build)"
-                continue
             try:
                 listing = list_source(source)
             except SourceError as exc:

@@ -1,4 +1,4 @@
-"""What each Dask worker process does with a batch of images: read, decode, (detect), crop, embed,
+"""What each Dask worker process does with a batch of images: read, decode, detect, crop, embed,
 write one shard. Models are loaded once per process and cached here — never pickled into the
 task graph — so a task carries only names and paths.
 """
@@ -30,19 +30,32 @@ class ModelSpec:
     device: str = "auto"
     threads: int | None = None
     max_pixels: int = 50_000_000
+    detector: str = "yolox_nano.onnx"
+    detector_input_size: int | None = None
 
 
 def embedder_for(spec: ModelSpec):
-    if spec not in _MODELS:
-        _MODELS[spec] = build_embedder(spec.weights, backend=spec.backend, device=spec.device, threads=spec.threads)
-    return _MODELS[spec]
+    if ("embedder", spec) not in _MODELS:
+        _MODELS[("embedder", spec)] = build_embedder(spec.weights, backend=spec.backend, device=spec.device,
+                                                     threads=spec.threads)
+    return _MODELS[("embedder", spec)]
 
 
-def _person_boxes(source: Source, image: Image.Image) -> list[tuple[float, float, float, float, float]]:
-    """(x1, y1, x2, y2, score) of each person: the whole image for crop sources."""
+def detector_for(spec: ModelSpec):
+    """The YOLOX person detector, loaded on first use (crop-only nights never load it)."""
+    if ("detector", spec) not in _MODELS:
+        from pipeline.detect import Detector
+
+        _MODELS[("detector", spec)] = Detector(spec.detector, device=spec.device, input_size=spec.detector_input_size)
+    return _MODELS[("detector", spec)]
+
+
+def _person_boxes(source: Source, image: Image.Image, spec: ModelSpec) -> list[tuple[float, float, float, float, float]]:
+    """(x1, y1, x2, y2, score) of each person: the whole image for crops, the detector's boxes for frames."""
     if source.kind == "crops":
         return [(0.0, 0.0, float(image.width), float(image.height), 1.0)]
-    raise RuntimeError("frames sources need the person detector, which this build does not have yet")
+    (boxes,) = detector_for(spec).detect([np.asarray(image)])
+    return [tuple(float(v) for v in box) for box in boxes]
 
 
 def process_batch(gallery: str, source: Source, members: list[str], spec: ModelSpec) -> dict:
@@ -73,7 +86,7 @@ def process_batch(gallery: str, source: Source, members: list[str], spec: ModelS
             continue
         now = time.perf_counter()
         seconds["decode"] += now - clock
-        boxes = _person_boxes(source, image)
+        boxes = _person_boxes(source, image, spec)
         clock = time.perf_counter()
         seconds["detect"] += clock - now
         record.update(status="ok", num_persons=len(boxes))
@@ -87,7 +100,8 @@ def process_batch(gallery: str, source: Source, members: list[str], spec: ModelS
         embeddings = np.concatenate([embedder.embed(np.stack(crops[i:i + 32])) for i in range(0, len(crops), 32)])
         now = time.perf_counter()
         seconds["embed"] += now - clock
-        shard = write_shard(_shard_table(source, rows, embeddings, embedder.info), gallery)
+        detector = detector_for(spec).info if source.kind == "frames" else None
+        shard = write_shard(_shard_table(source, rows, embeddings, embedder.info, detector), gallery)
         seconds["write"] += time.perf_counter() - now
         for record in records:
             if record.get("num_persons"):
@@ -95,7 +109,7 @@ def process_batch(gallery: str, source: Source, members: list[str], spec: ModelS
     return {"records": records, "seconds": seconds}
 
 
-def _shard_table(source: Source, rows: list[tuple], embeddings: np.ndarray, info) -> pa.Table:
+def _shard_table(source: Source, rows: list[tuple], embeddings: np.ndarray, info, detector=None) -> pa.Table:
     n = len(rows)
     ids, keys, members, widths, heights, x1, y1, x2, y2, scores = (list(c) for c in zip(*rows))
     columns = {
@@ -104,7 +118,8 @@ def _shard_table(source: Source, rows: list[tuple], embeddings: np.ndarray, info
         "timestamp": [source.timestamp_of(m) for m in members], "frame_width": widths, "frame_height": heights,
         "x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": scores, "embedding": embedding_array(embeddings),
         "embedder": [info.name] * n, "embedder_sha256": [info.weights_sha256] * n,
-        "detector": [None] * n, "detector_sha256": [None] * n,
+        "detector": [detector.name if detector else None] * n,
+        "detector_sha256": [detector.weights_sha256 if detector else None] * n,
         "person_id": [source.person_id_of(m) for m in members],
     }
     return pa.table(columns, schema=shard_schema(info.dim))

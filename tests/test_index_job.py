@@ -257,3 +257,25 @@ def test_acceptance_full_con_reid_split(tmp_path):
         assert parse_market_name(member) == (pid, int(cam))
     second = reidx("index", str(manifest), "--out", str(tmp_path / "g"), "--json")
     assert json.loads(second.stdout)["images_new"] == 0
+
+
+def test_frames_are_detected_and_the_query_person_is_found_in_its_frame(tmp_path):
+    """End to end on real scenes: frames → YOLOX → OSNet → shards; the query crop of person 0001
+    (cut from c1s1_001051.jpg) has its nearest indexed person in that frame, at that place."""
+    from pipeline.embed import build_embedder, resize_crop
+    from pipeline.imaging import load_image
+    from tests.conftest import SCENES
+
+    result = reidx("index", str(REPO / "data_manifests" / "scenes.toml"), "--out", str(tmp_path / "g"), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["images_new"] == 16 and summary["images_failed"] == 0 and summary["persons"] >= 16
+    table = pq.read_table(tmp_path / "g" / "shards")
+    assert set(table["detector"].to_pylist()) == {"yolox_nano"} and table["score"].to_numpy().min() > 0
+    assert (table["x2"].to_numpy() <= table["frame_width"].to_numpy()).all()
+    query = build_embedder("osnet_x0_25_msmt17").embed(
+        resize_crop(load_image(SCENES / "queries" / "0001_c1s1_001051_00.jpg"))[None])[0]
+    best = int(np.argmax(embeddings_to_numpy(table["embedding"]) @ query))
+    row = table.slice(best, 1).to_pylist()[0]
+    assert row["member"] == "c1s1_001051.jpg" and row["camera"] == "1"
+    assert row["x1"] > row["frame_width"] / 2  # centre right, as the issue describes her
