@@ -279,3 +279,18 @@ def test_frames_are_detected_and_the_query_person_is_found_in_its_frame(tmp_path
     row = table.slice(best, 1).to_pylist()[0]
     assert row["member"] == "c1s1_001051.jpg" and row["camera"] == "1"
     assert row["x1"] > row["frame_width"] / 2  # centre right, as the issue describes her
+
+
+def test_job_runs_on_an_existing_scheduler(crop_folder, tmp_path):
+    """--scheduler ADDRESS: the same job on a cluster it did not start (here: a local one)."""
+    import logging
+
+    from dask.distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster:
+        result = reidx("index", str(crops_manifest(tmp_path, crop_folder)), "--out", str(tmp_path / "g"),
+                       "--scheduler", cluster.scheduler_address, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["images_new"] == 120
+    assert pq.read_table(tmp_path / "g" / "shards").num_rows == 120
