@@ -109,7 +109,8 @@ def main() -> None:
             "network_ms_per_batch": {name: round(1000 * statistics.median(s), 1) for name, s in network.items()},
             "seconds_all_repeats": {name: [round(x, 3) for x in s] for name, s in end_to_end.items()},
             "torch_fused_conv_silu": engines["torch"].fused,
-            "fidelity_vs_torch_fp32": {name: fidelity(boxes["torch"], boxes[name]) for name in engines if name != "torch"},
+            "fidelity_vs_torch_fp32": {name: fidelity(boxes["torch"], boxes[name])
+                                       for name in engines if name != "torch"},
         }
     print(json.dumps(result, indent=2))
 

@@ -21,10 +21,9 @@ for k-reciprocal (k1 20, k2 6, λ 0.3) and full SIM (published parameters).
   is timed, with reidx_exact beside it, on a subset named in the JSON.
 
 Each implementation runs in its own subprocess, so its peak memory (the peak RSS during its
-runs above the RSS with the inputs loaded) is its own. Rankings are compared per query (stable argsort of each row). This
-machine kind has 2 cores, often shared with other work: medians of repeats, and the load
-average at start and end, are reported.
-Prints one JSON object.
+runs above the RSS with the inputs loaded) is its own. Rankings are compared per query
+(stable argsort of each row). This machine kind has 2 cores, often shared with other work:
+medians of repeats, and the load average at start and end, are reported. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -249,7 +248,8 @@ def sparse_galleries_table(seeds: int) -> dict:
     from indexers.rerank import RerankParams, rerank_features
 
     settings = {"none": None, "k-reciprocal": RerankParams(), "sim-graph": RerankParams(), "sim": RerankParams(),
-                "sim-graph k_mean=1": RerankParams(k_mean=1), "sim k_mean=1 k0=2 k1=5": RerankParams(**SIM_SPARSE_CANDIDATE)}
+                "sim-graph k_mean=1": RerankParams(k_mean=1),
+                "sim k_mean=1 k0=2 k1=5": RerankParams(**SIM_SPARSE_CANDIDATE)}
     table = {}
     for weights in ("osnet_x0_25_msmt17", "osnet_x0_25_market1501"):
         split = split_features(weights, Path(tempfile.gettempdir()) / f"reidx_rerank_bench_{weights}.npz")
@@ -331,7 +331,8 @@ def main() -> None:
                 fast = result["seconds_median"][f"{implementation}/{method}"]
                 result["speedup_vs_dense_numpy"][f"{implementation}/{method}"] = round(
                     result["seconds_median"][f"dense_numpy/{method}"] / fast, 1)
-                result["speedup_vs_reference_cost"][f"{implementation}/{method}"] = round(reference_cost[method] / fast, 1)
+                result["speedup_vs_reference_cost"][f"{implementation}/{method}"] = round(
+                    reference_cost[method] / fast, 1)
                 result["rankings"][f"{implementation}_vs_dense_numpy/{method}"] = ranking_agreement(
                     runs[implementation][1], runs["dense_numpy"][1])
 
@@ -339,7 +340,8 @@ def main() -> None:
             fast_stats, fast_out = in_subprocess("reidx_exact", method, subset, folder, args.repeats)
             key = f"naive_subset/{method}"
             result["seconds_median"][key] = round(statistics.median(naive_stats["seconds"]), 3)
-            result["seconds_median"][f"reidx_exact_subset/{method}"] = round(statistics.median(fast_stats["seconds"]), 4)
+            result["seconds_median"][f"reidx_exact_subset/{method}"] = round(
+                statistics.median(fast_stats["seconds"]), 4)
             result["seconds_all"][f"reidx_exact_subset/{method}"] = [round(s, 4) for s in fast_stats["seconds"]]
             result["speedup_vs_naive_on_subset"] = result.get("speedup_vs_naive_on_subset", {})
             result["speedup_vs_naive_on_subset"][method] = round(

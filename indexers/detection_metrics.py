@@ -88,8 +88,8 @@ class DetectionMetrics:
         return self.true_positives / self.num_gt if self.num_gt else float("nan")
 
     def as_percent_dict(self) -> dict:
-        return {"AP": round(100 * self.ap, 2), "recall": round(100 * self.recall, 2), "iou_threshold": self.iou_threshold,
-                "num_gt": self.num_gt, "num_detections": self.num_detections,
+        return {"AP": round(100 * self.ap, 2), "recall": round(100 * self.recall, 2),
+                "iou_threshold": self.iou_threshold, "num_gt": self.num_gt, "num_detections": self.num_detections,
                 "true_positives": self.true_positives, "false_positives": self.false_positives}
 
 

@@ -155,6 +155,7 @@ def rerank(method: str, q_g, q_q=None, g_g=None, params: RerankParams | None = N
     ``params`` (default: the published values) may be adjusted with keyword overrides.
     """
     params = replace(params or RerankParams(), **overrides)
+    q_g, q_q, g_g = (d if d is None or torch.is_tensor(d) else np.asarray(d) for d in (q_g, q_q, g_g))
     _check_shapes(q_g, q_q, g_g)
     if method == "none":
         return np.asarray(q_g.cpu() if torch.is_tensor(q_g) else q_g, dtype=np.float32).copy()

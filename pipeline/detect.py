@@ -12,8 +12,11 @@ boxes shorter than ``min_height`` frame pixels dropped, greedy NMS (ours, in tor
 does not work here) at IoU ``nms_iou``, at most ``max_detections`` per frame, best first.
 
 Backends share that code and the ``Detector`` interface: ``torch`` (our YOLOX, from an official
-``.pth`` checkpoint or the weights of an ONNX export; CUDA when present) and ``onnx``
-(onnxruntime running an ONNX export, for comparison and benchmarks).
+``.pth`` checkpoint or the weights of an ONNX export; CUDA when present; the default), ``onnx``
+(onnxruntime running an ONNX export with batch and size made symbolic) and ``auto`` (onnxruntime
+for ONNX weights on CPU, else torch). Both give the same boxes (tested on the 16 scene frames);
+speeds are in ``benchmarks/detect.py``: at two threads torch matches onnxruntime at 416, at one
+thread (one Dask worker per core) onnxruntime is ~1.2× faster.
 
 Output of :meth:`Detector.detect`: per frame a float32 array (K, 5) of x1, y1, x2, y2, score.
 
@@ -65,7 +68,8 @@ PRE_NMS_TOP_K = 3000  # bounds the IoU matrix when a very low threshold is asked
 DEFAULT_INPUT_SIZE = {"yolox_nano": 416, "yolox_tiny": 416}
 
 
-def letterbox(frames: Sequence[np.ndarray], size: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[float]]:
+def letterbox(frames: Sequence[np.ndarray], size: int,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, list[float]]:
     """RGB uint8 frames (H, W, 3) → BGR float32 batch (N, 3, size, size) and each frame's scale."""
     # channels-last storage (N, H, W, C) seen as (N, C, H, W): what the CPU convolutions want
     batch = torch.full((len(frames), size, size, 3), float(PAD_VALUE), device=device).permute(0, 3, 1, 2)
@@ -164,30 +168,43 @@ class Detector:
 
     ``weights``: a known name (``yolox_nano.onnx`` default, ``yolox_nano`` … ``yolox_x`` for the
     official checkpoints) or a path. ``input_size``: canvas side, a multiple of 32 (default: the
-    export's 416, or the official test size of the checkpoint: 416 Nano/Tiny, 640 others); larger
-    finds smaller people at a higher cost. ``precision``: ``fp32`` (default) or ``bf16`` autocast
-    (torch only; see ``benchmarks/detect.py`` for why it is not the default).
+    size an ONNX export was traced at, 416 for ``yolox_nano.onnx``; for checkpoints the official
+    test size, 416 Nano/Tiny, 640 others); larger finds smaller people at a higher cost. CPU fast
+    path (torch): BatchNorm folded, channels-last, convolution + SiLU fused where checked equal;
+    bf16 autocast (``precision="bf16"``, torch only) is opt-in: it changed boxes, see
+    ``benchmarks/detect.py``. CUDA when present (``device="auto"``).
     """
 
     def __init__(self, weights: str = DEFAULT_WEIGHTS, backend: str = "torch", device: str = "auto",
                  input_size: int | None = None, options: PostProcess = PostProcess(), precision: str = "fp32",
                  channels_last: bool | None = None, fuse: bool = True):
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
+        if input_size is not None and (input_size <= 0 or input_size % 32):
+            raise ValueError(f"input size must be a positive multiple of 32, not {input_size}")
         resolved = resolve_weights(weights, ".pth")
         is_onnx = resolved.path.suffix == ".onnx"
         self.device = resolve_device(device)
+        self.channels_last = self.fused = False
+        traced_size = None
+        if is_onnx:
+            from pipeline.models.yolox_onnx import OnnxYOLOX, graph_input_size, infer_onnx_size, load_yolox_onnx
+
+            size_name, traced_size = infer_onnx_size(resolved.path), (graph_input_size(resolved.path) or (None,))[0]
+        if backend == "auto":  # onnxruntime where it can run the weights on CPU (faster at one thread), else torch
+            from pipeline.embed import onnxruntime_available
+
+            cpu_onnx = is_onnx and self.device.type == "cpu" and precision == "fp32"
+            backend = "onnx" if cpu_onnx and onnxruntime_available() else "torch"
         if backend == "onnx":
             if not is_onnx:
                 raise ValueError("the onnx backend runs ONNX exports; give a .onnx file or name")
-            from pipeline.models.yolox_onnx import OnnxYOLOX, infer_onnx_size
-
-            size_name = infer_onnx_size(resolved.path)
+            if precision != "fp32":
+                raise ValueError("bf16 runs on the torch backend only")
             self.model = OnnxYOLOX(resolved.path, device=self.device.type)
-            precision, self.device = "fp32", torch.device("cpu")  # inputs go in as NumPy arrays
+            self.device = torch.device("cpu")  # inputs go in as NumPy arrays
         elif backend == "torch":
             if is_onnx:
-                from pipeline.models.yolox_onnx import infer_onnx_size, load_yolox_onnx
-
-                size_name = infer_onnx_size(resolved.path)
                 model = load_yolox_onnx(resolved.path, size_name)
             else:
                 state = load_state_dict(resolved.path)
@@ -198,17 +215,12 @@ class Detector:
             self.channels_last = True if channels_last is None else channels_last
             memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
             self.model = model.eval().to(self.device, memory_format=memory_format)
-            self.fused = False
             if fuse and self.device.type == "cpu" and self.channels_last and precision == "fp32":
                 example = (torch.rand(1, 3, 256, 256) * 255).contiguous(memory_format=memory_format)
                 self.fused = fuse_conv_silu(self.model, example)
         else:
-            raise ValueError(f"unknown backend {backend!r}; use torch or onnx")
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be fp32 or bf16, not {precision!r}")
-        size = input_size or DEFAULT_INPUT_SIZE.get(size_name, 640)
-        if size <= 0 or size % 32:
-            raise ValueError(f"input size must be a positive multiple of 32, not {size}")
+            raise ValueError(f"unknown backend {backend!r}; use torch, onnx or auto")
+        size = input_size or traced_size or DEFAULT_INPUT_SIZE.get(size_name, 640)
         self.backend, self.precision, self.input_size, self.options = backend, precision, size, options
         self.info = DetectorInfo(size_name, resolved.sha256, backend, size, precision)
 

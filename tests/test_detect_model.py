@@ -7,7 +7,7 @@ import torch
 from pipeline.detect import Detector, letterbox
 from pipeline.imaging import load_image
 from pipeline.models.weights import WeightsError, resolve_weights
-from pipeline.models.yolox import (YOLOX_SIZES, BaseConv, ConvSiLU, build_yolox, focus_as_conv, fold_batchnorm,
+from pipeline.models.yolox import (YOLOX_SIZES, BaseConv, FusedConv, build_yolox, focus_as_conv, fold_batchnorm,
                                    fuse_conv_silu, infer_yolox_size)
 from pipeline.models.yolox_onnx import OnnxYOLOX, graph_input_size, load_yolox_onnx
 from tests.conftest import MODELS, SCENES
@@ -45,6 +45,7 @@ def test_official_checkpoint_layout_loads_strictly(tmp_path):
     with torch.no_grad():
         expected = model(x)
     assert (detector.raw(x) - expected).abs().max() < 1e-3  # folded + fused path equals the plain model
+    assert Detector(str(path), backend="auto").info.backend == "torch"  # onnxruntime runs ONNX files only
 
     state = model.state_dict()
     state.pop("head.obj_preds.0.bias")
@@ -79,7 +80,9 @@ def test_onnx_import_equals_onnxruntime_on_the_same_tensor(frames):
     with torch.no_grad():
         assert np.abs(plain(x).numpy() - reference).max() < 1e-3
     fast = Detector("yolox_nano.onnx")  # the default path: channels-last, fused conv+SiLU where available
-    assert np.abs(fast.raw(x).numpy() - reference).max() < 1e-3
+    assert fast.info.backend == "torch" and np.abs(fast.raw(x).numpy() - reference).max() < 1e-3
+    runtime = Detector("yolox_nano.onnx", backend="auto", device="cpu")
+    assert runtime.info.backend == "onnx" and np.abs(runtime.raw(x).numpy() - reference).max() < 1e-3
 
 
 def test_shape_agnostic_graph_runs_other_sizes_and_batches():
@@ -99,10 +102,11 @@ def test_fusion_is_checked_and_reversible():
     fold_batchnorm(model)
     with torch.no_grad():
         before = model(x)
-        fused = fuse_conv_silu(model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last))
+        model = model.to(memory_format=torch.channels_last)
+        fused = fuse_conv_silu(model, x.contiguous(memory_format=torch.channels_last))
         after = model(x)
     kinds = {type(m) for m in model.modules()}
-    assert (ConvSiLU in kinds) == fused and (BaseConv in kinds) != fused
+    assert (FusedConv in kinds) == fused and (BaseConv in kinds) != fused
     assert (after - before).abs().max() < 1e-3
 
 

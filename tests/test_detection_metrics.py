@@ -24,7 +24,8 @@ def test_iou_by_hand():
 
 
 def test_perfect_detections_give_ap_1():
-    metrics = evaluate_detections([np.array([det(PERSON_A, 0.9), det(PERSON_B, 0.8)])], [np.array([PERSON_A, PERSON_B])])
+    dets = np.array([det(PERSON_A, 0.9), det(PERSON_B, 0.8)])
+    metrics = evaluate_detections([dets], [np.array([PERSON_A, PERSON_B])])
     assert metrics.ap == 1.0 and metrics.true_positives == 2 and metrics.false_positives == 0
 
 

@@ -225,7 +225,8 @@ def write_split_tables(query: EmbeddedSplit, gallery: EmbeddedSplit, folder):
     for name, side in (("query", query), ("gallery", gallery)):
         table = pa.table({"path": [f"{name}{i}.jpg" for i in range(side.table.num_rows)],
                           "person_id": side.table["person_id"], "camera": side.table["camera"],
-                          "embedding": embedding_array(side.features), "error": pa.nulls(side.table.num_rows, pa.string())})
+                          "embedding": embedding_array(side.features),
+                          "error": pa.nulls(side.table.num_rows, pa.string())})
         table = table.replace_schema_metadata({"reidx.schema": "embedded-crops", "reidx.embedder": "test",
                                                "reidx.weights_sha256": "0" * 64})
         paths.append(str(write_parquet_atomic(table, folder / f"{name}.parquet")))

@@ -220,11 +220,13 @@ def infer_yolox_size(state_dict: dict[str, torch.Tensor]) -> str:
     """The size whose stem width and depthwise-ness match a checkpoint, for files not known by name."""
     width = state_dict["backbone.backbone.stem.conv.conv.weight"].shape[0] / 64
     depthwise = any(".dconv." in k for k in state_dict)
-    depth = sum(1 for k in state_dict if k.startswith("backbone.backbone.dark3.1.m.") and k.endswith("conv1.conv.weight")) / 3
+    prefix = "backbone.backbone.dark3.1.m."
+    depth = sum(1 for k in state_dict if k.startswith(prefix) and k.endswith("conv1.conv.weight")) / 3
     for name, (d, w, dw) in YOLOX_SIZES.items():
         if abs(w - width) < 1e-6 and dw == depthwise and max(round(d * 3), 1) == depth:
             return name
-    raise ValueError(f"checkpoint matches no YOLOX size (stem width {width:.3f}, depth {depth:.0f}, depthwise {depthwise})")
+    raise ValueError(f"checkpoint matches no YOLOX size (stem width {width:.3f}, depth {depth:.0f}, "
+                     f"depthwise {depthwise})")
 
 
 def load_yolox_state(model: YOLOX, state_dict: dict[str, torch.Tensor]) -> None:
@@ -249,7 +251,10 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def decode_boxes(raw: torch.Tensor, input_hw: tuple[int, int], strides: Sequence[int] = STRIDES) -> torch.Tensor:
-    """Raw head output → (N, A, 4) boxes (cx, cy, w, h) in input pixels: (offset + cell) × stride, exp(size) × stride."""
+    """Raw head output → (N, A, 4) boxes (cx, cy, w, h) in input pixels.
+
+    Centre = (predicted offset + grid cell) × stride, size = exp(predicted log-size) × stride.
+    """
     height, width = input_hw
     grids, scales = [], []
     for stride in strides:
@@ -264,23 +269,24 @@ def decode_boxes(raw: torch.Tensor, input_hw: tuple[int, int], strides: Sequence
     return torch.cat([(raw[..., :2] + grid) * stride, torch.exp(raw[..., 2:4]) * stride], dim=-1)
 
 
-class ConvSiLU(nn.Module):
-    """A folded :class:`BaseConv` run as one oneDNN call, convolution + bias + SiLU fused.
+class FusedConv(nn.Module):
+    """A folded convolution run as one oneDNN call: convolution + bias + ``attr`` ("swish" = SiLU, or "none").
 
     ``torch.ops.mkldnn._convolution_pointwise`` is the kernel torch.compile's CPU backend emits
     for this pattern; calling it eagerly saves a pass over every activation (SiLU alone was ~20%
-    of Nano's CPU time). It is a private op, so :func:`fuse_conv_silu` checks it before use.
+    of Nano's CPU time), and keeps the head's 1×1 predictions off the slow im2col path eager torch
+    picks for them at one thread. It is a private op, so :func:`fuse_conv_silu` checks it before use.
     """
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, attr: str = "swish"):
         super().__init__()
-        self.conv = conv
+        self.conv, self.attr = conv, attr
         self.args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
 
     def forward(self, x):
         padding, stride, dilation, groups = self.args
         return torch.ops.mkldnn._convolution_pointwise(x, self.conv.weight, self.conv.bias, padding, stride,
-                                                       dilation, groups, "swish", [], "")
+                                                       dilation, groups, self.attr, [], "")
 
 
 def focus_as_conv(focus: Focus) -> nn.Conv2d:
@@ -299,24 +305,27 @@ def focus_as_conv(focus: Focus) -> nn.Conv2d:
     out = nn.Conv2d(cin, weight.shape[0], 6, 2, 2, bias=True).to(weight.device)
     out.weight.data.copy_(full)
     out.bias.data.copy_(conv.bias.detach())
-    return out.to(memory_format=torch.channels_last) if conv.weight.is_contiguous(memory_format=torch.channels_last) else out
+    channels_last = conv.weight.is_contiguous(memory_format=torch.channels_last)
+    return out.to(memory_format=torch.channels_last) if channels_last else out
 
 
 @torch.no_grad()
 def fuse_conv_silu(model: nn.Module, example: torch.Tensor, atol: float = 1e-3) -> bool:
-    """Replace every folded BaseConv by :class:`ConvSiLU` (the Focus stem by one 6×6 ConvSiLU),
-    in place, if the fused op exists and gives the same output on ``example`` (within ``atol``);
-    otherwise leave the model as it was."""
+    """Replace every folded BaseConv by a :class:`FusedConv` (the Focus stem by one 6×6 convolution,
+    the head's prediction convolutions too), in place, if the fused op exists and gives the same
+    output on ``example`` (within ``atol``); otherwise leave the model as it was."""
     swaps = []
     for parent in model.modules():
         for name, child in parent.named_children():
             if isinstance(child, Focus) and isinstance(child.conv.bn, nn.Identity) and child.conv.conv.bias is not None:
-                swaps.append((parent, name, child, ConvSiLU(focus_as_conv(child))))
+                swaps.append((parent, name, child, FusedConv(focus_as_conv(child))))
             elif isinstance(child, BaseConv) and isinstance(child.bn, nn.Identity) and child.conv.bias is not None \
                     and not isinstance(parent, Focus):
-                swaps.append((parent, name, child, ConvSiLU(child.conv)))
-    if not swaps or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
-        return False
+                swaps.append((parent, name, child, FusedConv(child.conv)))
+            elif isinstance(child, nn.Conv2d) and isinstance(parent, nn.ModuleList):  # the head's predictions
+                swaps.append((parent, name, child, FusedConv(child, "none")))
+    if not any(fused.attr == "swish" for *_, fused in swaps) or not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
+        return False  # not folded (BatchNorm still there), or no such op in this torch
     reference = model(example)
     for parent, name, _, fused in swaps:
         setattr(parent, name, fused)
