@@ -137,11 +137,11 @@ def evaluate(query_inputs, gallery_inputs, labels, rerank, k1, k2, lambda_value,
 
       reidx evaluate --query DATA/query --gallery DATA/bounding_box_test --weights osnet_x0_25_msmt17
     """
-    from indexers.evaluation import embed_side, evaluate_split
+    from indexers.evaluation import embed_side, evaluate_split, is_embedded_table
     from indexers.rerank import params_from_options
 
     rerank_params = params_from_options(rerank, k1=k1, k2=k2, lambda_value=lambda_value)
-    needs_model = not all(len(s) == 1 and s[0].endswith(".parquet") for s in (query_inputs, gallery_inputs))
+    needs_model = not all(is_embedded_table(list(s)) for s in (query_inputs, gallery_inputs))
     embedder = _embedder(weights, backend, device, precision) if needs_model else None
     query = embed_side(list(query_inputs), embedder, labels, batch_size, _progress())
     gallery = embed_side(list(gallery_inputs), embedder, labels, batch_size, _progress())

@@ -29,10 +29,15 @@ class EmbeddedSplit:
     num_failed: int
 
 
+def is_embedded_table(inputs: list[str]) -> bool:
+    """One Parquet file written by ``reidx embed`` stands for a side already embedded."""
+    return len(inputs) == 1 and str(inputs[0]).endswith(".parquet")
+
+
 def embed_side(inputs: list[str], embedder: Embedder | None, labels: str | os.PathLike | None = None,
                batch_size: int = 32, progress: bool = False) -> EmbeddedSplit:
     """Embed (or read) one side of the split and keep only rows with features and labels."""
-    if len(inputs) == 1 and str(inputs[0]).endswith(".parquet"):
+    if is_embedded_table(inputs):
         table = read_table(inputs[0])
         if embedder is not None:
             name, sha = table_embedder_id(table)

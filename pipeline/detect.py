@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.embed import resolve_device
-from pipeline.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image
+from pipeline.imaging import DEFAULT_MAX_PIXELS, load_image_or_reason
 from pipeline.models.weights import load_state_dict, resolve_weights
 from pipeline.models.yolox import (STRIDES, build_yolox, decode_boxes, fold_batchnorm, fuse_conv_silu, infer_yolox_size,
                                    load_yolox_state)
@@ -256,10 +256,8 @@ class FrameDetections:
 
 
 def _decode(path) -> tuple[np.ndarray | None, str | None]:
-    try:
-        return np.asarray(load_image(path, max_pixels=DEFAULT_MAX_PIXELS)), None
-    except ImageDecodeError as exc:
-        return None, str(exc)
+    image, reason = load_image_or_reason(path, DEFAULT_MAX_PIXELS)
+    return (None, reason) if image is None else (np.asarray(image), None)
 
 
 def iter_detections(detector: Detector, paths: Sequence, batch_size: int = 8, keep_images: bool = False,

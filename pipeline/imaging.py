@@ -65,6 +65,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageDecodeError(f"corrupt image: {exc}") from None
 
 
+def load_image_or_reason(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """``(image, None)``, or ``(None, reason)`` when it cannot be decoded: for batch loops that go on."""
+    try:
+        return load_image(path, max_pixels=max_pixels), None
+    except ImageDecodeError as exc:
+        return None, str(exc)
+
+
 def load_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read and decode an image file (see :func:`decode_image`)."""
     try:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.embed import build_embedder, resize_crop
+from pipeline.embed import BATCH_SIZE, build_embedder, resize_crop
 from pipeline.embedding_table import embedding_array
 from pipeline.imaging import ImageDecodeError, decode_image
 from pipeline.manifest import Source
@@ -97,7 +97,8 @@ def process_batch(gallery: str, source: Source, members: list[str], spec: ModelS
         seconds["decode"] += now - clock  # cropping and resizing count as decode
         clock = now
     if rows:
-        embeddings = np.concatenate([embedder.embed(np.stack(crops[i:i + 32])) for i in range(0, len(crops), 32)])
+        embeddings = np.concatenate([embedder.embed(np.stack(crops[i:i + BATCH_SIZE]))
+                                     for i in range(0, len(crops), BATCH_SIZE)])
         now = time.perf_counter()
         seconds["embed"] += now - clock
         detector = detector_for(spec).info if source.kind == "frames" else None
