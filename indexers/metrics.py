@@ -105,6 +105,32 @@ def evaluate_ranking(distances: np.ndarray, q_pids, q_cams, g_pids, g_cams, max_
     )
 
 
+def evaluate_top_k(match_lists: list[np.ndarray], num_relevant: list[int], num_gallery: int,
+                   max_rank: int = 50) -> RankingMetrics:
+    """The same metrics from ranked lists cut at top-k (what ``reidx query`` writes).
+
+    ``match_lists[i]``: query i's 0/1 matches in rank order, same-id-same-camera items already
+    removed; ``num_relevant[i]``: its valid matches in the whole gallery. A match beyond the cut
+    counts as never retrieved: AP divides by ``num_relevant``, and INP is 0 unless every match is
+    in the list. With lists covering the gallery this equals :func:`evaluate_ranking`.
+    """
+    aps, inps, cmcs = [], [], []
+    for matches, relevant in zip(match_lists, num_relevant):
+        if relevant == 0:
+            continue
+        hits = np.flatnonzero(matches)
+        aps.append(float((np.arange(1, hits.size + 1) / (hits + 1)).sum() / relevant))
+        inps.append(inverse_negative_penalty(matches) if hits.size == relevant else 0.0)
+        cmc = np.zeros(max_rank)
+        if hits.size and hits[0] < max_rank:
+            cmc[hits[0]:] = 1.0
+        cmcs.append(cmc)
+    if not aps:
+        raise ValueError("no query has a valid match in the gallery; check the labels")
+    return RankingMetrics(mAP=float(np.mean(aps)), mINP=float(np.mean(inps)), cmc=np.mean(cmcs, axis=0),
+                          num_query=len(aps), num_query_skipped=len(match_lists) - len(aps), num_gallery=num_gallery)
+
+
 def cosine_distances(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
     """1 − q·g for L2-normalised rows, computed in float32 (the plain ranking)."""
     return 1.0 - np.asarray(query, np.float32) @ np.asarray(gallery, np.float32).T
@@ -115,6 +141,7 @@ __all__ = [
     "average_precision",
     "cosine_distances",
     "evaluate_ranking",
+    "evaluate_top_k",
     "inverse_negative_penalty",
     "query_matches",
 ]

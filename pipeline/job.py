@@ -30,7 +30,9 @@ GALLERY_CONFIG = "gallery.json"
 def _check_gallery_embedder(gallery: Path, weights: str) -> dict:
     """A gallery holds one embedder's vectors; another one is an error, not a silent mix."""
     resolved = resolve_weights(weights)
-    config = {"embedder": resolved.model_name, "weights_sha256": resolved.sha256}
+    # "weights" is how to find the model again (`reidx query` embeds with it): a known name, or the file's path
+    spec = str(resolved.path) if resolved.known is None else resolved.known.name
+    config = {"embedder": resolved.model_name, "weights_sha256": resolved.sha256, "weights": spec}
     path = gallery / GALLERY_CONFIG
     if path.exists():
         existing = json.loads(path.read_text())

@@ -84,11 +84,20 @@ def _glob_root(pattern: str) -> Path:
     return Path(*parts) if parts else Path(".")
 
 
+def _local_root(uri: str) -> Path:
+    """The folder members are relative to: a glob's fixed prefix, a single file's folder, or the folder."""
+    if glob.has_magic(uri):
+        return _glob_root(uri)
+    path = Path(uri)
+    return path.parent if path.is_file() else path
+
+
 def _local_files(source: Source) -> tuple[Path, list[Path]]:
+    root = _local_root(source.uri)
     if glob.has_magic(source.uri):
-        root = _glob_root(source.uri)
         return root, [Path(p) for p in glob.glob(source.uri, recursive=True) if os.path.isfile(p)]
-    root = Path(source.uri)
+    if Path(source.uri).is_file():  # a single image (e.g. one query crop)
+        return root, [Path(source.uri)]
     if not root.is_dir():
         raise SourceError(f"source {source.name}: {source.uri} does not exist")
     return root, [p for p in root.rglob("*") if p.is_file()]
@@ -205,8 +214,7 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
             for member in members:
                 yield member, None, f"unreadable archive: {exc}"
     else:
-        root = source.uri if "://" in source.uri else str(_glob_root(source.uri) if glob.has_magic(source.uri)
-                                                          else Path(source.uri))
+        root = source.uri if "://" in source.uri else str(_local_root(source.uri))
         for member in members:
             try:
                 with _open_binary(f"{root.rstrip('/')}/{member}") as f:

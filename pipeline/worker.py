@@ -63,6 +63,31 @@ def process_batch(gallery: str, source: Source, members: list[str], spec: ModelS
 
     Returns ``{"records": one ledger record per image, "seconds": time per stage}``.
     """
+    persons = persons_of_members(source, members, spec)
+    if persons.table is not None:
+        clock = time.perf_counter()
+        shard = write_shard(persons.table, gallery)
+        persons.seconds["write"] += time.perf_counter() - clock
+        for record in persons.records:
+            if record.get("num_persons"):
+                record["shard"] = shard
+    return {"records": persons.records, "seconds": persons.seconds}
+
+
+@dataclass
+class Persons:
+    """The persons found in a batch of images: one record per image, one shard-schema row per person."""
+
+    records: list[dict]  # image_key, source, member, status ok|failed, reason, num_persons
+    table: pa.Table | None  # gallery-shard schema (pipeline/shards.py); None when no person was found
+    seconds: dict  # time per stage
+
+
+def persons_of_members(source: Source, members: list[str], spec: ModelSpec) -> Persons:
+    """Read, decode, detect (frames) or take whole (crops), crop and embed the members of one source.
+
+    Shared by the nightly job (which writes the table as a shard) and ``reidx query`` (which searches it).
+    """
     from pipeline.sources import read_members
 
     embedder = embedder_for(spec)
@@ -96,18 +121,14 @@ def process_batch(gallery: str, source: Source, members: list[str], spec: ModelS
         now = time.perf_counter()
         seconds["decode"] += now - clock  # cropping and resizing count as decode
         clock = now
+    table = None
     if rows:
         embeddings = np.concatenate([embedder.embed(np.stack(crops[i:i + BATCH_SIZE]))
                                      for i in range(0, len(crops), BATCH_SIZE)])
-        now = time.perf_counter()
-        seconds["embed"] += now - clock
+        seconds["embed"] += time.perf_counter() - clock
         detector = detector_for(spec).info if source.kind == "frames" else None
-        shard = write_shard(_shard_table(source, rows, embeddings, embedder.info, detector), gallery)
-        seconds["write"] += time.perf_counter() - now
-        for record in records:
-            if record.get("num_persons"):
-                record["shard"] = shard
-    return {"records": records, "seconds": seconds}
+        table = _shard_table(source, rows, embeddings, embedder.info, detector)
+    return Persons(records, table, seconds)
 
 
 def _shard_table(source: Source, rows: list[tuple], embeddings: np.ndarray, info, detector=None) -> pa.Table:
