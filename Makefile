@@ -21,15 +21,18 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
-# The main job on the demo data: evaluate the embedder on the Con-ReID split, then run the
-# nightly indexing job over the demo manifests into out/demo-gallery (a rerun adds nothing).
+# The main job on the demo data: evaluate the embedder on the Con-ReID split, run the nightly
+# job (index the demo manifests into out/demo-gallery, then build its Faiss index; a rerun adds
+# nothing), then ask where the two demo query crops appear: ranked Parquet + HTML report.
 demo: venv
 	$(BIN)/reidx evaluate \
 	    --query $(SHARED)/data/con-reid/query \
 	    --gallery $(SHARED)/data/con-reid/bounding_box_test \
 	    --weights osnet_x0_25_msmt17
-	$(BIN)/reidx index data_manifests/con-reid.toml data_manifests/scenes.toml --out out/demo-gallery
+	$(BIN)/reidx nightly data_manifests/con-reid.toml data_manifests/scenes.toml --out out/demo-gallery
 	$(BIN)/reidx ledger out/demo-gallery
+	$(BIN)/reidx query out/demo-gallery $(SHARED)/data/scenes/queries --top-k 20 \
+	    --out out/demo-results.parquet --report out/demo-report.html
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -301,6 +301,8 @@ def score_results(results: pa.Table, items: pa.Table) -> dict | None:
             continue
         lists.setdefault(qid, []).append(int(pid == qpid))
     queries = list(labels)
+    if all(per_id[labels[q][0]] == per_id_cam[labels[q]] for q in queries):
+        return None  # no query has a valid match in this gallery: nothing to score
     metrics = evaluate_top_k([np.array(lists.get(q, []), dtype=np.int64) for q in queries],
                              [per_id[labels[q][0]] - per_id_cam[labels[q]] for q in queries], len(labelled))
     report = metrics.as_percent_dict()

@@ -127,11 +127,11 @@ def persons_of_members(source: Source, members: list[str], spec: ModelSpec) -> P
                                      for i in range(0, len(crops), BATCH_SIZE)])
         seconds["embed"] += time.perf_counter() - clock
         detector = detector_for(spec).info if source.kind == "frames" else None
-        table = _shard_table(source, rows, embeddings, embedder.info, detector)
+        table = shard_table(source, rows, embeddings, embedder.info, detector)
     return Persons(records, table, seconds)
 
 
-def _shard_table(source: Source, rows: list[tuple], embeddings: np.ndarray, info, detector=None) -> pa.Table:
+def shard_table(source: Source, rows: list[tuple], embeddings: np.ndarray, info, detector=None) -> pa.Table:
     n = len(rows)
     ids, keys, members, widths, heights, x1, y1, x2, y2, scores = (list(c) for c in zip(*rows))
     columns = {
