@@ -217,7 +217,7 @@ def ranked_rows(persons: QueryPersons, gallery_index: GalleryIndex, distances: n
 
 def run_query(gallery: str | os.PathLike, inputs: list[str], out: str | os.PathLike, *, top_k: int = 100,
               detect: bool = False, largest: bool = False, rerank: str = "none", rerank_params=None,
-              candidates: int | None = None, nprobe: int | None = None, weights: str | None = None,
+              candidates: int = 400, nprobe: int | None = None, weights: str | None = None,
               backend: str = "auto", device: str = "auto", gpu: str = "auto", detector: str | None = None,
               max_pixels: int = 50_000_000, batch_size: int = 1024, progress: bool = False) -> dict:
     """Query GALLERY with every person in ``inputs``; write ranked rows to ``out`` (Parquet); return a summary."""
@@ -247,6 +247,9 @@ def run_query(gallery: str | os.PathLike, inputs: list[str], out: str | os.PathL
             from indexers.rerank_sparse import rerank_candidates
 
             knn_ids, knn_dist = gallery_index.knn()
+            if knn_ids.shape[1] == 0:
+                raise ValueError(f"{gallery} has no kNN graph for re-ranking: rebuild its index with "
+                                 f"`reidx build-index {gallery} --knn 30`")
             rerank_distances = rerank_candidates(rerank, ids, unit_euclidean_from_cosine(distances),
                                                  knn_ids, unit_euclidean_from_cosine(knn_dist), params=rerank_params)
             order = np.argsort(rerank_distances, axis=1, kind="stable")[:, :k]
@@ -260,7 +263,7 @@ def run_query(gallery: str | os.PathLike, inputs: list[str], out: str | os.PathL
     metadata = {**results.schema.metadata, b"reidx.index_version": gallery_index.meta.version.encode(),
                 b"reidx.embedder": f"{gallery_index.meta.embedder}@{gallery_index.meta.embedder_sha256[:12]}".encode(),
                 b"reidx.gallery": str(gallery.resolve()).encode(),
-                b"reidx.rerank": json.dumps({"method": rerank, "params": rerank_params.__dict__
+                b"reidx.rerank": json.dumps({"method": rerank, "params": dataclasses.asdict(rerank_params)
                                              if rerank_params is not None else None}).encode()}
     write_parquet_atomic(results.replace_schema_metadata(metadata), out)
     statuses = results["status"].to_pylist()

@@ -6,8 +6,12 @@ outputs are NumPy (Q, G) float32 distances, smaller is closer.
 
 This is the exact mode: each item's neighbours come from its full rows of the given distance
 blocks (read in place; no N×N matrix is built), then the building blocks of
-``indexers.rerank_blocks`` work on neighbour lists and sparse rows only, so a scalable mode can
-feed the same blocks from a Faiss top-K and a gallery kNN graph.
+``indexers.rerank_blocks`` work on neighbour lists and sparse rows only; the scalable mode
+(``indexers.rerank_sparse``) feeds the same blocks from a Faiss top-K and a gallery kNN graph.
+
+Parameters: with none given a method runs with its shipped defaults (``SAFE_DEFAULTS``), which
+hold mAP at or above plain ranking on sparse galleries too; the published values are the
+``published`` preset (``default_params``, ``params_from_options``).
 
 Tie rule: equal distances are ordered by item index (a stable sort), here and in
 ``indexers.rerank_naive`` (the loop-by-loop reference the tests compare against).
@@ -15,6 +19,7 @@ Tie rule: equal distances are ordered by item index (a stable sort), here and in
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -27,6 +32,7 @@ from indexers.rerank_blocks import (
     gaussian_weights,
     jaccard_distance,
     local_query_expansion,
+    mean_of_smallest,
     nearest_neighbours,
 )
 
@@ -35,7 +41,8 @@ METHODS = ("none", "k-reciprocal", "sim", "sim-graph")
 
 @dataclass(frozen=True)
 class RerankParams:
-    """Published defaults. k1, lambda_value serve both methods; k2 is k-reciprocal's query
+    """Field defaults are the published values (``PUBLISHED``); the shipped defaults per method
+    are ``SAFE_DEFAULTS``. k1, lambda_value serve both methods; k2 is k-reciprocal's query
     expansion; k0, graph_lambda, k_graph, k_mean are SIM's."""
 
     k1: int = 20  # k-reciprocal neighbourhood size (SIM: gallery side)
@@ -56,6 +63,51 @@ class RerankParams:
             raise ValueError(f"graph_lambda must be ≥ 0, got {self.graph_lambda}")
 
 
+# torch intra-op threads while re-ranking (None: leave torch's setting). Re-ranking is thousands
+# of small ops: a second thread gains little, and where another process keeps a core busy,
+# torch's spinning OpenMP threads cost a scheduler tick at each op (k-reciprocal on Con-ReID:
+# seconds instead of tenths; benchmarks/rerank.py). The setting is restored after each call.
+RERANK_THREADS: int | None = 1
+
+
+@contextmanager
+def rerank_threads():
+    """Run a re-ranking call (as a decorator too) with RERANK_THREADS torch threads, restoring
+    the caller's setting."""
+    before = torch.get_num_threads()
+    if RERANK_THREADS is not None:
+        torch.set_num_threads(RERANK_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+PRESETS = ("safe", "published")
+PUBLISHED = RerankParams()
+# What --rerank METHOD uses when no parameter is given (issue 6, item 4). The published values
+# assume many true matches per identity in the gallery: with 1-2 images per identity and camera
+# they cost up to 22 mAP (SIM). These keep mAP at or above plain ranking on dense and sparse
+# galleries; chosen on one half of the identities, confirmed on the other (docs/reranking.md,
+# `python benchmarks/rerank.py --select-defaults`).
+SAFE_DEFAULTS = {
+    "none": PUBLISHED,
+    "k-reciprocal": replace(PUBLISHED, k1=15),
+    "sim": replace(PUBLISHED, k1=3, k0=2, k_graph=10, k_mean=2),
+    "sim-graph": replace(PUBLISHED, k_graph=10, k_mean=2),
+}
+
+
+def default_params(method: str, preset: str = "safe") -> RerankParams:
+    """The parameters ``method`` runs with when none are given: ``safe`` (the shipped defaults) or
+    ``published`` (the papers' values, which assume many true matches per identity in the gallery)."""
+    if method not in SAFE_DEFAULTS:
+        raise ValueError(f"unknown re-ranking method {method!r}; choose one of {', '.join(METHODS)}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown re-ranking preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return SAFE_DEFAULTS[method] if preset == "safe" else PUBLISHED
+
+
 def as_tensor(distances, device: torch.device | None = None) -> torch.Tensor:
     """A float32 tensor on the given device (no copy when it already is one)."""
     tensor = distances if torch.is_tensor(distances) else torch.from_numpy(np.asarray(distances))
@@ -74,6 +126,7 @@ def check_distances(*tensors: torch.Tensor) -> None:
 # ---------------------------------------------------------------- the methods
 
 
+@rerank_threads()
 def k_reciprocal_rerank(q_g, q_q, g_g, k1: int = 20, k2: int = 6, lambda_value: float = 0.3) -> np.ndarray:
     """Zhong et al.'s k-reciprocal re-ranking: (1 − λ)·Jaccard + λ·original, (Q, G)."""
     RerankParams(k1=k1, k2=k2, lambda_value=lambda_value)
@@ -92,6 +145,7 @@ def k_reciprocal_rerank(q_g, q_q, g_g, k1: int = 20, k2: int = 6, lambda_value: 
     return ((1 - lambda_value) * jaccard + lambda_value * original.block(0, 1)).cpu().numpy()
 
 
+@rerank_threads()
 def sim_graph_distance(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9) -> np.ndarray:
     """SIM similarity-graph reasoning: d_S(q, j) = mean of the k_mean smallest d(q, t) + lam·d(j, t)
     over j's k_graph nearest gallery items t (j included), all read from the original q-g matrix."""
@@ -106,15 +160,12 @@ def _sim_graph(q_g: torch.Tensor, g_g: torch.Tensor, lam: float, k_graph: int, k
     neighbours = nearest_neighbours([g_g], k_graph, key=lambda values, rows: values * lam)  # (G, k)
     hop = g_g.gather(1, neighbours) * lam
     k_mean = min(k_mean, neighbours.shape[1])
-    if q_g.device.type == "cpu":  # NumPy's partition beats torch.topk ~3× on rows this short
+    if q_g.device.type == "cpu":
         q_g_np, neighbours_np, hop_np = q_g.numpy(), neighbours.numpy(), hop.numpy()
         graph = np.empty(q_g_np.shape, np.float32)
         for rows in chunks(q_g_np.shape[0], neighbours_np.size * 4):  # ≈ 4M-element chunks stay in cache
             paths = q_g_np[rows][:, neighbours_np] + hop_np  # (n, G, k): d(q, t) + lam·d(j, t)
-            if k_mean < paths.shape[2]:
-                paths.partition(k_mean - 1, axis=2)
-            # float64 sums of these float32 values are exact, so the mean rounds as NumPy's mean does.
-            graph[rows] = paths[..., :k_mean].sum(axis=2, dtype=np.float64) / k_mean
+            graph[rows] = mean_of_smallest(paths, k_mean)
         return torch.from_numpy(graph)
     graph = torch.empty_like(q_g)
     for rows in chunks(q_g.shape[0], neighbours.numel()):
@@ -124,6 +175,7 @@ def _sim_graph(q_g: torch.Tensor, g_g: torch.Tensor, lam: float, k_graph: int, k
     return graph
 
 
+@rerank_threads()
 def sim_rerank(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9,
                k0: int = 12, k1: int = 20, lambda_value: float = 0.3) -> np.ndarray:
     """Full SIM: graph reasoning, then mutual-nearest-neighbour reasoning on its output.
@@ -149,12 +201,13 @@ def sim_rerank(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9,
     return ((1 - lambda_value) * jaccard + lambda_value * query_original).cpu().numpy()
 
 
+@rerank_threads()
 def rerank(method: str, q_g, q_q=None, g_g=None, params: RerankParams | None = None, **overrides) -> np.ndarray:
     """One entry point: ``method`` in none | k-reciprocal | sim | sim-graph, (Q, G) distances out.
 
-    ``params`` (default: the published values) may be adjusted with keyword overrides.
+    ``params`` (default: ``default_params(method)``) may be adjusted with keyword overrides.
     """
-    params = replace(params or RerankParams(), **overrides)
+    params = replace(params or default_params(method), **overrides)
     q_g, q_q, g_g = (d if d is None or torch.is_tensor(d) else np.asarray(d) for d in (q_g, q_q, g_g))
     _check_shapes(q_g, q_q, g_g)
     if method == "none":
@@ -197,16 +250,16 @@ METHOD_PARAMS = {
 }
 
 
-def params_from_options(method: str, **options) -> RerankParams:
-    """RerankParams for ``method`` from CLI-style options; unset (None) ones keep the defaults."""
-    if method not in METHOD_PARAMS:
-        raise ValueError(f"unknown re-ranking method {method!r}; choose one of {', '.join(METHODS)}")
+def params_from_options(method: str, preset: str | None = None, **options) -> RerankParams:
+    """RerankParams for ``method`` from CLI-style options: the ``preset`` (default ``safe``) with
+    the options that are set (not None) on top."""
+    base = default_params(method, preset or "safe")
     given = {name: value for name, value in options.items() if value is not None}
     unused = sorted(set(given) - set(METHOD_PARAMS[method]))
     if unused:
         names = ", ".join("--" + name.removesuffix("_value").replace("_", "-") for name in unused)
         raise ValueError(f"{names} {'does' if len(unused) == 1 else 'do'} not apply to --rerank {method}")
-    return RerankParams(**given)
+    return replace(base, **given)
 
 
 def _check_shapes(q_g, q_q, g_g) -> None:
@@ -226,6 +279,8 @@ def _device_of(*arrays) -> torch.device:
 
 
 __all__ = [
-    "METHODS", "RerankParams", "as_tensor", "check_distances", "k_reciprocal_rerank", "params_from_options",
+    "METHODS", "PRESETS", "PUBLISHED", "RERANK_THREADS", "SAFE_DEFAULTS", "RerankParams", "as_tensor",
+    "check_distances", "rerank_threads",
+    "default_params", "k_reciprocal_rerank", "params_from_options",
     "rerank", "rerank_features", "sim_graph_distance", "sim_rerank", "unit_euclidean",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 # Budget (elements) for the temporary tensors of one chunk, so memory stays bounded at any size.
@@ -46,6 +47,20 @@ def chunks(num_rows: int, elements_per_row: int):
         yield slice(start, min(num_rows, start + step))
 
 
+def sort_rows(values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's (value, index) pairs in ascending value order, equal values by index: the tie rule.
+
+    ``values`` are float32 ≥ 0 (inf allowed), ``index`` in [-1, 2³² − 1). One int64 sort: the bits
+    of a non-negative float32 order as the float does, so (bits << 32) | (index + 1) orders pairs
+    as (value, index) do — 2-3× faster than a sort by index and a stable argsort by value.
+    """
+    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
+    packed = (bits << 32) | (index + 1)
+    packed = packed.sort(dim=1).values
+    values = (packed >> 32).int().view(torch.float32)
+    return values, (packed & 0xFFFFFFFF) - 1
+
+
 def nearest_neighbours(blocks: Sequence[torch.Tensor], k: int, key: RowKey | None = None) -> torch.Tensor:
     """(N, min(k, M)) column indices of each row's k smallest key(d), nearest first, ties by index.
 
@@ -68,10 +83,7 @@ def nearest_neighbours(blocks: Sequence[torch.Tensor], k: int, key: RowKey | Non
     all_rows = torch.arange(values.shape[0], device=values.device)
     if key is not None:
         values = key(values, all_rows)
-    index, by_index = index.sort(dim=1)
-    values = values.gather(1, by_index)
-    order = values.argsort(dim=1, stable=True)
-    values, index = values.gather(1, order), index.gather(1, order)
+    values, index = sort_rows(values, index)
     neighbours = index[:, :k].contiguous()
     if k < values.shape[1]:
         tied = torch.nonzero(values[:, k - 1] == values[:, k]).squeeze(1)
@@ -82,37 +94,50 @@ def nearest_neighbours(blocks: Sequence[torch.Tensor], k: int, key: RowKey | Non
     return neighbours
 
 
-def reciprocal_mask(neighbours: torch.Tensor, k: int) -> torch.Tensor:
+def reciprocal_mask(neighbours: torch.Tensor, k: int, items: torch.Tensor | None = None) -> torch.Tensor:
     """mask[i, a]: item neighbours[i, a] has i among its own k+1 nearest (membership of R(i, k)).
 
-    ``neighbours`` lists every item's nearest items (itself usually first) in one index space.
+    ``neighbours`` lists every item's nearest items (itself usually first) in one index space;
+    ``items`` (default: all) are the rows wanted, so a caller pays only for the items it reads.
     """
     forward = neighbours[:, : k + 1]
-    mask = torch.empty(forward.shape, dtype=torch.bool, device=forward.device)
-    for rows in chunks(forward.shape[0], forward.shape[1] ** 2):
-        own = torch.arange(rows.start, rows.stop, device=forward.device)
-        mask[rows] = (forward[forward[rows]] == own[:, None, None]).any(-1)
+    num = forward.shape[0] if items is None else items.numel()
+    mask = torch.empty((num, forward.shape[1]), dtype=torch.bool, device=forward.device)
+    for rows in chunks(num, forward.shape[1] ** 2):
+        own = torch.arange(rows.start, rows.stop, device=forward.device) if items is None else items[rows]
+        mask[rows] = (forward[forward[own]] == own[:, None, None]).any(-1)
     return mask
 
 
-def expanded_reciprocal_sets(neighbours: torch.Tensor, k1: int) -> torch.Tensor:
+def expanded_reciprocal_sets(neighbours: torch.Tensor, k1: int, items: torch.Tensor | None = None) -> torch.Tensor:
     """Each item's R(i, k1) with the 2/3 expansion, as ascending rows padded with the sentinel N:
-    R(c, round(k1/2)) of a member c joins when more than 2/3 of it lies in R(i, k1)."""
+    R(c, round(k1/2)) of a member c joins when more than 2/3 of it lies in R(i, k1).
+
+    ``items`` (default: all) are the items whose sets are wanted, one output row each; then only
+    their lists, their members' lists and those members' half lists are read.
+    """
     num_items = neighbours.shape[0]
     half = int(round(k1 / 2))
     forward, half_forward = neighbours[:, : k1 + 1], neighbours[:, : half + 1]
-    is_reciprocal = reciprocal_mask(neighbours, k1)
-    half_sets = torch.where(reciprocal_mask(neighbours, half), half_forward, num_items)
+    is_reciprocal = reciprocal_mask(neighbours, k1, items)
+    if items is None:
+        half_sets = torch.where(reciprocal_mask(neighbours, half), half_forward, num_items)
+    else:  # half sets of the listed members only
+        listed = forward[items].unique()
+        half_sets = torch.full_like(half_forward, num_items)
+        half_sets[listed] = torch.where(reciprocal_mask(neighbours, half, listed), half_forward[listed], num_items)
     half_set_sizes = (half_sets < num_items).sum(1)
     width, half_width = forward.shape[1], half_forward.shape[1]
+    num_out = num_items if items is None else items.numel()
     rows_out = []
-    for rows in chunks(num_items, width * half_width * 4):
-        members = torch.where(is_reciprocal[rows], forward[rows], num_items).sort(dim=1).values
-        candidate_sets = half_sets[forward[rows]].flatten(1)  # (n, width·half_width), N where absent
+    for rows in chunks(num_out, width * half_width * 4):
+        own_forward = forward[rows] if items is None else forward[items[rows]]
+        members = torch.where(is_reciprocal[rows], own_forward, num_items).sort(dim=1).values
+        candidate_sets = half_sets[own_forward].flatten(1)  # (n, width·half_width), N where absent
         slot = torch.searchsorted(members, candidate_sets).clamp_(max=width - 1)
         found = (members.gather(1, slot) == candidate_sets) & (candidate_sets < num_items)
         inside = found.view(-1, width, half_width).sum(-1)
-        size = half_set_sizes[forward[rows]]
+        size = half_set_sizes[own_forward]
         accepted = is_reciprocal[rows] & (3 * inside > 2 * size)  # exactly "inside > 2/3·size"
         extra = torch.where(accepted.repeat_interleave(half_width, dim=1), candidate_sets, num_items)
         joined = torch.cat([members, extra], dim=1).sort(dim=1).values
@@ -151,7 +176,8 @@ def _segments(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor
 
 
 def local_query_expansion(vectors: SparseRows, neighbours: torch.Tensor) -> SparseRows:
-    """V(i) ← mean of V over i's nearest items (``neighbours``: (N, k2), itself usually first)."""
+    """Row i of the output: mean of V over the rows ``neighbours[i]`` (i's k2 nearest, itself
+    usually first), so it may expand any subset of the items V holds."""
     counts = torch.bincount(vectors.row, minlength=vectors.num_rows)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     source = neighbours.reshape(-1)
@@ -161,7 +187,7 @@ def local_query_expansion(vectors: SparseRows, neighbours: torch.Tensor) -> Spar
     summed = torch.zeros(unique_key.numel(), dtype=vectors.value.dtype, device=key.device)
     summed.index_add_(0, slot, vectors.value[position])
     return SparseRows(unique_key // vectors.num_cols, unique_key % vectors.num_cols,
-                      summed / neighbours.shape[1], vectors.num_rows, vectors.num_cols)
+                      summed / neighbours.shape[1], neighbours.shape[0], vectors.num_cols)
 
 
 def jaccard_distance(query: SparseRows, gallery: SparseRows) -> torch.Tensor:
@@ -186,11 +212,48 @@ def jaccard_distance(query: SparseRows, gallery: SparseRows) -> torch.Tensor:
         shared.index_add_(0, query.row[start:stop][entry] * gallery.num_rows + gallery_row[position], overlap)
         start = stop
     shared = shared.view(query.num_rows, gallery.num_rows)
-    query_mass = torch.zeros(query.num_rows, dtype=shared.dtype, device=device).index_add_(0, query.row, query.value)
-    gallery_mass = torch.zeros(gallery.num_rows, dtype=shared.dtype, device=device).index_add_(
-        0, gallery.row, gallery.value)
-    union = query_mass[:, None] + gallery_mass[None, :] - shared
+    union = row_masses(query)[:, None] + row_masses(gallery)[None, :] - shared
     return 1 - shared / union.clamp_min(torch.finfo(union.dtype).tiny)  # two empty rows: distance 1
+
+
+def row_masses(vectors: SparseRows) -> torch.Tensor:
+    """Σ V(i, ·) of every row."""
+    return torch.zeros(vectors.num_rows, dtype=vectors.value.dtype, device=vectors.value.device).index_add_(
+        0, vectors.row, vectors.value)
+
+
+def paired_jaccard_distance(left: SparseRows, left_rows: torch.Tensor, right: SparseRows,
+                            right_rows: torch.Tensor) -> torch.Tensor:
+    """(P,) Jaccard distances of the row pairs (left_rows[p], right_rows[p]) only, for callers
+    that need a few pairs per query rather than every query-gallery pair (same formula as
+    ``jaccard_distance``). Each left entry is looked up in the right rows by (row, column) key."""
+    if left.num_cols != right.num_cols:
+        raise ValueError("paired rows must share one column space")
+    right_key = right.row * right.num_cols + right.col
+    right_key, order = right_key.sort()
+    right_value = right.value[order]
+    counts = torch.bincount(left.row, minlength=left.num_rows)
+    starts = torch.cumsum(counts, 0) - counts
+    shared = torch.zeros(left_rows.numel(), dtype=left.value.dtype, device=left.value.device)
+    pairs_per_row = max(1, int(counts.max())) if counts.numel() else 1
+    for pairs in chunks(left_rows.numel(), pairs_per_row):
+        position, pair = _segments(starts[left_rows[pairs]], counts[left_rows[pairs]])
+        key = right_rows[pairs][pair] * right.num_cols + left.col[position]
+        slot = torch.searchsorted(right_key, key).clamp_(max=max(right_key.numel() - 1, 0))
+        found = right_key[slot] == key if right_key.numel() else torch.zeros_like(key, dtype=torch.bool)
+        overlap = torch.where(found, torch.minimum(left.value[position], right_value[slot]), 0)
+        shared[pairs] = torch.zeros_like(shared[pairs]).index_add_(0, pair, overlap)
+    union = row_masses(left)[left_rows] + row_masses(right)[right_rows] - shared
+    return 1 - shared / union.clamp_min(torch.finfo(union.dtype).tiny)  # two empty rows: distance 1
+
+
+def mean_of_smallest(paths: np.ndarray, k: int) -> np.ndarray:
+    """Mean of the k smallest along the last axis (SIM's path average), partitioning ``paths``
+    in place. NumPy's partition beats torch.topk ~3× on rows this short; float64 sums of these
+    float32 values are exact, so the mean rounds as NumPy's mean does."""
+    if k < paths.shape[-1]:
+        paths.partition(k - 1, axis=-1)
+    return paths[..., :k].sum(axis=-1, dtype=np.float64) / k
 
 
 class NormalisedSquares:

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +21,10 @@ from indexers.evaluation import EmbeddedSplit, evaluate_split
 from indexers.metrics import evaluate_ranking
 from indexers.rerank import (
     METHODS,
+    PUBLISHED,
+    SAFE_DEFAULTS,
     RerankParams,
+    default_params,
     k_reciprocal_rerank,
     params_from_options,
     rerank,
@@ -149,9 +153,20 @@ def test_rerank_entry_point_and_params():
     np.testing.assert_array_equal(rerank("none", q_g), q_g)
     np.testing.assert_array_equal(rerank("k-reciprocal", q_g, q_q, g_g, k1=7), k_reciprocal_rerank(q_g, q_q, g_g, k1=7))
     np.testing.assert_array_equal(rerank("sim", q_g, None, g_g, RerankParams(k0=4)), sim_rerank(q_g, g_g, k0=4))
-    np.testing.assert_array_equal(rerank("sim-graph", q_g, None, g_g, k_mean=2), sim_graph_distance(q_g, g_g, k_mean=2))
+    np.testing.assert_array_equal(rerank("sim-graph", q_g, None, g_g, k_mean=2),
+                                  sim_graph_distance(q_g, g_g, k_graph=SAFE_DEFAULTS["sim-graph"].k_graph, k_mean=2))
     assert set(METHODS) == {"none", "k-reciprocal", "sim", "sim-graph"}
+    for method in METHODS:  # no parameters: the shipped defaults, in rerank and from the CLI options alike
+        assert params_from_options(method) == default_params(method) == SAFE_DEFAULTS[method]
+        assert params_from_options(method, preset="published") == default_params(method, "published") == PUBLISHED
+        if method != "none":
+            np.testing.assert_array_equal(rerank(method, q_g, q_q, g_g),
+                                          rerank(method, q_g, q_q, g_g, SAFE_DEFAULTS[method]))
     assert params_from_options("k-reciprocal", k1=10, k2=None) == RerankParams(k1=10)
+    assert params_from_options("sim", k1=5) == replace(SAFE_DEFAULTS["sim"], k1=5)
+    assert params_from_options("sim", preset="published", k1=5) == RerankParams(k1=5)
+    with pytest.raises(ValueError, match="unknown re-ranking preset"):
+        params_from_options("sim", preset="paper")
     with pytest.raises(ValueError, match="--k2 does not apply to --rerank sim"):
         params_from_options("sim", k2=3)
     with pytest.raises(ValueError, match="unknown re-ranking method"):
@@ -264,9 +279,10 @@ SPLITS = {"osnet_x0_25_msmt17": "msmt17_split", "osnet_x0_25_market1501": "marke
 @pytest.mark.parametrize("method", FIGURES)
 @pytest.mark.parametrize("weights", SPLITS)
 def test_reranking_reproduces_reference(weights, method, reference, request):
+    """With the published parameters asked for (the shipped defaults differ, see below)."""
     query, gallery = request.getfixturevalue(SPLITS[weights])
     expected = reference[f"{weights}.pth"][FIGURES[method]]
-    report = evaluate_split(query, gallery, method).as_percent_dict()
+    report = evaluate_split(query, gallery, method, default_params(method, "published")).as_percent_dict()
     assert report["mAP"] == pytest.approx(expected["mAP"], abs=0.05)
     assert report["rank1"] == pytest.approx(expected["rank1"], abs=0.50)
     assert report["num_gallery"] == 5295
@@ -274,10 +290,43 @@ def test_reranking_reproduces_reference(weights, method, reference, request):
 
 @pytest.mark.slow
 def test_cli_rerank_on_the_real_split(msmt17_split, reference, tmp_path):
+    """The CLI runs the library's code: its defaults give the library's figure, and the published
+    parameters, given as options, reproduce the reference figure."""
     query, gallery = msmt17_split
     query_table, gallery_table = write_split_tables(query, gallery, tmp_path)
     result = run_cli("evaluate", "-q", query_table, "-g", gallery_table, "--rerank", "sim", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["rerank"] == "sim"
-    assert report["mAP"] == pytest.approx(reference["osnet_x0_25_msmt17.pth"]["sim_full"]["mAP"], abs=0.05)
+    assert report["mAP"] == evaluate_split(query, gallery, "sim").as_percent_dict()["mAP"]
+    published = run_cli("evaluate", "-q", query_table, "-g", gallery_table, "--rerank", "k-reciprocal",
+                        "--k1", "20", "--k2", "6", "--lambda", "0.3", "--json")
+    assert published.returncode == 0, published.stderr
+    assert json.loads(published.stdout)["mAP"] == pytest.approx(
+        reference["osnet_x0_25_msmt17.pth"]["k_reciprocal_k1_20_k2_6_lambda_0.3"]["mAP"], abs=0.05)
+    preset = run_cli("evaluate", "-q", query_table, "-g", gallery_table, "--rerank", "sim", "--rerank-preset",
+                     "published", "--json")
+    assert preset.returncode == 0, preset.stderr
+    assert json.loads(preset.stdout)["mAP"] == pytest.approx(
+        reference["osnet_x0_25_msmt17.pth"]["sim_full"]["mAP"], abs=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", SPLITS)
+def test_shipped_defaults_never_below_plain(weights, request):
+    """Issue 6, item 4: with no parameters given, every method keeps mAP at or above plain ranking
+    on the dense gallery and on each sparse one (≤ 1 and ≤ 2 images per identity and camera, the
+    evidence table's seeded draws), where the published parameters lose up to 22 mAP."""
+    from benchmarks.rerank import TABLE_SEEDS, gallery_draws
+
+    query, gallery = request.getfixturevalue(SPLITS[weights])
+    keep = gallery.table["person_id"].to_numpy() != -1
+    g_feats, g_pids, g_cams = (gallery.features[keep], gallery.table["person_id"].to_numpy()[keep],
+                               gallery.table["camera"].to_numpy()[keep])
+    q_pids, q_cams = query.table["person_id"].to_numpy(), query.table["camera"].to_numpy()
+    for density, seed, rows in gallery_draws(g_pids, g_cams, TABLE_SEEDS):
+        labels = (q_pids, q_cams, g_pids[rows], g_cams[rows])
+        plain = evaluate_ranking(1 - query.features @ g_feats[rows].T, *labels).mAP
+        for method in ("k-reciprocal", "sim", "sim-graph"):
+            reranked = evaluate_ranking(rerank_features(method, query.features, g_feats[rows]), *labels).mAP
+            assert reranked >= plain, (method, density, seed, 100 * (reranked - plain))
