@@ -471,5 +471,15 @@ def export(gallery, out, where, columns, with_embeddings, as_json):
     click.echo(json.dumps(summary) if as_json else f"{summary['rows']} detections → {out}")
 
 
+def _register_train() -> None:
+    """`reidx train` lives with the training code (pipeline/training/command.py)."""
+    from pipeline.training.command import train
+
+    main.add_command(train)
+
+
+_register_train()
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,315 @@
+"""Fine-tuning: losses on hand-checkable inputs (OIM's gradient against its closed form), the
+P×K sampler, augmentation, and a smoke training on a few real identities of Con-ReID's
+bounding_box_train that lowers the loss, resumes exactly and saves a checkpoint the embedder
+loads like a published one."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.datasets import list_images, parse_market_name
+from pipeline.embed import build_embedder, resize_crop, to_input_tensor
+from pipeline.imaging import load_image
+from pipeline.models.weights import load_state_dict
+from pipeline.training.augment import Augment
+from pipeline.training.data import load_training_set
+from pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_loss
+from pipeline.training.loop import TrainConfig, build_model, learning_rate, resume_path, train
+from pipeline.training.sampler import PKSampler
+from tests.conftest import CON_REID
+
+TRAIN_DIR = CON_REID / "bounding_box_train"
+# Six identities with 2, 17, 18, 22, 25 and 32 crops (116 in all): 0142 has fewer than K = 4.
+SMOKE_IDS = (142, 63, 14, 7, 6, 59)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def test_identity_loss_smooths_labels_by_hand():
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([0, 2])
+    log_p0 = 2.0 - math.log(math.exp(2.0) + 2.0)  # log softmax of the first row, class 0
+    log_p_other = -math.log(math.exp(2.0) + 2.0)
+    row0 = -((0.9 + 0.1 / 3) * log_p0 + 2 * (0.1 / 3) * log_p_other)
+    row1 = math.log(3.0)  # uniform logits: every class has log p = −log 3, whatever the smoothing
+    assert IdentityLoss(0.1)(logits, targets).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    assert IdentityLoss(0.0)(logits, targets).item() == pytest.approx((-log_p0 + row1) / 2, rel=1e-6)
+    # unlabelled rows (target −1) do not count
+    with_unlabelled = IdentityLoss(0.1)(torch.cat([logits, torch.tensor([[9.0, -9.0, 0.0]])]),
+                                        torch.tensor([0, 2, -1]))
+    assert with_unlabelled.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_batch_hard_triplet_picks_farthest_positive_and_nearest_negative():
+    # 1-D features: identity 0 at 0, 1 and 1.5; identity 1 at 3 and 5.
+    features = torch.tensor([[0.0], [1.0], [1.5], [3.0], [5.0]], requires_grad=True)
+    targets = torch.tensor([0, 0, 0, 1, 1])
+    # anchor: (farthest positive, nearest negative) → gap d_ap − d_an
+    gaps = [1.5 - 3.0, 1.0 - 2.0, 1.5 - 1.5, 2.0 - 1.5, 2.0 - 3.5]
+    loss = BatchHardTripletLoss(margin=0.3)(features, targets)
+    assert loss.item() == pytest.approx(sum(max(0.0, g + 0.3) for g in gaps) / 5, rel=1e-5)
+    soft = BatchHardTripletLoss(soft_margin=True)(features, targets)
+    assert soft.item() == pytest.approx(sum(math.log1p(math.exp(g)) for g in gaps) / 5, rel=1e-5)
+    # only the active anchors (1.5 and 3) and their hardest pairs (0 and 3; 5 and 1.5) get a gradient
+    loss.backward()
+    assert features.grad[1].item() == 0.0 and (features.grad[[0, 2, 3, 4]] != 0).all()
+    # an anchor alone in its identity (9) has no positive: left out of the mean, not counted as zero
+    lone = BatchHardTripletLoss(margin=0.3)(torch.tensor([[0.0], [1.0], [1.5], [3.0], [5.0], [9.0]]),
+                                            torch.tensor([0, 0, 0, 1, 1, 2]))
+    assert lone.item() == pytest.approx(sum(max(0.0, g + 0.3) for g in gaps) / 5, rel=1e-5)
+
+
+def test_oim_loss_by_hand():
+    x = torch.tensor([[1.0, 0.0, 0.0]])
+    lut = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    queue = torch.tensor([[0.0, 0.0, 1.0]])
+    # p_t = e^30 / (e^30 + e^0 + e^0): −log p_t = log(1 + 2·e^−30)
+    loss_t0 = oim_loss(x, torch.tensor([0]), lut, queue, 30.0).item()
+    assert loss_t0 == pytest.approx(math.log1p(2 * math.exp(-30)), abs=1e-9)
+    # the queue's slots are negatives only: −log p for target 1 is log(e^30 + 2) − 0
+    loss_t1 = oim_loss(x, torch.tensor([1]), lut, queue, 30.0).item()
+    assert loss_t1 == pytest.approx(math.log(math.exp(30) + 2), rel=1e-6)
+
+
+def test_oim_gradient_matches_closed_form():
+    gen = torch.Generator().manual_seed(0)
+    unit = lambda *shape: F.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)  # noqa: E731
+    x, lut, queue = unit(6, 16).requires_grad_(), unit(5, 16), unit(4, 16)
+    targets = torch.tensor([0, 1, 2, 3, 4, 2])
+    tau = 1 / 30
+    oim_loss(x, targets, lut, queue, 1 / tau).sum().backward()
+    for i, t in enumerate(targets.tolist()):
+        logits = torch.cat([lut @ x[i], queue @ x[i]]).detach() / tau
+        prob = torch.softmax(logits, 0)
+        p, q = prob[:5], prob[5:]
+        # (1/τ)[(p_t − 1)·v_t + Σ_{j≠t} p_j v_j + Σ_k q_k u_k], divided by the batch size (mean)
+        others = [j for j in range(5) if j != t]
+        closed = ((p[t] - 1) * lut[t] + (p[others, None] * lut[others]).sum(0) + (q[:, None] * queue).sum(0)) / tau
+        torch.testing.assert_close(x.grad[i], closed / len(targets), rtol=1e-10, atol=1e-12)
+
+
+def test_oim_module_normalises_updates_table_and_queue():
+    oim = OIMLoss(num_classes=2, feature_dim=3, queue_size=2, scale=30.0, momentum=0.5)
+    oim.lut.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    features = torch.tensor([[2.0, 2.0, 0.0], [0.0, 0.0, 3.0]], requires_grad=True)
+    loss = oim(features, torch.tensor([0, -1]))
+    x = F.normalize(features.detach(), dim=1)
+    # the empty queue is not used: only the table's two columns
+    table_only = oim_loss(x[:1], torch.tensor([0]), torch.eye(3)[:2], torch.zeros(0, 3), 30)
+    assert loss.item() == pytest.approx(table_only.item())
+    # gradient through the normalisation: the closed form projected off x, over |f|
+    loss.backward()
+    g = (torch.softmax(30 * x[0, :2], 0)[0] - 1) * torch.tensor([1.0, 0, 0]) * 30 \
+        + torch.softmax(30 * x[0, :2], 0)[1] * torch.tensor([0.0, 1, 0]) * 30
+    projected = (g - (g @ x[0]) * x[0]) / features.detach()[0].norm()
+    torch.testing.assert_close(features.grad[0], projected)
+    # v_t ← normalise(γ·v_t + (1−γ)·x); the unlabelled feature went into the queue
+    torch.testing.assert_close(oim.lut[0], F.normalize(0.5 * torch.tensor([1.0, 0, 0]) + 0.5 * x[0], dim=0))
+    torch.testing.assert_close(oim.lut[1], torch.tensor([0.0, 1.0, 0.0]))
+    assert int(oim.queue_len) == 1 and torch.equal(oim.queue[0], x[1])
+    # circular: a third unlabelled feature replaces the oldest
+    oim(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), torch.tensor([-1, -1]))
+    assert int(oim.queue_len) == 2 and torch.equal(oim.queue[0], torch.tensor([0.0, 1.0, 0.0]))
+    # eval mode computes the loss but leaves the memory alone
+    oim.eval()
+    before = oim.lut.clone()
+    oim(torch.tensor([[0.0, 0.0, 1.0]]), torch.tensor([1]))
+    assert torch.equal(oim.lut, before)
+
+
+# ---------------------------------------------------------------- sampler, augmentation, schedule
+
+
+def test_pk_sampler_batches():
+    targets = np.array([0] * 9 + [1] * 5 + [2] * 2 + [3] * 8 + [-1] * 3)
+    sampler = PKSampler(targets, p=3, k=4, seed=1, unlabelled=2)
+    batches = sampler.epoch(0)
+    assert batches
+    seen = []
+    for batch in batches:
+        labelled, extra = batch[:12], batch[12:]
+        assert len(extra) == 2 and (targets[extra] == -1).all()
+        ids, counts = np.unique(targets[labelled], return_counts=True)
+        assert len(ids) == 3 and (counts == 4).all()
+        seen += [i for i in labelled if targets[i] != 2]  # identity 2 (2 crops) is drawn with replacement
+    assert len(seen) == len(set(seen))  # otherwise each crop at most once per epoch
+    assert [b.tolist() for b in sampler.epoch(0)] == [b.tolist() for b in batches]  # a pure function of the epoch
+    assert [b.tolist() for b in sampler.epoch(1)] != [b.tolist() for b in batches]
+    with pytest.raises(ValueError, match="only 4 labelled identities"):
+        PKSampler(targets, p=5, k=2)
+
+
+def test_augment_shapes_determinism_and_identity():
+    crops = np.stack([resize_crop(load_image(p)) for p in list_images([CON_REID / "query"])[:4]])
+    augment = Augment()
+    a = augment(crops, np.random.default_rng(7))
+    assert a.shape == (4, 3, 256, 128) and a.dtype == torch.float32
+    torch.testing.assert_close(a, augment(crops, np.random.default_rng(7)), rtol=0, atol=0)
+    assert not torch.equal(a, augment(crops, np.random.default_rng(8)))
+    # without augmentation it is exactly the inference preprocessing
+    plain = Augment(flip_p=0.0, pad=0, erase_p=0.0)(crops, np.random.default_rng(0))
+    assert torch.equal(plain, to_input_tensor(crops))
+    flipped = Augment(flip_p=1.0, pad=0, erase_p=0.0)(crops, np.random.default_rng(0))
+    assert torch.equal(flipped, to_input_tensor(crops[:, :, ::-1]))
+    # erasing blanks one rectangle per crop to 0 (the normalised mean colour)
+    erased = Augment(flip_p=0.0, pad=0, erase_p=1.0)(crops, np.random.default_rng(0))
+    changed = (erased != plain).any(dim=1)
+    for i in range(4):
+        rows, cols = torch.nonzero(changed[i], as_tuple=True)
+        assert len(rows) > 0 and (erased[i][:, rows, cols] == 0).all()
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert 0.02 * 256 * 128 * 0.9 <= box <= 0.4 * 256 * 128 * 1.1
+    # pad-and-crop shifts by at most the padding
+    shifted = Augment(flip_p=0.0, pad=10, erase_p=0.0)(crops, np.random.default_rng(3))
+    assert shifted.shape == plain.shape and not torch.equal(shifted, plain)
+
+
+def test_learning_rate_warmup_then_cosine_or_step():
+    config = TrainConfig(data="", out="", epochs=10, lr=1e-3, warmup_epochs=2)
+    assert learning_rate(config, 0) == pytest.approx(1e-5)
+    assert learning_rate(config, 1) == pytest.approx(1e-3 * (0.01 + 0.99 / 2))
+    assert learning_rate(config, 2) == pytest.approx(1e-3)
+    assert learning_rate(config, 6) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
+    assert learning_rate(config, 10) == pytest.approx(1e-5)
+    step = TrainConfig(data="", out="", epochs=10, lr=1e-3, warmup_epochs=1, schedule="step", step_epochs=[5, 8])
+    assert [learning_rate(step, t) for t in (4.9, 5, 8)] == pytest.approx([1e-3, 1e-4, 1e-5])
+
+
+# ---------------------------------------------------------------- smoke training on real crops
+
+
+@pytest.fixture(scope="module")
+def smoke_table(tmp_path_factory):
+    """A label table naming the real crops of SMOKE_IDS in place (nothing copied)."""
+    path = tmp_path_factory.mktemp("train") / "labels.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "person_id", "camera"])
+        for image in list_images([TRAIN_DIR]):
+            pid, cam = parse_market_name(image.name)
+            if pid in SMOKE_IDS:
+                writer.writerow([str(image), pid, cam])
+    return path
+
+
+@pytest.fixture(scope="module")
+def smoke_data(smoke_table):
+    return load_training_set(smoke_table)
+
+
+def smoke_config(table, out, epochs=2, **overrides) -> TrainConfig:
+    # one thread: small batches gain little from two, and lose several-fold when the cores are shared
+    options = {"p": 4, "k": 4, "lr": 5e-4, "warmup_epochs": 0.5, "threads": 1, **overrides}
+    return TrainConfig(data=str(table), out=str(out), epochs=epochs, **options)
+
+
+def fixed_loss(model, data) -> float:
+    """id + triplet loss of the model in eval mode on every training crop, unaugmented."""
+    model.eval()
+    with torch.no_grad():
+        x = to_input_tensor(data.crops(np.arange(len(data.paths))))
+        y = torch.from_numpy(data.targets)
+        features = model(x)
+        return (IdentityLoss()(model.classifier(features), y) + BatchHardTripletLoss()(features, y)).item()
+
+
+def test_training_set_labels_and_hash(smoke_data, smoke_table):
+    assert len(smoke_data.paths) == 116 and smoke_data.person_ids == sorted(SMOKE_IDS)
+    assert smoke_data.cache.shape == (116, 256, 128, 3)
+    first = smoke_data.paths[0]
+    assert smoke_data.person_ids[smoke_data.targets[0]] == parse_market_name(first.split("/")[-1])[0]
+    again = load_training_set(smoke_table)
+    assert again.data_hash == smoke_data.data_hash and np.array_equal(again.cache, smoke_data.cache)
+
+
+def test_smoke_training_lowers_loss_resumes_exactly_and_loads(tmp_path, smoke_data, smoke_table):
+    config = smoke_config(smoke_table, tmp_path / "full" / "model.pth")
+    threads = torch.get_num_threads()
+    summary = train(config, data=smoke_data)
+    assert torch.get_num_threads() == threads  # --threads applied to the training only
+    assert summary["epochs"] == 2 and summary["num_identities"] == 6 and summary["base_model"] == "osnet_x0_25_msmt17"
+
+    # the loss on the training crops went down from the initial weights (pretrained + new classifier)
+    initial, _ = build_model(config, smoke_data.num_classes)
+    trained, _ = build_model(config, smoke_data.num_classes)
+    saved = torch.load(config.out, weights_only=True)
+    trained.load_state_dict(saved["state_dict"])
+    before, after = fixed_loss(initial, smoke_data), fixed_loss(trained, smoke_data)
+    assert after < 0.7 * before, (before, after)
+
+    # metadata: base model, data hash, losses, epochs, plain types only (weights_only load above)
+    meta = saved["reidx_training"]
+    assert meta["base_model"] == "osnet_x0_25_msmt17" and meta["data_hash"] == smoke_data.data_hash
+    assert meta["losses"] == {"id": 1.0, "triplet": 1.0} and meta["epochs"] == 2 and len(meta["history"]) == 2
+    assert saved["state_dict"]["classifier.weight"].shape == (6, 512)
+
+    # loads like published weights: the project's loader, the torch and the default (onnxruntime) embedders
+    assert "conv1.conv.weight" in load_state_dict(config.out)
+    crops = smoke_data.crops(np.arange(0, 116, 10))
+    with torch.no_grad():
+        reference = F.normalize(trained.eval()(to_input_tensor(crops)), dim=1).numpy()
+    for backend in ("torch", "auto"):
+        embedder = build_embedder(config.out, backend=backend, device="cpu")
+        assert embedder.info.dim == 512 and embedder.info.name == "model"
+        cosine = (embedder.embed(crops) * reference).sum(axis=1)
+        assert cosine.min() > 0.9999, (backend, cosine.min())
+
+    # one epoch, then --resume for the second: the same weights as the uninterrupted run
+    split = smoke_config(smoke_table, tmp_path / "split" / "model.pth")
+    assert train(split, data=smoke_data, stop_after=1)["epochs"] == 1
+    with pytest.raises(ValueError, match="lr"):
+        train(smoke_config(smoke_table, split.out, lr=1e-3), resume=True, data=smoke_data)
+    resumed = train(smoke_config(smoke_table, split.out), resume=True, data=smoke_data)
+    assert resumed["epochs"] == 2
+    full_state, split_state = saved["state_dict"], torch.load(split.out, weights_only=True)["state_dict"]
+    assert full_state.keys() == split_state.keys()
+    for key in full_state:
+        assert torch.equal(full_state[key], split_state[key]), key
+    assert resume_path(split.out).is_file()
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path, smoke_data, smoke_table):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(smoke_config(smoke_table, tmp_path / "model.pth"), resume=True, data=smoke_data)
+
+
+def test_cli_train_json_on_market_folder(tmp_path):
+    """`reidx train` on a folder in Market naming (a few real crops copied), one epoch, OIM included,
+    validated on three Con-ReID identities with the numbers `reidx evaluate`'s code gives."""
+    from click.testing import CliRunner
+
+    from cli import main
+    from indexers.evaluation import embed_side, evaluate_split
+
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for image in list_images([TRAIN_DIR]):
+        if parse_market_name(image.name)[0] in SMOKE_IDS[1:5]:
+            shutil.copy(image, folder)
+    out = tmp_path / "cli.pth"
+    val_query = str(CON_REID / "query" / "001[5-7]_*")
+    val_gallery = str(CON_REID / "bounding_box_test" / "001[5-7]_c[1-3]*")
+    result = CliRunner().invoke(main, ["train", "--data", str(folder), "--out", str(out), "--epochs", "1",
+                                       "--p", "4", "--k", "4", "--loss", "id+triplet+oim", "--oim-weight", "0.5",
+                                       "--device", "cpu", "--threads", "1", "--val-query", val_query,
+                                       "--val-gallery", val_gallery, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["epochs"] == 1 and report["num_identities"] == 4 and report["losses"] == {
+        "id": 1.0, "triplet": 1.0, "oim": 0.5}
+    assert torch.load(out, weights_only=True)["reidx_training"]["data_hash"] == report["data_hash"]
+    embedder = build_embedder(str(out))
+    expected = evaluate_split(embed_side([val_query], embedder), embed_side([val_gallery], embedder))
+    assert report["validation"]["mAP"] == expected.as_percent_dict()["mAP"]
+    assert report["history"][-1]["validation"] == report["validation"]
+    bad = CliRunner().invoke(main, ["train", "--data", str(folder), "--out", str(out), "--p", "5"])
+    assert bad.exit_code == 1 and "only 4 labelled identities" in bad.output
