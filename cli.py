@@ -406,6 +406,9 @@ def nightly(manifests, gallery, weights, workers, scheduler, index_type, nlist, 
               help="With --rerank: each query's top candidates that are re-ranked (then cut to --top-k). Fewer "
                    "is faster; on Con-ReID 100 lost up to 1.2 mAP against exact re-ranking, 400 at most 0.18.")
 @click.option("--nprobe", type=click.IntRange(1), help="IVF lists searched [default: the calibrated one].")
+@click.option("--metrics", "score", is_flag=True,
+              help="Also report mAP/rank-k/mINP from the labels (Market-1501 names or manifest labels); only "
+                   "meaningful when queries and gallery share one label space.")
 @click.option("--weights", "-w", help="Check the gallery was embedded with these weights [default: the gallery's own].")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
@@ -413,14 +416,14 @@ def nightly(manifests, gallery, weights, workers, scheduler, index_type, nlist, 
               help="Search the index on the GPU when Faiss reports one.")
 @json_option
 def query(gallery, queries, out, report, report_top, top_k, detect, largest, rerank, rerank_preset, k1, k2,
-          lambda_value, candidates, nprobe, weights, backend, device, gpu, as_json):
+          lambda_value, candidates, nprobe, score, weights, backend, device, gpu, as_json):
     """Find where the people in QUERIES appear in GALLERY.
 
     QUERIES are crop images, folders, globs or manifests (.toml). Each person is embedded with
     the gallery's own embedder and searched in its index; OUT gets one row per (query, rank)
     (schema: docs/schemas.md). An image where nothing is detected gets a status row. When
-    queries and gallery carry labels (Market-1501 names or manifest labels), mAP/rank-k are
-    reported (matches beyond --top-k count as missed). Example:
+    queries and gallery share labels (Market-1501 names or manifest labels), --metrics reports
+    mAP/rank-k (matches beyond --top-k count as missed). Example:
 
       reidx query out/gallery crops/ --out results.parquet --report results.html
     """
@@ -432,7 +435,7 @@ def query(gallery, queries, out, report, report_top, top_k, detect, largest, rer
     params = params_from_options(rerank, preset=rerank_preset, k1=k1, k2=k2, lambda_value=lambda_value)
     summary = run_query(gallery, list(queries), out, top_k=top_k, detect=detect, largest=largest, rerank=rerank,
                         rerank_params=params, candidates=candidates, nprobe=nprobe, weights=weights,
-                        backend=backend, device=device, gpu=gpu, progress=_progress())
+                        backend=backend, device=device, gpu=gpu, progress=_progress(), score=score)
     if report:
         import pyarrow.parquet as pq
 

@@ -219,8 +219,13 @@ def run_query(gallery: str | os.PathLike, inputs: list[str], out: str | os.PathL
               detect: bool = False, largest: bool = False, rerank: str = "none", rerank_params=None,
               candidates: int = 400, nprobe: int | None = None, weights: str | None = None,
               backend: str = "auto", device: str = "auto", gpu: str = "auto", detector: str | None = None,
-              max_pixels: int = 50_000_000, batch_size: int = 1024, progress: bool = False) -> dict:
-    """Query GALLERY with every person in ``inputs``; write ranked rows to ``out`` (Parquet); return a summary."""
+              max_pixels: int = 50_000_000, batch_size: int = 1024, progress: bool = False,
+              score: bool = False) -> dict:
+    """Query GALLERY with every person in ``inputs``; write ranked rows to ``out`` (Parquet); return a summary.
+
+    ``score``: also report Market-1501 metrics, for when queries and gallery share one label space
+    (person ids from different datasets must not be compared, so this is asked for, not guessed).
+    """
     import time
 
     from tqdm import tqdm
@@ -272,7 +277,7 @@ def run_query(gallery: str | os.PathLike, inputs: list[str], out: str | os.PathL
             "images_without_person": statuses.count("no_person"), "images_failed": statuses.count("failed"),
             "rows": results.num_rows, "top_k": k, "rerank": rerank,
             "seconds": round(time.perf_counter() - started, 2)}
-    scores = score_results(results, gallery_index.items)
+    scores = score_results(results, gallery_index.items) if score else None
     if scores is not None:
         summary["metrics"] = scores
     return summary

@@ -214,7 +214,7 @@ def test_queries_never_see_a_half_built_index(tmp_path, msmt17_split):
 def test_query_reproduces_evaluate_on_con_reid(con_reid_gallery, tmp_path, reference):
     """Issue 5 acceptance: plain-ranking mAP of `reidx query` results equals `reidx evaluate`'s."""
     out = tmp_path / "results.parquet"
-    summary = run_query(con_reid_gallery, [str(CON_REID / "query")], out, top_k=6000)
+    summary = run_query(con_reid_gallery, [str(CON_REID / "query")], out, top_k=6000, score=True)
     expected = reference["osnet_x0_25_msmt17.pth"]["plain_cosine"]
     assert abs(summary["metrics"]["mAP"] - expected["mAP"]) <= 0.05
     assert abs(summary["metrics"]["rank1"] - expected["rank1"]) <= 0.05
@@ -231,11 +231,11 @@ def test_query_rerank_runs_the_scalable_mode_on_the_stored_graph(con_reid_galler
     carry both distances and follow the re-ranked one; on Con-ReID it beats plain at the same cut."""
     from indexers.rerank import params_from_options
 
-    plain = run_query(con_reid_gallery, [str(CON_REID / "query")], tmp_path / "p.parquet", top_k=400)
+    plain = run_query(con_reid_gallery, [str(CON_REID / "query")], tmp_path / "p.parquet", top_k=400, score=True)
     for method in ("k-reciprocal", "sim"):
         out = tmp_path / f"{method}.parquet"
         summary = run_query(con_reid_gallery, [str(CON_REID / "query")], out, top_k=400, rerank=method,
-                            rerank_params=params_from_options(method), candidates=400)
+                            rerank_params=params_from_options(method), candidates=400, score=True)
         assert summary["metrics"]["mAP"] > plain["metrics"]["mAP"]
         table = pq.read_table(out)
         first = table.slice(0, 400).to_pydict()
