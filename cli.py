@@ -315,8 +315,8 @@ def index_options(func):
     options = [
         click.option("--type", "index_type", type=click.Choice(["auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq"]),
                      default="auto", show_default=True,
-                     help="auto: exact (flat) up to 100,000 detections, IVF above (nlist ≈ 4·√N). ivf-sq8: 4× "
-                          "less memory than ivf-flat; ivf-pq: 32× less, lower recall."),
+                     help="auto: exact (flat) up to 100,000 detections, ivf-sq8 above (nlist ≈ 4·√N). ivf-sq8: 4× "
+                          "less memory than ivf-flat; ivf-pq: 32× less, much lower recall."),
         click.option("--nlist", type=click.IntRange(1), help="IVF lists [default: ≈ 4·√N, ≥ 39 vectors per list]."),
         click.option("--gpu", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="auto: train and search on the GPU when Faiss reports one (faiss-gpu, reidx[gpu])."),
