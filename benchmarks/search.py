@@ -24,8 +24,10 @@ exact search runs as one BLAS matrix product, its efficient form). Exact search 
 over the same vectors; its first search is the ground truth. The machine is shared and its load
 moves exact search's time by up to 5× within a run, so every sweep row that can decide the target
 (recall@10 ≥ ``--pair-from``, and the calibrated nprobe) is timed as ``--repeats`` pairs: IVF, then
-exact, back to back; its speed-up is the median of the per-pair ratios (wall time, and process
-CPU time as a second view). Other rows are timed ``--repeats`` times and compared, for orientation
+exact, back to back; its speed-up is the median of the per-pair ratios of wall time, and of
+process CPU time as a second view (OpenMP threads sleep while waiting, OMP_WAIT_POLICY=PASSIVE
+unless set, so CPU time counts work, not spinning); a target counts as met only if both ratios
+reach it. Other rows are timed ``--repeats`` times and compared, for orientation
 only, with the run's median exact time. IVF indexes are built with ``train_and_add`` and
 ``default_nlist(N)`` (build seconds = train + add), swept over power-of-two nprobe, and
 calibrated with ``calibrate_nprobe`` as `reidx build-index` does. Recall is against the exact
@@ -47,9 +49,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import faiss
-import numpy as np
-import psutil
+# Waiting OpenMP threads sleep instead of spinning. On the shared cores a spinning thread whose
+# partner was descheduled burns CPU at every barrier; exact search (one BLAS block per barrier)
+# suffered that far more than IVF (one parallel loop over the queries), inflating the speed-ups,
+# and it made process CPU time meaningless. Must be set before OpenMP starts (import faiss).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import psutil  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -433,17 +441,21 @@ def main() -> None:
         shown = ("qps", "recall_at_10", "recall_at_100", "speedup_vs_exact", "speedup_vs_exact_cpu", "paired")
         result["calibrated"].update({key: at_cal[key] for key in shown})
         good = [r for r in result["sweep"] if r["recall_at_10"] >= TARGET_RECALL_AT_10 and r["paired"]]
-        best = max(good, key=lambda r: r["speedup_vs_exact"]) if good else None
+        best = max(good, key=lambda r: min(r["speedup_vs_exact"], r["speedup_vs_exact_cpu"])) if good else None
         result["best_at_recall10_095"] = best and {key: best[key] for key in ("nprobe",) + shown}
-        result["target_met"] = bool(best and best["speedup_vs_exact"] >= TARGET_SPEEDUP)
-        result["target_met_at_calibrated_nprobe"] = bool(result["calibrated"]["recall_at_10"] >= TARGET_RECALL_AT_10
-                                                         and result["calibrated"]["speedup_vs_exact"] >= TARGET_SPEEDUP)
+        # met only if both views agree: the wall-clock ratio and the CPU-time ratio of the pairs
+        result["target_met"] = bool(best and min(best["speedup_vs_exact"], best["speedup_vs_exact_cpu"]) >= TARGET_SPEEDUP)
+        cal = result["calibrated"]
+        result["target_met_at_calibrated_nprobe"] = bool(
+            cal["paired"] and cal["recall_at_10"] >= TARGET_RECALL_AT_10
+            and min(cal["speedup_vs_exact"], cal["speedup_vs_exact_cpu"]) >= TARGET_SPEEDUP)
 
     print(json.dumps({
         "benchmark": "search",
         "machine": {"cpu_count": os.cpu_count(), "cpu": platform.processor() or platform.machine(),
                     "faiss": faiss.__version__, "faiss_threads": faiss.omp_get_max_threads(),
-                    "numpy": np.__version__, "load_average_start": [round(x, 2) for x in load_start],
+                    "numpy": np.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                    "faiss_compile_options": faiss.get_compile_options(), "load_average_start": [round(x, 2) for x in load_start],
                     "load_average_end": [round(x, 2) for x in os.getloadavg()],
                     "shared": "other jobs ran on the same 2 cores: compare figures within this run only"},
         "data": data,
