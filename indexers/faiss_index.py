@@ -46,7 +46,7 @@ INDEX_TYPES = ("flat", "ivf-flat", "ivf-sq8", "ivf-pq")
 # Below this many vectors `auto` keeps exact search: it needs no training, gives recall 1, and a
 # batch of queries still costs only a few ms each on 2 cores (benchmarks/search.py).
 AUTO_EXACT_MAX = 100_000
-# ivf-sq8 above that: 4× smaller than ivf-flat (0.53 vs 2.06 GB at 1M × 512) and 1.5–3× the QPS at
+# ivf-sq8 above that: 4× smaller than ivf-flat (0.53 vs 2.06 GB at 1M × 512) and 1.1–3.6× the QPS at
 # the same nprobe; its recall@10 ceiling of ≈ 0.98 is above the calibration target (docs/search.md).
 AUTO_IVF_TYPE = "ivf-sq8"
 # An incremental build retrains from scratch once the gallery has grown past this factor of the
