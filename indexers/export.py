@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.dataset as ds
 
 from indexers.faiss_index import committed_shards

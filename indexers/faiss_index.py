@@ -426,11 +426,7 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
         kind = choose_type(index_type, total)
         reason = _full_rebuild_reason(old_meta, shards, kind, total, knn_k, nlist)
         if reason is None and not new_shards:
-            return {"gallery": str(gallery), "version": old_meta.version, "mode": "unchanged", "reason": None,
-                    "type": old_meta.type, "count": old_meta.count, "added": 0, "nlist": old_meta.nlist,
-                    "nprobe": old_meta.nprobe, "recall_at_10": old_meta.recall_at_10,
-                    "recall_at_100": old_meta.recall_at_100, "knn_k": old_meta.knn_k, "gpu": on_gpu,
-                    "seconds": round(time.perf_counter() - started, 2)}
+            return _summary(gallery, old_meta, "unchanged", None, 0, on_gpu, started)
         if reason is None:
             embedder = _embedder_of(new_items) if new_items.num_rows else (old_meta.embedder, old_meta.embedder_sha256)
             if embedder != (old_meta.embedder, old_meta.embedder_sha256):
@@ -446,7 +442,7 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
                 index = to_gpu(index, kind)
             index.add(new_vectors)
             knn_ids, knn_dist = read_knn(previous)
-            vectors_for_calibration = _all_vectors(gallery, items)
+            vectors_for_calibration = np.concatenate([_indexed_vectors(gallery, old_items), new_vectors])
             nlist_used, trained_count, mode = old_meta.nlist, old_meta.trained_count, "incremental"
             if kind != "flat":
                 set_nprobe(index, old_meta.nprobe, on_gpu)
@@ -488,16 +484,23 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
                          built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                          build={"mode": mode, "gpu": on_gpu, "reason": reason,
                                 "seconds": round(time.perf_counter() - started, 2)})
-        folder = _publish(gallery, to_cpu(index, on_gpu), items, (knn_ids, knn_dist), meta)
-    return {"gallery": str(gallery), "version": folder.name, "mode": mode, "reason": reason, "type": kind,
-            "count": meta.count, "added": int(new_items.num_rows) if mode == "incremental" else meta.count,
-            "nlist": meta.nlist, "nprobe": nprobe, "recall_at_10": meta.recall_at_10,
-            "recall_at_100": meta.recall_at_100, "knn_k": meta.knn_k, "gpu": on_gpu,
-            "seconds": round(time.perf_counter() - started, 2)}
+        _publish(gallery, to_cpu(index, on_gpu), items, (knn_ids, knn_dist), meta)
+    added = int(new_items.num_rows) if mode == "incremental" else meta.count
+    return _summary(gallery, meta, mode, reason, added, on_gpu, started)
 
 
-def _all_vectors(gallery: Path, items: pa.Table) -> np.ndarray:
-    """Every indexed vector in faiss-id order, re-read from the shards (for recall calibration)."""
+def _summary(gallery: Path, meta: IndexMeta, mode: str, reason: str | None, added: int, on_gpu: bool,
+             started: float) -> dict:
+    """What `reidx build-index --json` prints: the live version's figures and what this run did."""
+    return {"gallery": str(gallery), "version": meta.version, "mode": mode, "reason": reason, "type": meta.type,
+            "count": meta.count, "added": added, "nlist": meta.nlist, "nprobe": meta.nprobe,
+            "recall_at_10": meta.recall_at_10, "recall_at_100": meta.recall_at_100, "knn_k": meta.knn_k,
+            "gpu": on_gpu, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _indexed_vectors(gallery: Path, items: pa.Table) -> np.ndarray:
+    """The vectors of ``items`` in faiss-id order, re-read from their shards (the index may be
+    compressed, so it cannot give them back exactly)."""
     names = list(dict.fromkeys(items["shard"].to_pylist()))
     _, vectors = read_shards(gallery, names)
     return vectors

@@ -79,30 +79,10 @@ def evaluate_ranking(distances: np.ndarray, q_pids, q_cams, g_pids, g_cams, max_
     num_q, num_g = distances.shape
     if (len(q_pids), len(g_pids)) != (num_q, num_g):
         raise ValueError(f"labels ({len(q_pids)} query, {len(g_pids)} gallery) do not fit distances {distances.shape}")
-    max_rank = min(max_rank, num_g)
     # A stable sort makes ties deterministic (gallery order), unlike the default quicksort.
     orders = np.argsort(distances, axis=1, kind="stable")
-    aps, inps, cmcs = [], [], []
-    for qi in range(num_q):
-        matches = query_matches(orders[qi], q_pids[qi], q_cams[qi], g_pids, g_cams)
-        if not matches.any():
-            continue
-        aps.append(average_precision(matches))
-        inps.append(inverse_negative_penalty(matches))
-        first_hit = int(np.argmax(matches))
-        cmc = np.zeros(max_rank)
-        cmc[first_hit:] = 1.0
-        cmcs.append(cmc)
-    if not aps:
-        raise ValueError("no query has a valid match in the gallery; check the labels")
-    return RankingMetrics(
-        mAP=float(np.mean(aps)),
-        mINP=float(np.mean(inps)),
-        cmc=np.mean(cmcs, axis=0),
-        num_query=len(aps),
-        num_query_skipped=num_q - len(aps),
-        num_gallery=num_g,
-    )
+    match_lists = [query_matches(orders[qi], q_pids[qi], q_cams[qi], g_pids, g_cams) for qi in range(num_q)]
+    return evaluate_top_k(match_lists, [int(m.sum()) for m in match_lists], num_g, min(max_rank, num_g))
 
 
 def evaluate_top_k(match_lists: list[np.ndarray], num_relevant: list[int], num_gallery: int,
@@ -119,7 +99,7 @@ def evaluate_top_k(match_lists: list[np.ndarray], num_relevant: list[int], num_g
         if relevant == 0:
             continue
         hits = np.flatnonzero(matches)
-        aps.append(float((np.arange(1, hits.size + 1) / (hits + 1)).sum() / relevant))
+        aps.append(average_precision(matches) * hits.size / relevant)  # misses beyond the cut count
         inps.append(inverse_negative_penalty(matches) if hits.size == relevant else 0.0)
         cmc = np.zeros(max_rank)
         if hits.size and hits[0] < max_rank:

@@ -48,10 +48,9 @@ from pipeline.job import GALLERY_CONFIG
 from pipeline.manifest import Source, load_manifest
 from pipeline.models.weights import resolve_weights
 from pipeline.sources import SourceError, archive_type, list_source
-from pipeline.worker import ModelSpec, persons_of_members
+from pipeline.worker import DEFAULT_DETECTOR, ModelSpec, persons_of_members
 
 RESULT_SCHEMA_VERSION = "1"
-DEFAULT_DETECTOR = "yolox_nano.onnx"
 # Market-1501 naming (PPPP_cC...): labels for plain file queries, so results can be scored.
 MARKET_CAMERA = re.compile(r"_c(\d+)")
 MARKET_PERSON = re.compile(r"(?:^|/)(-?\d+)_c\d")
@@ -111,11 +110,7 @@ def gallery_model_spec(gallery: Path, gallery_index: GalleryIndex, weights: str 
         raise ValueError(f"{gallery} was embedded with {gallery_index.meta.embedder} "
                          f"({gallery_index.meta.embedder_sha256[:12]}); --weights {spec} is another model "
                          f"({resolved.sha256[:12]}) whose vectors cannot be compared with it")
-    if detector is None:
-        used = [d for d in gallery_index.items["detector"].to_pylist() if d] if "detector" in \
-            gallery_index.items.column_names else []
-        detector = max(set(used), key=used.count) if used else DEFAULT_DETECTOR
-        detector = detector if detector.endswith((".onnx", ".pth")) or "/" in detector else DEFAULT_DETECTOR
+    detector = detector or config.get("detector", DEFAULT_DETECTOR)
     return ModelSpec(spec, backend=backend, device=device, max_pixels=max_pixels, detector=detector)
 
 
@@ -177,18 +172,15 @@ def collect_query_persons(sources: list[Source], spec: ModelSpec, largest: bool 
 
 def ranked_rows(persons: QueryPersons, gallery_index: GalleryIndex, distances: np.ndarray, ids: np.ndarray,
                 rerank: str, rerank_distances: np.ndarray | None) -> pa.Table:
-    """One row per (query person, rank), then one status row per image without a person."""
+    """One row per (query person, rank), then one status row per image without a person.
+
+    ``ids``/``distances``/``rerank_distances`` (Q, k) are already in rank order; id -1 (fewer found) is skipped.
+    """
     schema = result_schema()
     columns: dict[str, list] = defaultdict(list)
     if persons.table is not None:
         table = persons.table
-        num_q, k = ids.shape
-        order = np.argsort(rerank_distances, axis=1, kind="stable") if rerank_distances is not None else \
-            np.tile(np.arange(k), (num_q, 1))
-        ids = np.take_along_axis(ids, order, axis=1)
-        distances = np.take_along_axis(distances, order, axis=1)
-        if rerank_distances is not None:
-            rerank_distances = np.take_along_axis(rerank_distances, order, axis=1)
+        num_q = ids.shape[0]
         valid = ids >= 0
         q_rows = np.repeat(np.arange(num_q), valid.sum(axis=1))
         ranks = np.concatenate([np.arange(1, n + 1) for n in valid.sum(axis=1)]) if num_q else np.zeros(0, int)

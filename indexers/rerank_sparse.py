@@ -330,7 +330,6 @@ def _sim(batch: _Candidates, graph: _Graph, params: RerankParams, max_distance: 
     graph_dist = _graph_distances(batch, graph, params)
     if graph_only:
         return graph_dist
-    num_queries = batch.ids.shape[0]
     k1, half = params.k1, int(round(params.k1 / 2))
     # Query side: the plain k0 + 1 nearest candidates by the normalised squared d_S.
     largest = torch.where(batch.valid, graph_dist, 0).amax(1)

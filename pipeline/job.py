@@ -22,7 +22,7 @@ from pipeline.lock import GalleryLock
 from pipeline.manifest import load_manifest
 from pipeline.models.weights import resolve_weights
 from pipeline.sources import SourceError, list_source
-from pipeline.worker import ModelSpec, process_batch
+from pipeline.worker import DEFAULT_DETECTOR, ModelSpec, process_batch
 
 GALLERY_CONFIG = "gallery.json"
 
@@ -32,7 +32,9 @@ def _check_gallery_embedder(gallery: Path, weights: str) -> dict:
     resolved = resolve_weights(weights)
     # "weights" is how to find the model again (`reidx query` embeds with it): a known name, or the file's path
     spec = str(resolved.path) if resolved.known is None else resolved.known.name
-    config = {"embedder": resolved.model_name, "weights_sha256": resolved.sha256, "weights": spec}
+    # "detector": what frames sources were detected with, so `reidx query --detect` uses the same
+    config = {"embedder": resolved.model_name, "weights_sha256": resolved.sha256, "weights": spec,
+              "detector": DEFAULT_DETECTOR}
     path = gallery / GALLERY_CONFIG
     if path.exists():
         existing = json.loads(path.read_text())

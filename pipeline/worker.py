@@ -19,6 +19,7 @@ from pipeline.manifest import Source
 from pipeline.shards import detection_id, image_key, shard_schema, write_shard
 
 _MODELS: dict = {}  # per worker process: ModelSpec -> loaded embedder
+DEFAULT_DETECTOR = "yolox_nano.onnx"
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class ModelSpec:
     device: str = "auto"
     threads: int | None = None
     max_pixels: int = 50_000_000
-    detector: str = "yolox_nano.onnx"
+    detector: str = DEFAULT_DETECTOR
     detector_input_size: int | None = None
 
 

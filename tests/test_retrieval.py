@@ -18,7 +18,6 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -27,7 +26,7 @@ from PIL import Image
 from tests.conftest import CON_REID, REPO, SCENES
 from indexers.faiss_index import (DEFAULT_KNN, RETRAIN_GROWTH, build_index, current_version, exact_neighbours,
                                   load_index, recall)
-from indexers.query import run_query
+from indexers.query import MARKET_CAMERA, MARKET_PERSON, run_query
 from pipeline.embed import EmbedderInfo
 from pipeline.embedding_table import table_embedder_id
 from pipeline.ledger import append, ledger_rows
@@ -42,20 +41,15 @@ def add_shards(gallery: Path, split, rows: np.ndarray, per_shard: int = 1000) ->
     """Commit Con-ReID gallery rows as shards + ledger rows, exactly as the nightly job does."""
     name, sha = table_embedder_id(split.table)
     info = EmbedderInfo(name, sha, split.features.shape[1], "onnx")
-    source = Source(name=GALLERY_SOURCE, uri=str(CON_REID / "bounding_box_test"), kind="crops")
+    source = Source(name=GALLERY_SOURCE, uri=str(CON_REID / "bounding_box_test"), kind="crops",
+                    camera_regex=MARKET_CAMERA, person_id_regex=MARKET_PERSON)  # labels as data_manifests/ give them
     paths = split.table["path"].to_pylist()
-    pids, cams = split.table["person_id"].to_pylist(), split.table["camera"].to_pylist()
     for start in range(0, len(rows), per_shard):
         chunk = rows[start:start + per_shard]
         members = [Path(paths[i]).name for i in chunk]
         entries = [(detection_id(image_key(source.name, m), 0), image_key(source.name, m), m, 64, 128,
                     0.0, 0.0, 64.0, 128.0, 1.0) for m in members]
-        table = shard_table(source, entries, split.features[chunk], info)
-        table = table.set_column(table.schema.get_field_index("camera"), "camera",
-                                 pa.array([str(cams[i]) for i in chunk]))
-        table = table.set_column(table.schema.get_field_index("person_id"), "person_id",
-                                 pa.array([pids[i] for i in chunk], "int64"))
-        shard = write_shard(table, gallery)
+        shard = write_shard(shard_table(source, entries, split.features[chunk], info), gallery)
         append(gallery, ledger_rows([{"image_key": e[1], "source": source.name, "member": e[2], "status": "ok",
                                       "num_persons": 1, "shard": shard} for e in entries]))
 
