@@ -20,9 +20,9 @@ class ReidxGroup(click.Group):
     """Turns expected failures (bad paths, weights, labels) into one clear line instead of a traceback."""
 
     def invoke(self, ctx):
-        from pipeline.datasets import DatasetError
-        from pipeline.lock import GalleryLockedError
-        from pipeline.models.weights import WeightsError
+        from reidx.pipeline.datasets import DatasetError
+        from reidx.pipeline.lock import GalleryLockedError
+        from reidx.pipeline.models.weights import WeightsError
 
         try:
             return super().invoke(ctx)
@@ -90,7 +90,7 @@ def _progress() -> bool:
 
 
 def _embedder(weights, backend, device, precision):
-    from pipeline.embed import build_embedder
+    from reidx.pipeline.embed import build_embedder
 
     return build_embedder(weights, backend=backend, device=device, precision=precision)
 
@@ -109,9 +109,9 @@ def embed(inputs, out, labels, weights, backend, device, precision, batch_size, 
     0001_c1s1_001051_00.jpg, or --labels), the unit-length embedding, and an error column
     for images that could not be decoded (their embedding is null).
     """
-    from pipeline.datasets import label_crops, list_images
-    from pipeline.embed import embed_files
-    from pipeline.embedding_table import build_table, write_parquet_atomic
+    from reidx.pipeline.datasets import label_crops, list_images
+    from reidx.pipeline.embed import embed_files
+    from reidx.pipeline.embedding_table import build_table, write_parquet_atomic
 
     paths = list_images(list(inputs))
     if not paths:
@@ -151,8 +151,8 @@ def evaluate(query_inputs, gallery_inputs, labels, rerank, rerank_preset, k1, k2
 
       reidx evaluate --query DATA/query --gallery DATA/bounding_box_test --weights osnet_x0_25_msmt17
     """
-    from indexers.evaluation import embed_side, evaluate_split, is_embedded_table
-    from indexers.rerank import params_from_options
+    from reidx.indexers.evaluation import embed_side, evaluate_split, is_embedded_table
+    from reidx.indexers.rerank import params_from_options
 
     rerank_params = params_from_options(rerank, preset=rerank_preset, k1=k1, k2=k2, lambda_value=lambda_value)
     needs_model = not all(is_embedded_table(list(s)) for s in (query_inputs, gallery_inputs))
@@ -201,7 +201,7 @@ def index(manifests, gallery, scheduler, workers, weights, backend, device, batc
     the rerun finishes the job with no image lost or counted twice. Failures (corrupt images,
     unsafe archive members, missing sources) are recorded with their reason; see `reidx ledger`.
     """
-    from pipeline.job import run_index
+    from reidx.pipeline.job import run_index
 
     if scheduler and workers:
         raise click.UsageError("--scheduler and --workers exclude each other")
@@ -230,7 +230,7 @@ def ledger(gallery, failed, as_json):
     """Show what a gallery's ledger records (each image's latest outcome): counts, or failures with --failed."""
     import pyarrow.compute as pc
 
-    from pipeline.ledger import latest
+    from reidx.pipeline.ledger import latest
 
     table = latest(gallery)
     if failed:
@@ -289,8 +289,8 @@ def detect(images, out, crops_dir, draw_dir, weights, backend, input_size, score
 
       reidx detect frames/ --out detections.parquet --draw boxes/
     """
-    from pipeline.datasets import list_images
-    from pipeline.detect import Detector, PostProcess, detect_to_parquet
+    from reidx.pipeline.datasets import list_images
+    from reidx.pipeline.detect import Detector, PostProcess, detect_to_parquet
 
     paths = list_images(list(images))
     if not paths:
@@ -352,7 +352,7 @@ def build_index_command(gallery, index_type, nlist, gpu, knn_k, rebuild, as_json
     rerun adds only new shards; it retrains when the gallery has doubled since training. The new
     version replaces the old one atomically: running queries are never disturbed.
     """
-    from indexers.faiss_index import build_index
+    from reidx.indexers.faiss_index import build_index
 
     summary = build_index(gallery, index_type=index_type, nlist=nlist, gpu=gpu, knn_k=knn_k, rebuild=rebuild,
                           log=lambda line: click.echo(line, err=True))
@@ -373,8 +373,8 @@ def nightly(manifests, gallery, weights, workers, scheduler, index_type, nlist, 
 
     Both steps are incremental and safe to rerun after a crash.
     """
-    from indexers.faiss_index import build_index
-    from pipeline.job import run_index
+    from reidx.indexers.faiss_index import build_index
+    from reidx.pipeline.job import run_index
 
     if scheduler and workers:
         raise click.UsageError("--scheduler and --workers exclude each other")
@@ -427,8 +427,8 @@ def query(gallery, queries, out, report, report_top, top_k, detect, largest, rer
 
       reidx query out/gallery crops/ --out results.parquet --report results.html
     """
-    from indexers.query import run_query
-    from indexers.rerank import params_from_options
+    from reidx.indexers.query import run_query
+    from reidx.indexers.rerank import params_from_options
 
     if largest and not detect:
         raise click.UsageError("--largest needs --detect")
@@ -439,8 +439,8 @@ def query(gallery, queries, out, report, report_top, top_k, detect, largest, rer
     if report:
         import pyarrow.parquet as pq
 
-        from indexers.faiss_index import load_index
-        from indexers.report import write_report
+        from reidx.indexers.faiss_index import load_index
+        from reidx.indexers.report import write_report
 
         summary["report"] = write_report(pq.read_table(out), load_index(gallery, gpu="off").items, report,
                                          top_n=report_top)
@@ -467,7 +467,7 @@ def query(gallery, queries, out, report, report_top, top_k, detect, largest, rer
 @json_option
 def export(gallery, out, where, columns, with_embeddings, as_json):
     """Export GALLERY's detections (committed shards) with their metadata to one Parquet file."""
-    from indexers.export import export_detections
+    from reidx.indexers.export import export_detections
 
     summary = export_detections(gallery, out, where=where, columns=columns.split(",") if columns else None,
                                 with_embeddings=with_embeddings)
@@ -476,7 +476,7 @@ def export(gallery, out, where, columns, with_embeddings, as_json):
 
 def _register_train() -> None:
     """`reidx train` lives with the training code (pipeline/training/command.py)."""
-    from pipeline.training.command import train
+    from reidx.pipeline.training.command import train
 
     main.add_command(train)
 

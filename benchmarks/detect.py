@@ -34,8 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("REIDX_MODEL_DIR", str(REPO.parent / "shared" / "models"))
 
-from pipeline.detect import Detector, box_iou, letterbox  # noqa: E402
-from pipeline.imaging import load_image  # noqa: E402
+from reidx.pipeline.detect import Detector, box_iou, letterbox  # noqa: E402
+from reidx.pipeline.imaging import load_image  # noqa: E402
 
 
 def fidelity(reference: list[np.ndarray], other: list[np.ndarray]) -> dict:

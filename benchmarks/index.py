@@ -19,7 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("REIDX_MODEL_DIR", str(REPO.parent / "shared" / "models"))
 
-from pipeline.job import run_index  # noqa: E402
+from reidx.pipeline.job import run_index  # noqa: E402
 
 
 def main() -> None:

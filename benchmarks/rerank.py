@@ -145,8 +145,8 @@ def run_implementation(implementation: str, method: str, inputs: str, output: st
     if implementation.startswith("reidx_exact"):
         import torch
 
-        import indexers.rerank
-        from indexers.rerank import PUBLISHED, rerank
+        import reidx.indexers.rerank
+        from reidx.indexers.rerank import PUBLISHED, rerank
 
         if implementation != "reidx_exact":  # torch's default: one thread per core
             indexers.rerank.RERANK_THREADS = None
@@ -158,7 +158,7 @@ def run_implementation(implementation: str, method: str, inputs: str, output: st
         run = (lambda: dense_numpy_k_reciprocal(q_g, q_q, g_g)) if method == "k-reciprocal" else \
             (lambda: dense_numpy_sim(q_g, g_g))
     elif implementation == "naive":
-        from indexers.rerank_naive import naive_k_reciprocal_rerank, naive_sim_rerank
+        from reidx.indexers.rerank_naive import naive_k_reciprocal_rerank, naive_sim_rerank
 
         run = (lambda: naive_k_reciprocal_rerank(q_g, q_q, g_g)) if method == "k-reciprocal" else \
             (lambda: naive_sim_rerank(q_g, g_g))
@@ -214,8 +214,8 @@ def in_subprocess(implementation, method, inputs, folder, repeats) -> tuple[dict
 
 def split_features(weights: str, cache: Path) -> dict:
     if not cache.exists():
-        from indexers.evaluation import embed_side
-        from pipeline.embed import TorchEmbedder
+        from reidx.indexers.evaluation import embed_side
+        from reidx.pipeline.embed import TorchEmbedder
 
         embedder = TorchEmbedder(weights)
         query = embed_side([str(CON_REID / "query")], embedder)
@@ -284,7 +284,7 @@ def identity_half(split: dict, half: str, seed: int = 0) -> dict:
 
 def describe(method: str, params) -> str:
     """The parameters ``method`` reads, e.g. 'k1=20 k2=6 lambda=0.3'."""
-    from indexers.rerank import METHOD_PARAMS
+    from reidx.indexers.rerank import METHOD_PARAMS
 
     return " ".join(f"{name.removesuffix('_value')}={getattr(params, name)}" for name in METHOD_PARAMS[method])
 
@@ -292,8 +292,8 @@ def describe(method: str, params) -> str:
 def map_scores(split: dict, seeds, settings: dict) -> tuple[list[tuple[str, int | None, int]], dict[str, np.ndarray]]:
     """mAP (percent) of plain ranking and of each setting (name → (method, params)) on every
     gallery draw of ``split``: the draws (density, seed, size), and one array per name (``plain`` included)."""
-    from indexers.metrics import cosine_distances, evaluate_ranking
-    from indexers.rerank import rerank, unit_euclidean
+    from reidx.indexers.metrics import cosine_distances, evaluate_ranking
+    from reidx.indexers.rerank import rerank, unit_euclidean
 
     query = split["query"]
     scores = {name: [] for name in ("plain", *settings)}
@@ -324,7 +324,7 @@ def delta_summary(draws, scores: dict, name: str) -> dict:
 def choose(method: str, tuning: list[dict]) -> tuple[str, dict, dict]:
     """The grid point whose worst gain over plain, over every tuning gallery, is largest (ties:
     larger mean gain): (its description, its parameters, the tuning summary of the top five)."""
-    from indexers.rerank import RerankParams
+    from reidx.indexers.rerank import RerankParams
 
     settings = {describe(method, RerankParams(**p)): (method, RerankParams(**p)) for p in GRIDS[method]}
     gains = {name: [] for name in settings}
@@ -351,7 +351,7 @@ def select_defaults() -> dict:
     as a check of how stable the choice is."""
     import torch
 
-    from indexers.rerank import RerankParams, default_params
+    from reidx.indexers.rerank import RerankParams, default_params
 
     torch.set_num_threads(1)  # reproducible sums, and no spinning threads on a shared machine
     splits = load_splits()
@@ -385,7 +385,7 @@ def evidence_table(seeds=TABLE_SEEDS) -> dict:
     parameters, on the full split's dense gallery and on sparse draws, both weights."""
     import torch
 
-    from indexers.rerank import PUBLISHED, default_params
+    from reidx.indexers.rerank import PUBLISHED, default_params
 
     torch.set_num_threads(1)
     settings = {}
@@ -456,8 +456,8 @@ def main() -> None:
         print(json.dumps(run_implementation(implementation, method, inputs, output, int(repeats))))
         return
 
-    from indexers.metrics import evaluate_ranking
-    from indexers.rerank import unit_euclidean
+    from reidx.indexers.metrics import evaluate_ranking
+    from reidx.indexers.rerank import unit_euclidean
 
     load_start = round(os.getloadavg()[0], 2)
     split = split_features(args.weights, Path(tempfile.gettempdir()) / f"reidx_rerank_bench_{args.weights}.npz")

@@ -87,7 +87,7 @@ def build(args, folder: Path) -> dict:
     """Vectors, the Faiss top-K of every query (timed), the graph, the check; arrays saved to ``folder``."""
     import faiss
 
-    from indexers.rerank_sparse import estimate_max_distance
+    from reidx.indexers.rerank_sparse import estimate_max_distance
 
     report = {}
     start = time.perf_counter()
@@ -121,8 +121,8 @@ def build(args, folder: Path) -> dict:
 def rerank_worker(method: str, top_k: int, folder: Path, max_distance: float, repeats: int) -> dict:
     """One method in a fresh process: load the arrays, re-rank every query's top_k candidates,
     wall and CPU time, peak memory."""
-    from indexers.rerank import RERANK_THREADS
-    from indexers.rerank_sparse import rerank_candidates
+    from reidx.indexers.rerank import RERANK_THREADS
+    from reidx.indexers.rerank_sparse import rerank_candidates
 
     arrays = {name: np.load(folder / f"{name}.npy") for name in ("query_ids", "query_dist", "graph_ids", "graph_dist")}
     arrays["query_ids"] = np.ascontiguousarray(arrays["query_ids"][:, :top_k])
@@ -155,9 +155,9 @@ def con_reid_accuracy(top_ks, knn: int) -> dict:
     top-K re-ranking can reach: gallery items beyond K keep their plain order). ms per query is
     CPU time (steadier than wall time on a shared machine), one torch thread."""
     from benchmarks.rerank import load_splits
-    from indexers.metrics import evaluate_ranking
-    from indexers.rerank import rerank, unit_euclidean
-    from indexers.rerank_sparse import estimate_max_distance, nearest_lists, rerank_candidates
+    from reidx.indexers.metrics import evaluate_ranking
+    from reidx.indexers.rerank import rerank, unit_euclidean
+    from reidx.indexers.rerank_sparse import estimate_max_distance, nearest_lists, rerank_candidates
 
     result = {}
     for weights, split in load_splits().items():

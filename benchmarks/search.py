@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("REIDX_MODEL_DIR", str(REPO.parent / "shared" / "models"))
 CON_REID = REPO.parent / "shared" / "data" / "con-reid"
 
-from indexers.faiss_index import (  # noqa: E402
+from reidx.indexers.faiss_index import (  # noqa: E402
     AUTO_EXACT_MAX, AUTO_IVF_TYPE, TARGET_RECALL_AT_100, TRAINING_POINTS_PER_LIST, calibrate_nprobe,
     default_nlist, recall, search, set_nprobe, train_and_add)
 
@@ -99,8 +99,8 @@ def real_features(weights: str, folders: list[str]) -> tuple[np.ndarray, np.ndar
     if cache.exists():
         data = np.load(cache)
         return data["features"], data["identity"]
-    from indexers.evaluation import embed_side
-    from pipeline.embed import build_embedder
+    from reidx.indexers.evaluation import embed_side
+    from reidx.pipeline.embed import build_embedder
 
     embedder = build_embedder(weights)
     features, identity = [], []

@@ -33,8 +33,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from indexers.evaluation import embed_side, evaluate_split  # noqa: E402
-from pipeline.embed import build_embedder  # noqa: E402
+from reidx.indexers.evaluation import embed_side, evaluate_split  # noqa: E402
+from reidx.pipeline.embed import build_embedder  # noqa: E402
 
 
 def evaluate(weights: str, query: str, gallery: str) -> dict:
@@ -50,11 +50,11 @@ def step_speed(data: str, init: str, repeats: int = 3, steps: int = 4) -> dict:
 
     import numpy as np
 
-    from pipeline.training.augment import Augment
-    from pipeline.training.data import load_training_set
-    from pipeline.training.loop import TrainConfig, build_model
-    from pipeline.training.losses import BatchHardTripletLoss, IdentityLoss
-    from pipeline.training.sampler import PKSampler
+    from reidx.pipeline.training.augment import Augment
+    from reidx.pipeline.training.data import load_training_set
+    from reidx.pipeline.training.loop import TrainConfig, build_model
+    from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss
+    from reidx.pipeline.training.sampler import PKSampler
 
     crops = load_training_set(data)
     model, _ = build_model(TrainConfig(data=data, out="", init=init), crops.num_classes)
@@ -88,10 +88,10 @@ def step_speed(data: str, init: str, repeats: int = 3, steps: int = 4) -> dict:
 
 def train_command() -> list[str]:
     """`reidx train` as a process: through cli.py once the command is registered there."""
-    import cli
+    import reidx.cli as cli
 
     if "train" in cli.main.commands:
-        return [sys.executable, "-m", "cli", "train"]
+        return [sys.executable, "-m", "reidx.cli", "train"]
     return [sys.executable, "-c", "from pipeline.training.command import train; train()"]
 
 

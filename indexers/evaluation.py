@@ -14,10 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from indexers.metrics import RankingMetrics, cosine_distances, evaluate_ranking
-from pipeline.datasets import label_crops, list_images
-from pipeline.embed import Embedder, embed_files
-from pipeline.embedding_table import build_table, embeddings_to_numpy, read_table, table_embedder_id
+from reidx.indexers.metrics import RankingMetrics, cosine_distances, evaluate_ranking
+from reidx.pipeline.datasets import label_crops, list_images
+from reidx.pipeline.embed import Embedder, embed_files
+from reidx.pipeline.embedding_table import build_table, embeddings_to_numpy, read_table, table_embedder_id
 
 
 @dataclass
@@ -66,7 +66,7 @@ def evaluate_split(query: EmbeddedSplit, gallery: EmbeddedSplit, rerank: str = "
     if rerank == "none":
         distances = cosine_distances(query.features, g_feats)
     else:
-        from indexers.rerank import rerank_features
+        from reidx.indexers.rerank import rerank_features
 
         distances = rerank_features(rerank, query.features, g_feats, rerank_params)
     return evaluate_ranking(distances, query.table["person_id"].to_numpy(), query.table["camera"].to_numpy(),

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
-from indexers.faiss_index import committed_shards
-from pipeline.embedding_table import write_parquet_atomic
-from pipeline.shards import SHARDS_DIR
+from reidx.indexers.faiss_index import committed_shards
+from reidx.pipeline.embedding_table import write_parquet_atomic
+from reidx.pipeline.shards import SHARDS_DIR
 
 
 def export_detections(gallery: str | os.PathLike, out: str | os.PathLike, where: str | None = None,

@@ -35,10 +35,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.embedding_table import embeddings_to_numpy, write_parquet_atomic
-from pipeline.ledger import read_ledger
-from pipeline.lock import GalleryLock
-from pipeline.shards import SHARDS_DIR
+from reidx.pipeline.embedding_table import embeddings_to_numpy, write_parquet_atomic
+from reidx.pipeline.ledger import read_ledger
+from reidx.pipeline.lock import GalleryLock
+from reidx.pipeline.shards import SHARDS_DIR
 
 INDEX_DIR = "index"
 CURRENT = "CURRENT"

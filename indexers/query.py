@@ -42,13 +42,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
-from indexers.faiss_index import GalleryIndex, load_index
-from pipeline.embedding_table import embeddings_to_numpy, write_parquet_atomic
-from pipeline.job import GALLERY_CONFIG
-from pipeline.manifest import Source, load_manifest
-from pipeline.models.weights import resolve_weights
-from pipeline.sources import SourceError, archive_type, list_source
-from pipeline.worker import DEFAULT_DETECTOR, ModelSpec, persons_of_members
+from reidx.indexers.faiss_index import GalleryIndex, load_index
+from reidx.pipeline.embedding_table import embeddings_to_numpy, write_parquet_atomic
+from reidx.pipeline.job import GALLERY_CONFIG
+from reidx.pipeline.manifest import Source, load_manifest
+from reidx.pipeline.models.weights import resolve_weights
+from reidx.pipeline.sources import SourceError, archive_type, list_source
+from reidx.pipeline.worker import DEFAULT_DETECTOR, ModelSpec, persons_of_members
 
 RESULT_SCHEMA_VERSION = "1"
 # Market-1501 naming (PPPP_cC...): labels for plain file queries, so results can be scored.
@@ -241,7 +241,7 @@ def run_query(gallery: str | os.PathLike, inputs: list[str], out: str | os.PathL
             bar.update(len(vectors[chunk]))
         bar.close()
         if rerank != "none":
-            from indexers.rerank_sparse import rerank_candidates
+            from reidx.indexers.rerank_sparse import rerank_candidates
 
             knn_ids, knn_dist = gallery_index.knn()
             if knn_ids.shape[1] == 0:
@@ -283,7 +283,7 @@ def score_results(results: pa.Table, items: pa.Table) -> dict | None:
     """
     from collections import Counter
 
-    from indexers.metrics import evaluate_top_k
+    from reidx.indexers.metrics import evaluate_top_k
 
     ok = results.filter(pa.compute.and_(pa.compute.equal(results["status"], "ok"),
                                         pa.compute.is_valid(results["query_person_id"])))

@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from pipeline.imaging import ImageDecodeError, decode_image
-from pipeline.manifest import Source
-from pipeline.sources import read_members
+from reidx.pipeline.imaging import ImageDecodeError, decode_image
+from reidx.pipeline.manifest import Source
+from reidx.pipeline.sources import read_members
 
 THUMB_HEIGHT = 128
 

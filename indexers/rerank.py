@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from indexers.rerank_blocks import (
+from reidx.indexers.rerank_blocks import (
     NormalisedSquares,
     chunks,
     expanded_reciprocal_sets,

@@ -42,8 +42,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from indexers.rerank import RerankParams, default_params, rerank_threads, unit_euclidean
-from indexers.rerank_blocks import (
+from reidx.indexers.rerank import RerankParams, default_params, rerank_threads, unit_euclidean
+from reidx.indexers.rerank_blocks import (
     CHUNK_ELEMENTS,
     chunks,
     expanded_reciprocal_sets,

@@ -54,10 +54,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.embed import resolve_device
-from pipeline.imaging import DEFAULT_MAX_PIXELS, load_image_or_reason
-from pipeline.models.weights import load_state_dict, resolve_weights
-from pipeline.models.yolox import (STRIDES, build_yolox, decode_boxes, fold_batchnorm, fuse_conv_silu, infer_yolox_size,
+from reidx.pipeline.embed import resolve_device
+from reidx.pipeline.imaging import DEFAULT_MAX_PIXELS, load_image_or_reason
+from reidx.pipeline.models.weights import load_state_dict, resolve_weights
+from reidx.pipeline.models.yolox import (STRIDES, build_yolox, decode_boxes, fold_batchnorm, fuse_conv_silu, infer_yolox_size,
                                    load_yolox_state)
 
 DEFAULT_WEIGHTS = "yolox_nano.onnx"
@@ -188,11 +188,11 @@ class Detector:
         self.channels_last = self.fused = False
         traced_size = None
         if is_onnx:
-            from pipeline.models.yolox_onnx import OnnxYOLOX, graph_input_size, infer_onnx_size, load_yolox_onnx
+            from reidx.pipeline.models.yolox_onnx import OnnxYOLOX, graph_input_size, infer_onnx_size, load_yolox_onnx
 
             size_name, traced_size = infer_onnx_size(resolved.path), (graph_input_size(resolved.path) or (None,))[0]
         if backend == "auto":  # onnxruntime where it can run the weights on CPU (faster at one thread), else torch
-            from pipeline.embed import onnxruntime_available
+            from reidx.pipeline.embed import onnxruntime_available
 
             cpu_onnx = is_onnx and self.device.type == "cpu" and precision == "fp32"
             backend = "onnx" if cpu_onnx and onnxruntime_available() else "torch"
@@ -343,7 +343,7 @@ def detect_to_parquet(detector: Detector, paths: Sequence, out: str | os.PathLik
     drawn frames (``<stem>_<k>.jpg`` and ``<stem>.jpg``); returns the report it prints."""
     from tqdm import tqdm
 
-    from pipeline.embedding_table import write_parquet_atomic
+    from reidx.pipeline.embedding_table import write_parquet_atomic
 
     keep = crops_dir is not None or draw_dir is not None
     for folder in (crops_dir, draw_dir):

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.imaging import DEFAULT_MAX_PIXELS, load_image_or_reason
-from pipeline.models.osnet import build_osnet, fold_batchnorm, infer_osnet_arch, load_osnet_state
-from pipeline.models.weights import load_state_dict, resolve_weights
+from reidx.pipeline.imaging import DEFAULT_MAX_PIXELS, load_image_or_reason
+from reidx.pipeline.models.osnet import build_osnet, fold_batchnorm, infer_osnet_arch, load_osnet_state
+from reidx.pipeline.models.weights import load_state_dict, resolve_weights
 
 INPUT_HEIGHT, INPUT_WIDTH = 256, 128
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,7 +100,7 @@ class TorchEmbedder(Embedder):
         resolved = resolve_weights(weights, ".pth")
         if resolved.path.suffix == ".onnx":
             # An ONNX export runs in our torch model too: same features, our fast path and devices.
-            from pipeline.models.onnx_import import load_onnx_weights
+            from reidx.pipeline.models.onnx_import import load_onnx_weights
 
             arch, feature_dim = (resolved.known.arch if resolved.known else "osnet_x0_25"), 512
             example = torch.zeros(1, 3, INPUT_HEIGHT, INPUT_WIDTH)

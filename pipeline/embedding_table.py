@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.embed import EmbeddedFiles, EmbedderInfo
+from reidx.pipeline.embed import EmbeddedFiles, EmbedderInfo
 
 SCHEMA_VERSION = "1"
 

@@ -17,12 +17,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from pipeline.ledger import append, ledger_rows, processed_keys, recover
-from pipeline.lock import GalleryLock
-from pipeline.manifest import load_manifest
-from pipeline.models.weights import resolve_weights
-from pipeline.sources import SourceError, list_source
-from pipeline.worker import DEFAULT_DETECTOR, ModelSpec, process_batch
+from reidx.pipeline.ledger import append, ledger_rows, processed_keys, recover
+from reidx.pipeline.lock import GalleryLock
+from reidx.pipeline.manifest import load_manifest
+from reidx.pipeline.models.weights import resolve_weights
+from reidx.pipeline.sources import SourceError, list_source
+from reidx.pipeline.worker import DEFAULT_DETECTOR, ModelSpec, process_batch
 
 GALLERY_CONFIG = "gallery.json"
 

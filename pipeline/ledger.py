@@ -29,8 +29,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.embedding_table import write_parquet_atomic
-from pipeline.shards import SHARDS_DIR, shard_files
+from reidx.pipeline.embedding_table import write_parquet_atomic
+from reidx.pipeline.shards import SHARDS_DIR, shard_files
 
 LEDGER_DIR = "ledger"
 LEDGER_SCHEMA = pa.schema(

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from pipeline.embedding_table import write_parquet_atomic
+from reidx.pipeline.embedding_table import write_parquet_atomic
 
 SHARD_SCHEMA_VERSION = "1"
 SHARDS_DIR = "shards"

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
-from pipeline.datasets import IMAGE_SUFFIXES
-from pipeline.manifest import Source
+from reidx.pipeline.datasets import IMAGE_SUFFIXES
+from reidx.pipeline.manifest import Source
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 

@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.embed import BATCH_SIZE, build_embedder, resize_crop
-from pipeline.embedding_table import embedding_array
-from pipeline.imaging import ImageDecodeError, decode_image
-from pipeline.manifest import Source
-from pipeline.shards import detection_id, image_key, shard_schema, write_shard
+from reidx.pipeline.embed import BATCH_SIZE, build_embedder, resize_crop
+from reidx.pipeline.embedding_table import embedding_array
+from reidx.pipeline.imaging import ImageDecodeError, decode_image
+from reidx.pipeline.manifest import Source
+from reidx.pipeline.shards import detection_id, image_key, shard_schema, write_shard
 
 _MODELS: dict = {}  # per worker process: ModelSpec -> loaded embedder
 DEFAULT_DETECTOR = "yolox_nano.onnx"
@@ -45,7 +45,7 @@ def embedder_for(spec: ModelSpec):
 def detector_for(spec: ModelSpec):
     """The YOLOX person detector, loaded on first use (crop-only nights never load it)."""
     if ("detector", spec) not in _MODELS:
-        from pipeline.detect import Detector
+        from reidx.pipeline.detect import Detector
 
         _MODELS[("detector", spec)] = Detector(spec.detector, device=spec.device, input_size=spec.detector_input_size)
     return _MODELS[("detector", spec)]
@@ -89,7 +89,7 @@ def persons_of_members(source: Source, members: list[str], spec: ModelSpec) -> P
 
     Shared by the nightly job (which writes the table as a shard) and ``reidx query`` (which searches it).
     """
-    from pipeline.sources import read_members
+    from reidx.pipeline.sources import read_members
 
     embedder = embedder_for(spec)
     records, crops, rows = [], [], []

@@ -41,8 +41,8 @@ _SPLITS: dict = {}
 def con_reid_split(weights: str):
     """(query, gallery) EmbeddedSplit of the Con-ReID evaluation split, embedded once per session."""
     if weights not in _SPLITS:
-        from indexers.evaluation import embed_side
-        from pipeline.embed import build_embedder
+        from reidx.indexers.evaluation import embed_side
+        from reidx.pipeline.embed import build_embedder
 
         embedder = build_embedder(weights)  # the shipped default path
         _SPLITS[weights] = (

@@ -9,14 +9,14 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import CON_REID, MODELS
+from conftest import CON_REID, MODELS
 
 COMMANDS = ["embed", "evaluate"]
 
 
 def reidx(*args, env_extra=None):
     env = {**os.environ, "REIDX_MODEL_DIR": str(MODELS), **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "reidx.cli", *args], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
 
 

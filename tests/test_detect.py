@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.detect import Detector, PostProcess, box_iou, crop_boxes, letterbox, nms, postprocess
-from pipeline.imaging import load_image
-from tests.conftest import MODELS, SCENES
+from reidx.pipeline.detect import Detector, PostProcess, box_iou, crop_boxes, letterbox, nms, postprocess
+from reidx.pipeline.imaging import load_image
+from conftest import MODELS, SCENES
 
 FRAMES = sorted((SCENES / "frames").glob("*.jpg"))
 
@@ -94,7 +94,7 @@ def test_torch_and_onnxruntime_paths_give_the_same_boxes(frames, size, step):
 
 def test_the_query_person_is_detected():
     """0001_c1s1_001051_00.jpg was cut from c1s1_001051.jpg: the woman in white, centre right."""
-    from pipeline.embed import TorchEmbedder, resize_crop
+    from reidx.pipeline.embed import TorchEmbedder, resize_crop
 
     frame = np.asarray(load_image(SCENES / "frames" / "c1s1_001051.jpg"))
     boxes = Detector().detect([frame])[0]
@@ -131,7 +131,7 @@ def test_cli_detect_writes_table_crops_and_drawings(tmp_path):
     (inputs / "broken.jpg").write_bytes(FRAMES[0].read_bytes()[:1000])
     out = tmp_path / "det.parquet"
     env = {**os.environ, "REIDX_MODEL_DIR": str(MODELS)}
-    result = subprocess.run([sys.executable, "-m", "cli", "detect", str(inputs), "--out", str(out), "--crops",
+    result = subprocess.run([sys.executable, "-m", "reidx.cli", "detect", str(inputs), "--out", str(out), "--crops",
                              str(tmp_path / "crops"), "--draw", str(tmp_path / "draw"), "--min-height", "100",
                              "--json"], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(__file__)))

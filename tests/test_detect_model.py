@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.detect import Detector, letterbox
-from pipeline.imaging import load_image
-from pipeline.models.weights import WeightsError, resolve_weights
-from pipeline.models.yolox import (YOLOX_SIZES, BaseConv, FusedConv, build_yolox, focus_as_conv, fold_batchnorm,
+from reidx.pipeline.detect import Detector, letterbox
+from reidx.pipeline.imaging import load_image
+from reidx.pipeline.models.weights import WeightsError, resolve_weights
+from reidx.pipeline.models.yolox import (YOLOX_SIZES, BaseConv, FusedConv, build_yolox, focus_as_conv, fold_batchnorm,
                                    fuse_conv_silu, infer_yolox_size)
-from pipeline.models.yolox_onnx import OnnxYOLOX, graph_input_size, load_yolox_onnx
-from tests.conftest import MODELS, SCENES
+from reidx.pipeline.models.yolox_onnx import OnnxYOLOX, graph_input_size, load_yolox_onnx
+from conftest import MODELS, SCENES
 
 ONNX = MODELS / "yolox_nano.onnx"
 
@@ -56,7 +56,7 @@ def test_official_checkpoint_layout_loads_strictly(tmp_path):
 
 def test_known_checkpoint_names_point_at_the_official_release(monkeypatch, tmp_path):
     monkeypatch.setenv("REIDX_MODEL_DIR", str(tmp_path))
-    monkeypatch.setattr("pipeline.models.weights.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr("reidx.pipeline.models.weights.CACHE_DIR", tmp_path / "cache")
     with pytest.raises(WeightsError, match="Megvii-BaseDetection/YOLOX/releases/download/0.1.1rc0/yolox_s.pth"):
         resolve_weights("yolox_s")
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.datasets import list_images
-from pipeline.embed import OnnxEmbedder, TorchEmbedder, build_embedder, embed_files, resize_crop, to_input_tensor
-from pipeline.imaging import load_image
-from tests.conftest import CON_REID
+from reidx.pipeline.datasets import list_images
+from reidx.pipeline.embed import OnnxEmbedder, TorchEmbedder, build_embedder, embed_files, resize_crop, to_input_tensor
+from reidx.pipeline.imaging import load_image
+from conftest import CON_REID
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.imaging import ImageDecodeError, decode_image
-from tests.conftest import CON_REID
+from reidx.pipeline.imaging import ImageDecodeError, decode_image
+from conftest import CON_REID
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:

@@ -15,17 +15,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.datasets import parse_market_name
-from pipeline.embedding_table import embeddings_to_numpy
-from pipeline.ledger import read_ledger
-from tests.conftest import CON_REID, MODELS, REPO
+from reidx.pipeline.datasets import parse_market_name
+from reidx.pipeline.embedding_table import embeddings_to_numpy
+from reidx.pipeline.ledger import read_ledger
+from conftest import CON_REID, MODELS, REPO
 
 QUERY = sorted((CON_REID / "query").iterdir())
 
 
 def reidx(*args, wait=True, **kwargs):
     env = {**os.environ, "REIDX_MODEL_DIR": str(MODELS)}
-    command = [sys.executable, "-m", "cli", *args]
+    command = [sys.executable, "-m", "reidx.cli", *args]
     if not wait:
         return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, **kwargs)
@@ -262,9 +262,9 @@ def test_acceptance_full_con_reid_split(tmp_path):
 def test_frames_are_detected_and_the_query_person_is_found_in_its_frame(tmp_path):
     """End to end on real scenes: frames → YOLOX → OSNet → shards; the query crop of person 0001
     (cut from c1s1_001051.jpg) has its nearest indexed person in that frame, at that place."""
-    from pipeline.embed import build_embedder, resize_crop
-    from pipeline.imaging import load_image
-    from tests.conftest import SCENES
+    from reidx.pipeline.embed import build_embedder, resize_crop
+    from reidx.pipeline.imaging import load_image
+    from conftest import SCENES
 
     result = reidx("index", str(REPO / "data_manifests" / "scenes.toml"), "--out", str(tmp_path / "g"), "--json")
     assert result.returncode == 0, result.stderr

@@ -7,9 +7,9 @@ from datetime import datetime
 
 import pytest
 
-from pipeline.manifest import ManifestError, load_manifest
-from pipeline.sources import SourceError, list_source, read_members
-from tests.conftest import CON_REID
+from reidx.pipeline.manifest import ManifestError, load_manifest
+from reidx.pipeline.sources import SourceError, list_source, read_members
+from conftest import CON_REID
 
 QUERY_IMAGES = sorted((CON_REID / "query").iterdir())[:6]
 
@@ -161,7 +161,7 @@ def test_corrupt_archive_is_a_source_error(tmp_path):
 
 @pytest.mark.parametrize("name, sizes", [("con-reid.toml", [212, 5295]), ("scenes.toml", [16])])
 def test_shipped_manifests_validate_and_list_the_shared_data(name, sizes):
-    from tests.conftest import REPO
+    from conftest import REPO
 
     manifest = load_manifest(REPO / "data_manifests" / name)
     assert [len(list_source(s).members) for s in manifest.sources] == sizes

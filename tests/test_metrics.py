@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from indexers.metrics import average_precision, evaluate_ranking, inverse_negative_penalty, query_matches
+from reidx.indexers.metrics import average_precision, evaluate_ranking, inverse_negative_penalty, query_matches
 
 
 def ranking_with_matches_at(ranks, length=12):

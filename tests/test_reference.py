@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from indexers.evaluation import embed_side, evaluate_split
-from pipeline.embed import TorchEmbedder
-from tests.conftest import CON_REID
+from reidx.indexers.evaluation import embed_side, evaluate_split
+from reidx.pipeline.embed import TorchEmbedder
+from conftest import CON_REID
 
 pytestmark = pytest.mark.slow
 

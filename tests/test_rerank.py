@@ -17,9 +17,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from indexers.evaluation import EmbeddedSplit, evaluate_split
-from indexers.metrics import evaluate_ranking
-from indexers.rerank import (
+from reidx.indexers.evaluation import EmbeddedSplit, evaluate_split
+from reidx.indexers.metrics import evaluate_ranking
+from reidx.indexers.rerank import (
     METHODS,
     PUBLISHED,
     SAFE_DEFAULTS,
@@ -33,15 +33,15 @@ from indexers.rerank import (
     sim_rerank,
     unit_euclidean,
 )
-from indexers.rerank_blocks import expanded_reciprocal_sets, nearest_neighbours
-from indexers.rerank_naive import (
+from reidx.indexers.rerank_blocks import expanded_reciprocal_sets, nearest_neighbours
+from reidx.indexers.rerank_naive import (
     expanded_k_reciprocal_set,
     naive_k_reciprocal_rerank,
     naive_sim_graph_distance,
     naive_sim_rerank,
     rank_lists,
 )
-from tests.conftest import MODELS
+from conftest import MODELS
 
 TOLERANCE = 1e-5
 
@@ -234,7 +234,7 @@ def test_evaluate_split_reranks_with_the_same_code():
 
 
 def write_split_tables(query: EmbeddedSplit, gallery: EmbeddedSplit, folder):
-    from pipeline.embedding_table import embedding_array, write_parquet_atomic
+    from reidx.pipeline.embedding_table import embedding_array, write_parquet_atomic
 
     paths = []
     for name, side in (("query", query), ("gallery", gallery)):
@@ -250,7 +250,7 @@ def write_split_tables(query: EmbeddedSplit, gallery: EmbeddedSplit, folder):
 
 def run_cli(*args):
     env = {**os.environ, "REIDX_MODEL_DIR": str(MODELS)}
-    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "reidx.cli", *args], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
 
 

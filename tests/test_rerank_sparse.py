@@ -11,10 +11,10 @@ checks mAP against exact mode.
 import numpy as np
 import pytest
 
-from indexers.evaluation import evaluate_split
-from indexers.metrics import evaluate_ranking
-from indexers.rerank import RerankParams, default_params, rerank, unit_euclidean
-from indexers.rerank_sparse import rerank_candidates, rerank_features_scalable
+from reidx.indexers.evaluation import evaluate_split
+from reidx.indexers.metrics import evaluate_ranking
+from reidx.indexers.rerank import RerankParams, default_params, rerank, unit_euclidean
+from reidx.indexers.rerank_sparse import rerank_candidates, rerank_features_scalable
 
 TOLERANCE = 1e-5
 METHODS = ("k-reciprocal", "sim", "sim-graph")

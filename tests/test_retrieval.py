@@ -23,16 +23,16 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from tests.conftest import CON_REID, REPO, SCENES
-from indexers.faiss_index import (DEFAULT_KNN, RETRAIN_GROWTH, build_index, current_version, exact_neighbours,
+from conftest import CON_REID, REPO, SCENES
+from reidx.indexers.faiss_index import (DEFAULT_KNN, RETRAIN_GROWTH, build_index, current_version, exact_neighbours,
                                   load_index, recall)
-from indexers.query import MARKET_CAMERA, MARKET_PERSON, run_query
-from pipeline.embed import EmbedderInfo
-from pipeline.embedding_table import table_embedder_id
-from pipeline.ledger import append, ledger_rows
-from pipeline.manifest import Source
-from pipeline.shards import detection_id, image_key, write_shard
-from pipeline.worker import shard_table
+from reidx.indexers.query import MARKET_CAMERA, MARKET_PERSON, run_query
+from reidx.pipeline.embed import EmbedderInfo
+from reidx.pipeline.embedding_table import table_embedder_id
+from reidx.pipeline.ledger import append, ledger_rows
+from reidx.pipeline.manifest import Source
+from reidx.pipeline.shards import detection_id, image_key, write_shard
+from reidx.pipeline.worker import shard_table
 
 GALLERY_SOURCE = "con-reid-gallery"
 
@@ -153,7 +153,7 @@ def test_incremental_build_adds_only_new_shards(tmp_path, msmt17_split):
 READER = """
 import sys, time
 from pathlib import Path
-from indexers.faiss_index import load_index
+from reidx.indexers.faiss_index import load_index
 import numpy as np
 seen, checks = set(), 0
 while not Path(sys.argv[2]).exists():
@@ -223,7 +223,7 @@ def test_query_reproduces_evaluate_on_con_reid(con_reid_gallery, tmp_path, refer
 def test_query_rerank_runs_the_scalable_mode_on_the_stored_graph(con_reid_gallery, tmp_path):
     """`reidx query --rerank`: each query's 400 candidates re-ranked with the stored kNN graph; rows
     carry both distances and follow the re-ranked one; on Con-ReID it beats plain at the same cut."""
-    from indexers.rerank import params_from_options
+    from reidx.indexers.rerank import params_from_options
 
     plain = run_query(con_reid_gallery, [str(CON_REID / "query")], tmp_path / "p.parquet", top_k=400, score=True)
     for method in ("k-reciprocal", "sim"):
@@ -273,7 +273,7 @@ def test_query_with_detection_status_rows_and_report(con_reid_gallery, tmp_path)
     largest = run_query(con_reid_gallery, [str(frames)], tmp_path / "l.parquet", top_k=5, detect=True, largest=True)
     assert largest["queries"] == 2
 
-    from indexers.report import write_report
+    from reidx.indexers.report import write_report
 
     info = write_report(pq.read_table(out), load_index(con_reid_gallery).items, report, top_n=3)
     assert info["missing_thumbnails"] == 0 and info["queries"] == summary["queries"]
@@ -303,7 +303,7 @@ def test_query_refuses_another_embedder_and_missing_inputs(con_reid_gallery, tmp
 
 def test_cli_nightly_build_index_query_export(tmp_path):
     """The commands end to end: nightly (Dask index + build-index) twice, query with a report, export."""
-    from cli import main
+    from reidx.cli import main
 
     manifest = tmp_path / "m.toml"
     manifest.write_text(f"""version = 1

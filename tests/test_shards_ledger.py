@@ -4,9 +4,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.embedding_table import embedding_array
-from pipeline.ledger import append, ledger_rows, processed_keys, read_ledger, recover
-from pipeline.shards import detection_id, image_key, shard_files, shard_schema, write_shard
+from reidx.pipeline.embedding_table import embedding_array
+from reidx.pipeline.ledger import append, ledger_rows, processed_keys, read_ledger, recover
+from reidx.pipeline.shards import detection_id, image_key, shard_files, shard_schema, write_shard
 
 
 def shard_table(keys: list[str], dim: int = 8) -> pa.Table:

@@ -15,16 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.datasets import list_images, parse_market_name
-from pipeline.embed import build_embedder, resize_crop, to_input_tensor
-from pipeline.imaging import load_image
-from pipeline.models.weights import load_state_dict
-from pipeline.training.augment import Augment
-from pipeline.training.data import load_training_set
-from pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_loss
-from pipeline.training.loop import TrainConfig, build_model, learning_rate, resume_path, train
-from pipeline.training.sampler import PKSampler
-from tests.conftest import CON_REID
+from reidx.pipeline.datasets import list_images, parse_market_name
+from reidx.pipeline.embed import build_embedder, resize_crop, to_input_tensor
+from reidx.pipeline.imaging import load_image
+from reidx.pipeline.models.weights import load_state_dict
+from reidx.pipeline.training.augment import Augment
+from reidx.pipeline.training.data import load_training_set
+from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_loss
+from reidx.pipeline.training.loop import TrainConfig, build_model, learning_rate, resume_path, train
+from reidx.pipeline.training.sampler import PKSampler
+from conftest import CON_REID
 
 TRAIN_DIR = CON_REID / "bounding_box_train"
 # Six identities with 2, 17, 18, 22, 25 and 32 crops (116 in all): 0142 has fewer than K = 4.
@@ -287,8 +287,8 @@ def test_cli_train_json_on_market_folder(tmp_path):
     validated on three Con-ReID identities with the numbers `reidx evaluate`'s code gives."""
     from click.testing import CliRunner
 
-    from cli import main
-    from indexers.evaluation import embed_side, evaluate_split
+    from reidx.cli import main
+    from reidx.indexers.evaluation import embed_side, evaluate_split
 
     folder = tmp_path / "crops"
     folder.mkdir()

@@ -5,14 +5,14 @@ import shutil
 import pytest
 import torch
 
-from pipeline.models.osnet import build_osnet, infer_osnet_arch, load_osnet_state
-from pipeline.models.weights import (
+from reidx.pipeline.models.osnet import build_osnet, infer_osnet_arch, load_osnet_state
+from reidx.pipeline.models.weights import (
     KNOWN_MODELS,
     WeightsError,
     load_state_dict,
     resolve_weights,
 )
-from tests.conftest import MODELS
+from conftest import MODELS
 
 
 def test_name_resolves_in_model_dir_and_is_verified(monkeypatch):

@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from pipeline.models.yolox import YOLOX_SIZES, build_yolox, fold_batchnorm
+from reidx.pipeline.models.yolox import YOLOX_SIZES, build_yolox, fold_batchnorm
 
 
 def _onnx():
@@ -56,7 +56,7 @@ def infer_onnx_size(path: str | os.PathLike) -> str:
 
 def load_yolox_onnx(path: str | os.PathLike, size: str | None = None, num_classes: int = 80):
     """A BatchNorm-folded :class:`YOLOX` holding the export's weights (eval mode, CPU)."""
-    from pipeline.models.onnx_import import load_onnx_weights
+    from reidx.pipeline.models.onnx_import import load_onnx_weights
 
     size = size or infer_onnx_size(path)
     height, width = graph_input_size(path) or (416, 416)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.embed import to_input_tensor
+from reidx.pipeline.embed import to_input_tensor
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from pipeline.training.loop import LOSSES, TrainConfig
+from reidx.pipeline.training.loop import LOSSES, TrainConfig
 
 DEFAULT_INIT = "osnet_x0_25_msmt17"
 
@@ -85,7 +85,7 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
       reidx train --data DATA/bounding_box_train --out model.pth
       reidx evaluate --query DATA/query --gallery DATA/bounding_box_test --weights model.pth
     """
-    from pipeline.training.loop import train as run_training
+    from reidx.pipeline.training.loop import train as run_training
 
     try:
         steps = [int(s) for s in step_epochs.split(",") if s.strip()]

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.datasets import DatasetError, label_crops, list_images, read_label_table
-from pipeline.embed import INPUT_HEIGHT, INPUT_WIDTH, resize_crop
-from pipeline.imaging import ImageDecodeError, decode_image, load_image
-from pipeline.training.losses import UNLABELLED
+from reidx.pipeline.datasets import DatasetError, label_crops, list_images, read_label_table
+from reidx.pipeline.embed import INPUT_HEIGHT, INPUT_WIDTH, resize_crop
+from reidx.pipeline.imaging import ImageDecodeError, decode_image, load_image
+from reidx.pipeline.training.losses import UNLABELLED
 
 TABLE_SUFFIXES = {".csv", ".parquet"}
 CROP_BYTES = INPUT_HEIGHT * INPUT_WIDTH * 3

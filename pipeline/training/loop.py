@@ -31,13 +31,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.embed import resolve_device
-from pipeline.models.osnet import OSNET_CHANNELS, build_osnet, infer_osnet_arch, load_osnet_state
-from pipeline.models.weights import load_state_dict, resolve_weights
-from pipeline.training.augment import Augment
-from pipeline.training.data import TrainingSet, load_training_set
-from pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_logits
-from pipeline.training.sampler import PKSampler
+from reidx.pipeline.embed import resolve_device
+from reidx.pipeline.models.osnet import OSNET_CHANNELS, build_osnet, infer_osnet_arch, load_osnet_state
+from reidx.pipeline.models.weights import load_state_dict, resolve_weights
+from reidx.pipeline.training.augment import Augment
+from reidx.pipeline.training.data import TrainingSet, load_training_set
+from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_logits
+from reidx.pipeline.training.sampler import PKSampler
 
 LOSSES = ("id", "triplet", "oim")
 CHECKPOINT_FORMAT = 1
@@ -175,8 +175,8 @@ def _check_resumable(saved: dict, config: TrainConfig, data: TrainingSet, path: 
 
 def validate(weights: Path, config: TrainConfig) -> dict:
     """mAP/CMC of a checkpoint on the validation split, by the code behind ``reidx evaluate``."""
-    from indexers.evaluation import embed_side, evaluate_split
-    from pipeline.embed import build_embedder
+    from reidx.indexers.evaluation import embed_side, evaluate_split
+    from reidx.pipeline.embed import build_embedder
 
     embedder = build_embedder(str(weights), device=config.device)
     query = embed_side([config.val_query], embedder)
