@@ -9,7 +9,12 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-_API = {}
+_API = {
+    "Embedder": ("reidx.api", "Embedder"),
+    "Gallery": ("reidx.api", "Gallery"),
+    "evaluate": ("reidx.api", "evaluate"),
+    "Detector": ("reidx.pipeline.detect", "Detector"),
+}
 
 __all__ = ["__version__", *_API]
 

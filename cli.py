@@ -1,8 +1,14 @@
-"""The ``reidx`` command line: a thin click layer over functions the tests call directly.
+"""The ``reidx`` command line: a thin click layer over the Python API (``api.py``) and the stages.
 
-Every command has ``--help``; commands that report take ``--json`` and then print exactly one
-JSON object on stdout (progress bars and warnings go to stderr). Errors the user can fix print
-one ``Error: ...`` line and exit with status 1; set ``REIDX_DEBUG=1`` for the traceback.
+One vocabulary across commands (docs/cli.md): the same option means the same thing everywhere
+(``--weights`` is always the ReID embedder, ``--detector`` the person detector, ``--batch-size``
+items per forward pass, ``--out`` what the command creates), and ``--json`` prints exactly one
+JSON object on stdout whose keys follow one naming (``images``, ``images_failed``, ``persons``,
+``failures``, ``wall_s``, …). Progress and warnings go to stderr.
+
+Exit status: 0 done; 1 a user error (one ``Error: ...`` line on stderr; ``REIDX_DEBUG=1`` shows
+the traceback); 2 with ``--strict``, when some inputs failed; 130 interrupted. Only click is
+imported at start-up: ``reidx --help`` and argument errors answer at once.
 """
 
 from __future__ import annotations
@@ -10,26 +16,152 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import click
 
 DEFAULT_WEIGHTS = "osnet_x0_25_msmt17"
+DEFAULT_DETECTOR = "yolox_nano.onnx"
+DEFAULT_MAX_PIXELS = 50_000_000  # = reidx.pipeline.imaging.DEFAULT_MAX_PIXELS (checked by a test; no import here)
+EXIT_USER_ERROR, EXIT_INPUTS_FAILED, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _user_error_types() -> tuple[type, ...]:
+    """Failures a user can fix, shown as one line (imported only when something failed)."""
+    from reidx.pipeline.datasets import DatasetError
+    from reidx.pipeline.lock import GalleryLockedError
+    from reidx.pipeline.models.weights import WeightsError
+
+    return WeightsError, DatasetError, ValueError, ImportError, FileNotFoundError, GalleryLockedError
 
 
 class ReidxGroup(click.Group):
-    """Turns expected failures (bad paths, weights, labels) into one clear line instead of a traceback."""
+    """Every error is one ``Error:`` line and exit status 1 — usage errors too (click's default is 2,
+    which reidx keeps for "some inputs failed")."""
 
     def invoke(self, ctx):
-        from reidx.pipeline.datasets import DatasetError
-        from reidx.pipeline.lock import GalleryLockedError
-        from reidx.pipeline.models.weights import WeightsError
-
         try:
             return super().invoke(ctx)
-        except (WeightsError, DatasetError, ValueError, ImportError, FileNotFoundError, GalleryLockedError) as exc:
-            if os.environ.get("REIDX_DEBUG"):
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            if os.environ.get("REIDX_DEBUG") or not isinstance(exc, _user_error_types()):
                 raise
             raise click.ClickException(str(exc)) from None
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args=args, prog_name=prog_name or "reidx", standalone_mode=False, **extra)
+        except click.ClickException as exc:
+            hint = ""
+            if isinstance(exc, click.UsageError) and exc.ctx is not None:
+                hint = f" (see '{exc.ctx.command_path} --help')"
+            click.echo(f"Error: {exc.format_message()}{hint}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("Interrupted: everything committed so far is kept; rerun the same command to resume.",
+                       err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _options(*options):
+    """Apply a list of click options in the order listed (one definition shared by several commands)."""
+    def apply(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return apply
+
+
+def _out(*suffixes: str, help: str, required: bool = True):
+    """``--out/-o`` for a file: its suffix must say what is written (``x.csv`` would silently be Parquet)."""
+    def check(ctx, param, value):
+        if value is not None and not str(value).lower().endswith(suffixes):
+            raise click.BadParameter(f"{value!r} must end with {' or '.join(suffixes)}", ctx, param)
+        return value
+    return click.option("--out", "-o", required=required, type=click.Path(dir_okay=False), callback=check, help=help)
+
+
+weights_option = click.option("--weights", "-w", default=DEFAULT_WEIGHTS, show_default=True,
+                              help="ReID embedder weights: a file path or a known model name.")
+backend_option = click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto",
+                              show_default=True, help="auto: onnxruntime on CPU when installed (fastest there), "
+                                                      "else torch; both run the same weights (extra reidx[onnx]).")
+device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                             show_default=True, help="auto uses CUDA when torch sees a GPU.")
+precision_option = click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32",
+                                show_default=True, help="bf16 autocast is faster but less exact (README: Speed).")
+max_pixels_option = click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS,
+                                 show_default=True, help="Images larger than this are refused before decoding.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+strict_option = click.option("--strict", is_flag=True, help="Exit 2 when any image or source failed.")
+gpu_option = click.option("--gpu", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                          help="Faiss on the GPU: auto uses one when Faiss reports it (faiss-gpu, reidx[gpu]).")
+
+
+def batch_size_option(default: int, what: str):
+    return click.option("--batch-size", type=click.IntRange(1), default=default, show_default=True,
+                        help=f"{what} per forward pass.")
+
+
+embedder_options = _options(weights_option, backend_option, device_option, precision_option,
+                            batch_size_option(32, "Crops"), max_pixels_option)
+rerank_options = _options(
+    click.option("--rerank", type=click.Choice(["none", "k-reciprocal", "sim", "sim-graph"]), default="none",
+                 show_default=True, help="Re-rank the cosine ranking: k-reciprocal (Zhong et al. 2017), sim (Jia "
+                                         "et al. 2020), sim-graph (SIM's graph reasoning alone)."),
+    click.option("--rerank-preset", type=click.Choice(["safe", "published"]), default="safe", show_default=True,
+                 help="Parameters --k1/--k2/--lambda start from: safe (shipped defaults, README: Re-ranking) or "
+                      "published (the papers')."),
+    click.option("--k1", type=click.IntRange(1),
+                 help="k-reciprocal neighbourhood size (k-reciprocal: safe 15, published 20; sim: 3 / 20)."),
+    click.option("--k2", type=click.IntRange(1), help="Local query expansion size (k-reciprocal; default 6)."),
+    click.option("--lambda", "lambda_value", type=click.FloatRange(0, 1),
+                 help="Weight of the original distance in the re-ranked one (k-reciprocal, sim; default 0.3)."),
+)
+# `reidx index` and the indexing half of `reidx nightly`
+index_job_options = _options(
+    click.option("--out", "-o", "gallery", required=True, type=click.Path(file_okay=False),
+                 help="Gallery folder (shards/, ledger/, gallery.json); created if missing."),
+    weights_option, backend_option, device_option, max_pixels_option,
+    click.option("--task-size", type=click.IntRange(1), default=256, show_default=True,
+                 help="Images per Dask task (each task writes one shard)."),
+    click.option("--workers", type=click.IntRange(1),
+                 help="Local worker processes, one thread each [default: one per core, measured best]."),
+    click.option("--scheduler", help="Address of an existing Dask scheduler (default: a local cluster)."),
+    strict_option,
+)
+# `reidx build-index` and the index half of `reidx nightly`
+index_build_options = _options(
+    click.option("--type", "index_type", type=click.Choice(["auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq"]),
+                 default="auto", show_default=True,
+                 help="auto: exact (flat) up to 100,000 detections, ivf-sq8 above (nlist ≈ 4·√N). ivf-sq8: 4× "
+                      "less memory than ivf-flat; ivf-pq: 32× less, much lower recall."),
+    click.option("--nlist", type=click.IntRange(1), help="IVF lists [default: ≈ 4·√N, ≥ 39 vectors per list]."),
+    gpu_option,
+    click.option("--knn", "knn_k", type=click.IntRange(0), default=30, show_default=True,
+                 help="Store each gallery item's k nearest gallery neighbours (for re-ranking); 0: none."),
+    click.option("--rebuild", is_flag=True, help="Retrain from scratch instead of adding new shards."),
+)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty()
+
+
+def _log(line: str) -> None:
+    click.echo(line, err=True)
+
+
+def _emit(report: dict, as_json: bool, text) -> None:
+    """One JSON object, or the human lines ``text(report)`` returns."""
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        for line in text(report):
+            click.echo(line)
 
 
 @click.group(cls=ReidxGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,97 +170,46 @@ def main():
     """reidx: find people in large image archives and ask where else they appear.
 
     Weights are given by file path or known name (e.g. osnet_x0_25_msmt17); names are looked
-    up in $REIDX_MODEL_DIR, then ~/.cache/reidx/models.
+    up in $REIDX_MODEL_DIR, then ~/.cache/reidx/models. Exit status: 0 done, 1 user error,
+    2 some inputs failed (--strict), 130 interrupted. Option and JSON names: docs/cli.md.
     """
-
-
-# Options shared by every command that embeds crops, defined once so they read the same everywhere.
-def embedder_options(func):
-    options = [
-        click.option("--weights", "-w", default=DEFAULT_WEIGHTS, show_default=True,
-                     help="ReID weights: a file path or a known model name."),
-        click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
-                     help="auto: onnxruntime on CPU when installed (fastest there), else torch. "
-                          "Both run the same weights; onnx needs the extra reidx[onnx]."),
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="auto uses CUDA when torch sees a GPU."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-                     help="bf16 autocast is faster but less exact (see README: Speed)."),
-        click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
-                     help="Crops per forward pass."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-# Re-ranking options, shared by `evaluate` and `query` so both run the same code the same way.
-def rerank_options(func):
-    options = [
-        click.option("--rerank", type=click.Choice(["none", "k-reciprocal", "sim", "sim-graph"]), default="none",
-                     show_default=True, help="Re-rank the cosine ranking: k-reciprocal (Zhong et al. 2017), sim (Jia "
-                                             "et al. 2020), sim-graph (SIM's graph reasoning alone)."),
-        click.option("--rerank-preset", type=click.Choice(["safe", "published"]), default="safe", show_default=True,
-                     help="Parameters --k1/--k2/--lambda start from: safe (shipped defaults, never below plain "
-                          "ranking on dense or sparse galleries, README: Re-ranking) or published (the papers')."),
-        click.option("--k1", type=click.IntRange(1),
-                     help="k-reciprocal neighbourhood size (k-reciprocal: safe 15, published 20; sim: 3 / 20)."),
-        click.option("--k2", type=click.IntRange(1), help="Local query expansion size (k-reciprocal; default 6)."),
-        click.option("--lambda", "lambda_value", type=click.FloatRange(0, 1),
-                     help="Weight of the original distance in the re-ranked one (k-reciprocal, sim; default 0.3)."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-
-
-def _progress() -> bool:
-    return sys.stderr.isatty()
-
-
-def _embedder(weights, backend, device, precision):
-    from reidx.pipeline.embed import build_embedder
-
-    return build_embedder(weights, backend=backend, device=device, precision=precision)
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output Parquet file.")
+@_out(".parquet", help="Output Parquet file.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False),
               help="CSV/Parquet table (path, person_id, camera) for images not in Market-1501 naming.")
 @embedder_options
 @json_option
-def embed(inputs, out, labels, weights, backend, device, precision, batch_size, as_json):
+def embed(inputs, out, labels, weights, backend, device, precision, batch_size, max_pixels, as_json):
     """Embed person crops (files, folders, globs) into a Parquet table.
 
     One row per image: path, person_id and camera (from Market-1501 naming such as
     0001_c1s1_001051_00.jpg, or --labels), the unit-length embedding, and an error column
     for images that could not be decoded (their embedding is null).
     """
+    from reidx.api import Embedder
+    from reidx.pipeline.atomic import write_parquet_atomic
     from reidx.pipeline.datasets import label_crops, list_images
-    from reidx.pipeline.embed import embed_files
-    from reidx.pipeline.embedding_table import build_table, write_parquet_atomic
+    from reidx.pipeline.embedding_table import build_table
 
+    started = time.perf_counter()
     paths = list_images(list(inputs))
     if not paths:
         raise click.ClickException("no images found in the inputs")
-    embedder = _embedder(weights, backend, device, precision)
+    embedder = Embedder(weights, backend=backend, device=device, precision=precision, batch_size=batch_size)
     crops = label_crops(paths, labels)
-    result = embed_files(embedder, crops["path"].to_pylist(), batch_size=batch_size, progress=_progress())
+    result = embedder.embed_files(crops["path"].to_pylist(), max_pixels=max_pixels, progress=_progress())
     write_parquet_atomic(build_table(crops, result, embedder.info), out)
-    failed = [(p, e) for p, e in zip(crops["path"].to_pylist(), result.errors) if e]
-    report = {"out": str(out), "num_images": len(paths), "num_embedded": len(paths) - len(failed),
-              "num_failed": len(failed), "embedder": embedder.info.id, "dim": embedder.info.dim}
-    if as_json:
-        click.echo(json.dumps(report))
-    else:
-        for path, err in failed:
-            click.echo(f"skipped {path}: {err}", err=True)
-        click.echo(f"embedded {report['num_embedded']}/{len(paths)} images with {embedder.info.id} → {out}")
+    failures = [{"path": p, "reason": e} for p, e in zip(crops["path"].to_pylist(), result.errors) if e]
+    report = {"out": str(out), "images": len(paths), "images_failed": len(failures),
+              "persons": len(paths) - len(failures), "failures": failures, "embedder": embedder.info.id,
+              "dim": embedder.info.dim, "wall_s": round(time.perf_counter() - started, 2)}
+    if not as_json:
+        for failure in failures:
+            _log(f"skipped {failure['path']}: {failure['reason']}")
+    _emit(report, as_json, lambda r: [f"embedded {r['persons']}/{r['images']} images with {r['embedder']} → {out}"])
 
 
 @main.command()
@@ -142,7 +223,7 @@ def embed(inputs, out, labels, weights, backend, device, precision, batch_size, 
 @embedder_options
 @json_option
 def evaluate(query_inputs, gallery_inputs, labels, rerank, rerank_preset, k1, k2, lambda_value, weights, backend,
-             device, precision, batch_size, as_json):
+             device, precision, batch_size, max_pixels, as_json):
     """Evaluate ReID retrieval on a labelled query/gallery split.
 
     Market-1501 protocol: same id and same camera ignored, junk (id -1) removed from the
@@ -151,75 +232,73 @@ def evaluate(query_inputs, gallery_inputs, labels, rerank, rerank_preset, k1, k2
 
       reidx evaluate --query DATA/query --gallery DATA/bounding_box_test --weights osnet_x0_25_msmt17
     """
-    from reidx.indexers.evaluation import embed_side, evaluate_split, is_embedded_table
+    from reidx.api import Embedder
+    from reidx.indexers.evaluation import evaluate_split
     from reidx.indexers.rerank import params_from_options
+    from reidx.pipeline.labelled_split import embed_side, is_embedded_table
 
-    rerank_params = params_from_options(rerank, preset=rerank_preset, k1=k1, k2=k2, lambda_value=lambda_value)
+    started = time.perf_counter()
+    params = params_from_options(rerank, preset=rerank_preset, k1=k1, k2=k2, lambda_value=lambda_value)
     needs_model = not all(is_embedded_table(list(s)) for s in (query_inputs, gallery_inputs))
-    embedder = _embedder(weights, backend, device, precision) if needs_model else None
-    query = embed_side(list(query_inputs), embedder, labels, batch_size, _progress())
-    gallery = embed_side(list(gallery_inputs), embedder, labels, batch_size, _progress())
-    metrics = evaluate_split(query, gallery, rerank, rerank_params)
-    report = metrics.as_percent_dict()
-    report["num_failed_images"] = query.num_failed + gallery.num_failed
+    embedder = Embedder(weights, backend=backend, device=device, precision=precision) if needs_model else None
+    query, gallery = (embed_side(list(side), embedder and embedder.model, labels, batch_size, _progress(), max_pixels)
+                      for side in (query_inputs, gallery_inputs))
+    report = evaluate_split(query, gallery, rerank, params).as_percent_dict()
+    report.update(images_failed=query.num_failed + gallery.num_failed, rerank=rerank,
+                  wall_s=round(time.perf_counter() - started, 2))
     if embedder is not None:
         report["embedder"] = embedder.info.id
-    report["rerank"] = rerank
-    if as_json:
-        click.echo(json.dumps(report))
-        return
-    if rerank != "none":
-        click.echo(f"re-ranked with {rerank}")
-    click.echo(f"queries {report['num_query']} (skipped without a valid match: {report['num_query_skipped']}), "
-               f"gallery {report['num_gallery']}")
-    for key, label in (("mAP", "mAP"), ("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"),
-                       ("mINP", "mINP")):
-        click.echo(f"{label:>8}: {report[key]:6.2f}%")
+
+    def text(r):
+        if rerank != "none":
+            yield f"re-ranked with {rerank}"
+        yield (f"queries {r['queries']} (skipped without a valid match: {r['queries_skipped']}), "
+               f"gallery {r['gallery_items']}")
+        for key, label in (("mAP", "mAP"), ("rank1", "Rank-1"), ("rank5", "Rank-5"), ("rank10", "Rank-10"),
+                           ("mINP", "mINP")):
+            yield f"{label:>8}: {r[key]:6.2f}%"
+    _emit(report, as_json, text)
 
 
-@main.command()
-@click.argument("manifests", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "-o", "gallery", required=True, type=click.Path(file_okay=False),
-              help="Gallery folder (shards/, ledger/, gallery.json); created if missing.")
-@click.option("--scheduler", help="Address of an existing Dask scheduler (default: a local cluster).")
-@click.option("--workers", type=click.IntRange(1), help="Local worker processes, one thread each (default: one per core, measured best).")
-@click.option("--weights", "-w", default=DEFAULT_WEIGHTS, show_default=True, help="ReID weights: path or known name.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True,
-              help="Embedding backend inside the workers (see `reidx embed --help`).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
-              help="Images per Dask task (one shard each).")
-@click.option("--max-pixels", type=click.IntRange(1), default=50_000_000, show_default=True,
-              help="Images larger than this are refused before decoding.")
-@click.option("--strict", is_flag=True, help="Exit 2 when any image or source failed.")
-@json_option
-def index(manifests, gallery, scheduler, workers, weights, backend, device, batch_size, max_pixels, strict, as_json):
-    """Index the images of MANIFEST(s) into a gallery: the nightly job.
+def _index_text(r: dict):
+    yield (f"images {r['images']}: new {r['images_new']}, skipped (already indexed) {r['images_skipped']}, "
+           f"failed {r['images_failed']}")
+    for reason, count in sorted(r["failed_by_reason"].items()):
+        yield f"  failed: {count} × {reason}"
+    for name, reason in r["sources_failed"].items():
+        yield f"  source {name} not indexed: {reason}"
+    yield f"persons {r['persons']}, {r['wall_s']} s, {r['images_per_s']} images/s"
 
-    Lists every source, skips images the gallery's ledger already holds, and runs batches on
-    Dask workers that read, decode, embed and write Parquet shards. Safe to kill and rerun:
-    the rerun finishes the job with no image lost or counted twice. Failures (corrupt images,
-    unsafe archive members, missing sources) are recorded with their reason; see `reidx ledger`.
-    """
+
+def _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler) -> dict:
     from reidx.pipeline.job import run_index
 
     if scheduler and workers:
         raise click.UsageError("--scheduler and --workers exclude each other")
-    summary = run_index(list(manifests), gallery, weights=weights, backend=backend, device=device, workers=workers,
-                        scheduler=scheduler, batch_size=batch_size, max_pixels=max_pixels, progress=_progress(),
-                        log=lambda line: click.echo(line, err=True))
-    if as_json:
-        click.echo(json.dumps(summary))
-    else:
-        click.echo(f"images seen {summary['images_seen']}, new {summary['images_new']}, "
-                   f"skipped (already indexed) {summary['images_skipped']}, failed {summary['images_failed']}")
-        for reason, count in sorted(summary["failed_by_reason"].items()):
-            click.echo(f"  failed: {count} × {reason}")
-        for name, reason in summary["sources_failed"].items():
-            click.echo(f"  source {name} not indexed: {reason}")
-        click.echo(f"persons {summary['persons']}, {summary['wall_s']} s, {summary['images_per_s']} images/s")
-    if strict and (summary["images_failed"] or summary["sources_failed"]):
-        sys.exit(2)
+    return run_index(list(manifests), gallery, weights=weights, backend=backend, device=device, workers=workers,
+                     scheduler=scheduler, batch_size=task_size, max_pixels=max_pixels, progress=_progress(), log=_log)
+
+
+def _failed(summary: dict) -> bool:
+    return bool(summary["images_failed"] or summary["sources_failed"])
+
+
+@main.command()
+@click.argument("manifests", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@index_job_options
+@json_option
+def index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler, strict, as_json):
+    """Index the images of MANIFEST(s) into a gallery: the nightly job.
+
+    Lists every source, skips images the gallery's ledger already holds, and runs batches on
+    Dask workers that read, decode, detect (frames), embed and write Parquet shards. Safe to kill
+    and rerun: the rerun finishes the job with no image lost or counted twice. Failures (corrupt
+    images, unsafe archive members, missing sources) are recorded with their reason; see `reidx ledger`.
+    """
+    summary = _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler)
+    _emit(summary, as_json, _index_text)
+    if strict and _failed(summary):
+        sys.exit(EXIT_INPUTS_FAILED)
 
 
 @main.command()
@@ -235,33 +314,28 @@ def ledger(gallery, failed, as_json):
     table = latest(gallery)
     if failed:
         table = table.filter(pc.equal(table["status"], "failed"))
-        rows = [{"image_key": k, "reason": r} for k, r in zip(table["image_key"].to_pylist(),
-                                                              table["reason"].to_pylist())]
-        if as_json:
-            click.echo(json.dumps({"failed": rows}))
-        else:
-            for row in rows:
-                click.echo(f"{row['image_key']}\t{row['reason']}")
+        failures = [{"image_key": k, "reason": r} for k, r in zip(table["image_key"].to_pylist(),
+                                                                 table["reason"].to_pylist())]
+        _emit({"gallery": str(gallery), "failures": failures}, as_json,
+              lambda r: (f"{f['image_key']}\t{f['reason']}" for f in r["failures"]))
         return
     statuses = table["status"].to_pylist()
-    report = {"images": len(statuses), "ok": statuses.count("ok"), "failed": statuses.count("failed"),
-              "persons": int(pc.sum(table["num_persons"]).as_py() or 0)}
-    click.echo(json.dumps(report) if as_json else
-               f"{report['images']} images: {report['ok']} ok, {report['failed']} failed; {report['persons']} persons")
+    report = {"gallery": str(gallery), "images": len(statuses), "images_ok": statuses.count("ok"),
+              "images_failed": statuses.count("failed"), "persons": int(pc.sum(table["num_persons"]).as_py() or 0)}
+    _emit(report, as_json, lambda r: [f"{r['images']} images: {r['images_ok']} ok, {r['images_failed']} failed; "
+                                      f"{r['persons']} persons"])
 
 
 @main.command()
 @click.argument("images", nargs=-1, required=True)
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output Parquet file.")
+@_out(".parquet", help="Output Parquet file.")
 @click.option("--crops", "crops_dir", type=click.Path(file_okay=False),
-              help="Also save each person crop here as <frame>_<k>.jpg.")
+              help="Also save each person crop here as <frame>_<k>.jpg (the pixels the embedder sees).")
 @click.option("--draw", "draw_dir", type=click.Path(file_okay=False),
               help="Also save each frame with its boxes drawn here, for looking.")
-@click.option("--weights", "-w", default="yolox_nano.onnx", show_default=True,
+@click.option("--detector", default=DEFAULT_DETECTOR, show_default=True,
               help="Detector weights: a known name (yolox_nano.onnx, yolox_nano … yolox_x) or a .onnx/.pth path.")
-@click.option("--backend", type=click.Choice(["torch", "onnx", "auto"]), default="torch", show_default=True,
-              help="torch: our YOLOX (any weights, CUDA when present). onnx: onnxruntime on an ONNX export "
-                   "(same boxes). auto: onnxruntime for ONNX weights on CPU, else torch.")
+@backend_option
 @click.option("--input-size", type=click.IntRange(32), default=None,
               help="Square canvas side, a multiple of 32 [default: 416 for Nano/Tiny and the ONNX export, "
                    "640 others]. Larger finds smaller people, slower: in full-HD frames Nano at 416 misses many "
@@ -273,14 +347,14 @@ def ledger(gallery, failed, as_json):
 @click.option("--min-height", type=click.FloatRange(0), default=0.0, show_default=True,
               help="Drop boxes shorter than this, in frame pixels.")
 @click.option("--max-detections", type=click.IntRange(1), default=100, show_default=True, help="Per frame, best first.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="auto uses CUDA when torch sees a GPU.")
+@device_option
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16 autocast (torch backend) moves boxes and flips near-threshold ones; not for production.")
-@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="Frames per forward pass.")
+@batch_size_option(8, "Frames")
+@max_pixels_option
 @json_option
-def detect(images, out, crops_dir, draw_dir, weights, backend, input_size, score_threshold, nms_iou, min_height,
-           max_detections, device, precision, batch_size, as_json):
+def detect(images, out, crops_dir, draw_dir, detector, backend, input_size, score_threshold, nms_iou, min_height,
+           max_detections, device, precision, batch_size, max_pixels, as_json):
     """Detect people in full frames (files, folders, globs) into a Parquet table.
 
     One row per person: path, detection (index in the frame, best first), frame_width,
@@ -290,59 +364,48 @@ def detect(images, out, crops_dir, draw_dir, weights, backend, input_size, score
       reidx detect frames/ --out detections.parquet --draw boxes/
     """
     from reidx.pipeline.datasets import list_images
-    from reidx.pipeline.detect import Detector, PostProcess, detect_to_parquet
+    from reidx.pipeline.detect import Detector, PostProcess
+    from reidx.pipeline.detect_output import detect_to_parquet
 
+    started = time.perf_counter()
     paths = list_images(list(images))
     if not paths:
         raise click.ClickException("no images found in the inputs")
     options = PostProcess(score_threshold, nms_iou, min_height, max_detections)
-    detector = Detector(weights, backend=backend, device=device, input_size=input_size, options=options,
-                        precision=precision)
-    report = detect_to_parquet(detector, paths, out, crops_dir, draw_dir, batch_size, progress=_progress())
-    if as_json:
-        click.echo(json.dumps(report))
-    else:
-        for path, err in report["failed"].items():
-            click.echo(f"skipped {path}: {err}", err=True)
-        click.echo(f"{report['num_detections']} people in {report['num_frames'] - report['num_failed']}/"
-                   f"{report['num_frames']} frames with {report['detector']} at {report['input_size']} → {out}")
+    model = Detector(detector, backend=backend, device=device, input_size=input_size, options=options,
+                     precision=precision)
+    report = detect_to_parquet(model, paths, out, crops_dir, draw_dir, batch_size, progress=_progress(),
+                               max_pixels=max_pixels)
+    report["wall_s"] = round(time.perf_counter() - started, 2)
+    if not as_json:
+        for failure in report["failures"]:
+            _log(f"skipped {failure['path']}: {failure['reason']}")
+    _emit(report, as_json, lambda r: [f"{r['persons']} people in {r['images'] - r['images_failed']}/{r['images']} "
+                                      f"frames with {r['detector']} at {r['input_size']} → {out}"])
 
 
 # --- retrieval: index, query, export ---------------------------------------------------------------
 
-def index_options(func):
-    """Options of `build-index`, shared with `nightly`."""
-    options = [
-        click.option("--type", "index_type", type=click.Choice(["auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq"]),
-                     default="auto", show_default=True,
-                     help="auto: exact (flat) up to 100,000 detections, ivf-sq8 above (nlist ≈ 4·√N). ivf-sq8: 4× "
-                          "less memory than ivf-flat; ivf-pq: 32× less, much lower recall."),
-        click.option("--nlist", type=click.IntRange(1), help="IVF lists [default: ≈ 4·√N, ≥ 39 vectors per list]."),
-        click.option("--gpu", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-                     help="auto: train and search on the GPU when Faiss reports one (faiss-gpu, reidx[gpu])."),
-        click.option("--knn", "knn_k", type=click.IntRange(0), default=30, show_default=True,
-                     help="Store each gallery item's k nearest gallery neighbours (for re-ranking); 0: none."),
-        click.option("--rebuild", is_flag=True, help="Retrain from scratch instead of adding new shards."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def _echo_build(summary: dict) -> None:
-    if summary["mode"] == "unchanged":
-        click.echo(f"index {summary['version']} is up to date: {summary['count']} detections ({summary['type']})")
+def _build_text(r: dict):
+    if r["mode"] == "unchanged":
+        yield f"index {r['index_version']} is up to date: {r['persons']} detections ({r['index_type']})"
         return
-    line = f"{summary['mode']} build {summary['version']}: {summary['count']} detections in {summary['type']}"
-    if summary.get("nprobe"):
-        line += (f" (nlist {summary['nlist']}, nprobe {summary['nprobe']}: recall@10 {summary['recall_at_10']:.3f}, "
-                 f"recall@100 {summary['recall_at_100']:.3f})")
-    click.echo(line + f", {summary['seconds']} s" + (f" — {summary['reason']}" if summary.get("reason") else ""))
+    line = f"{r['mode']} build {r['index_version']}: {r['persons']} detections in {r['index_type']}"
+    if r.get("nprobe"):
+        line += (f" (nlist {r['nlist']}, nprobe {r['nprobe']}: recall@10 {r['recall_at_10']:.3f}, "
+                 f"recall@100 {r['recall_at_100']:.3f})")
+    yield line + f", {r['wall_s']} s" + (f" — {r['reason']}" if r.get("reason") else "")
+
+
+def _build_index(gallery, index_type, nlist, gpu, knn_k, rebuild) -> dict:
+    from reidx.indexers.build import build_index
+
+    return build_index(gallery, index_type=index_type, nlist=nlist, gpu=gpu, knn_k=knn_k, rebuild=rebuild, log=_log)
 
 
 @main.command("build-index")
 @click.argument("gallery", type=click.Path(exists=True, file_okay=False))
-@index_options
+@index_build_options
 @json_option
 def build_index_command(gallery, index_type, nlist, gpu, knn_k, rebuild, as_json):
     """Build or update GALLERY's Faiss index (and its kNN graph) from its committed shards.
@@ -352,53 +415,39 @@ def build_index_command(gallery, index_type, nlist, gpu, knn_k, rebuild, as_json
     rerun adds only new shards; it retrains when the gallery has doubled since training. The new
     version replaces the old one atomically: running queries are never disturbed.
     """
-    from reidx.indexers.faiss_index import build_index
-
-    summary = build_index(gallery, index_type=index_type, nlist=nlist, gpu=gpu, knn_k=knn_k, rebuild=rebuild,
-                          log=lambda line: click.echo(line, err=True))
-    click.echo(json.dumps(summary)) if as_json else _echo_build(summary)
+    _emit(_build_index(gallery, index_type, nlist, gpu, knn_k, rebuild), as_json, _build_text)
 
 
 @main.command()
 @click.argument("manifests", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--out", "-o", "gallery", required=True, type=click.Path(file_okay=False), help="Gallery folder.")
-@click.option("--weights", "-w", default=DEFAULT_WEIGHTS, show_default=True, help="ReID weights: path or known name.")
-@click.option("--workers", type=click.IntRange(1), help="Local worker processes (default: one per core).")
-@click.option("--scheduler", help="Address of an existing Dask scheduler (default: a local cluster).")
-@index_options
-@click.option("--strict", is_flag=True, help="Exit 2 when any image or source failed (the index is still built).")
+@index_job_options
+@index_build_options
 @json_option
-def nightly(manifests, gallery, weights, workers, scheduler, index_type, nlist, gpu, knn_k, rebuild, strict, as_json):
+def nightly(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler, strict,
+            index_type, nlist, gpu, knn_k, rebuild, as_json):
     """The nightly run: `reidx index` the manifests, then `reidx build-index` the gallery.
 
-    Both steps are incremental and safe to rerun after a crash.
+    Takes every option of both. Both steps are incremental and safe to rerun after a crash;
+    with --strict the index is still built before the exit status says that inputs failed.
     """
-    from reidx.indexers.faiss_index import build_index
-    from reidx.pipeline.job import run_index
-
-    if scheduler and workers:
-        raise click.UsageError("--scheduler and --workers exclude each other")
-    log = lambda line: click.echo(line, err=True)  # noqa: E731
-    indexed = run_index(list(manifests), gallery, weights=weights, workers=workers, scheduler=scheduler,
-                        progress=_progress(), log=log)
-    built = build_index(gallery, index_type=index_type, nlist=nlist, gpu=gpu, knn_k=knn_k, rebuild=rebuild, log=log)
-    if as_json:
-        click.echo(json.dumps({"index": indexed, "build_index": built}))
-    else:
-        click.echo(f"indexed {indexed['images_new']} new images ({indexed['persons']} persons, "
-                   f"{indexed['images_failed']} failed) in {indexed['wall_s']} s")
-        _echo_build(built)
-    if strict and (indexed["images_failed"] or indexed["sources_failed"]):
-        sys.exit(2)
+    started = time.perf_counter()
+    indexed = _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler)
+    built = _build_index(gallery, index_type, nlist, gpu, knn_k, rebuild)
+    report = {"index": indexed, "build_index": built, "wall_s": round(time.perf_counter() - started, 2)}
+    _emit(report, as_json, lambda r: [*_index_text(r["index"]), *_build_text(r["build_index"])])
+    if strict and _failed(indexed):
+        sys.exit(EXIT_INPUTS_FAILED)
 
 
 @main.command()
 @click.argument("gallery", type=click.Path(exists=True, file_okay=False))
 @click.argument("queries", nargs=-1, required=True)
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Ranked results (Parquet).")
+@_out(".parquet", help="Ranked results (Parquet).")
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write an HTML report (+ a _files/ folder).")
-@click.option("--report-top", type=click.IntRange(1), default=10, show_default=True, help="Gallery crops per query in the report.")
-@click.option("--top-k", type=click.IntRange(1), default=100, show_default=True, help="Ranked gallery detections per query.")
+@click.option("--report-top", type=click.IntRange(1), default=10, show_default=True,
+              help="Gallery crops per query in the report.")
+@click.option("--top-k", type=click.IntRange(1), default=100, show_default=True,
+              help="Ranked gallery detections per query.")
 @click.option("--detect", is_flag=True, help="Queries are full frames: every detected person becomes a query.")
 @click.option("--largest", is_flag=True, help="With --detect: only the largest person of each frame.")
 @rerank_options
@@ -410,13 +459,13 @@ def nightly(manifests, gallery, weights, workers, scheduler, index_type, nlist, 
               help="Also report mAP/rank-k/mINP from the labels (Market-1501 names or manifest labels); only "
                    "meaningful when queries and gallery share one label space.")
 @click.option("--weights", "-w", help="Check the gallery was embedded with these weights [default: the gallery's own].")
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnx"]), default="auto", show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--gpu", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
-              help="Search the index on the GPU when Faiss reports one.")
+@backend_option
+@device_option
+@gpu_option
+@max_pixels_option
 @json_option
 def query(gallery, queries, out, report, report_top, top_k, detect, largest, rerank, rerank_preset, k1, k2,
-          lambda_value, candidates, nprobe, score, weights, backend, device, gpu, as_json):
+          lambda_value, candidates, nprobe, score, weights, backend, device, gpu, max_pixels, as_json):
     """Find where the people in QUERIES appear in GALLERY.
 
     QUERIES are crop images, folders, globs or manifests (.toml). Each person is embedded with
@@ -432,35 +481,38 @@ def query(gallery, queries, out, report, report_top, top_k, detect, largest, rer
 
     if largest and not detect:
         raise click.UsageError("--largest needs --detect")
+    if report is not None and not report.lower().endswith((".html", ".htm")):
+        raise click.UsageError(f"--report {report!r} must end with .html")
     params = params_from_options(rerank, preset=rerank_preset, k1=k1, k2=k2, lambda_value=lambda_value)
     summary = run_query(gallery, list(queries), out, top_k=top_k, detect=detect, largest=largest, rerank=rerank,
                         rerank_params=params, candidates=candidates, nprobe=nprobe, weights=weights,
-                        backend=backend, device=device, gpu=gpu, progress=_progress(), score=score)
+                        backend=backend, device=device, gpu=gpu, max_pixels=max_pixels, progress=_progress(),
+                        score=score)
     if report:
         import pyarrow.parquet as pq
 
-        from reidx.indexers.faiss_index import load_index
         from reidx.indexers.report import write_report
+        from reidx.indexers.versions import load_index
 
         summary["report"] = write_report(pq.read_table(out), load_index(gallery, gpu="off").items, report,
-                                         top_n=report_top)
-    if as_json:
-        click.echo(json.dumps(summary))
-        return
-    click.echo(f"{summary['queries']} query persons → {summary['rows']} rows in {out} ({summary['seconds']} s)")
-    if summary["images_without_person"] or summary["images_failed"]:
-        click.echo(f"  {summary['images_without_person']} images without a person, {summary['images_failed']} failed")
-    if "metrics" in summary:
-        m = summary["metrics"]
-        click.echo(f"  labelled: mAP {m['mAP']:.2f}%, rank-1 {m['rank1']:.2f}% over {m['num_query']} queries "
-                   f"(top-{summary['top_k']} lists)")
-    if report:
-        click.echo(f"  report: {report}")
+                                         top_n=report_top, max_pixels=max_pixels)
+
+    def text(r):
+        yield f"{r['query_persons']} query persons → {r['rows']} rows in {out} ({r['wall_s']} s)"
+        if r["images_without_person"] or r["images_failed"]:
+            yield f"  {r['images_without_person']} images without a person, {r['images_failed']} failed"
+        if "metrics" in r:
+            m = r["metrics"]
+            yield (f"  labelled: mAP {m['mAP']:.2f}%, rank-1 {m['rank1']:.2f}% over {m['queries']} queries "
+                   f"(top-{r['top_k']} lists)")
+        if report:
+            yield f"  report: {report}"
+    _emit(summary, as_json, text)
 
 
 @main.command()
 @click.argument("gallery", type=click.Path(exists=True, file_okay=False))
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="Output Parquet file.")
+@_out(".parquet", help="Output Parquet file.")
 @click.option("--where", "where", help="Row filter in SQL (DuckDB), e.g. \"camera = '3' AND score > 0.5\".")
 @click.option("--columns", help="Comma-separated columns to keep [default: all but the embedding].")
 @click.option("--with-embeddings", is_flag=True, help="Keep the embedding column.")
@@ -469,19 +521,116 @@ def export(gallery, out, where, columns, with_embeddings, as_json):
     """Export GALLERY's detections (committed shards) with their metadata to one Parquet file."""
     from reidx.indexers.export import export_detections
 
+    started = time.perf_counter()
     summary = export_detections(gallery, out, where=where, columns=columns.split(",") if columns else None,
                                 with_embeddings=with_embeddings)
-    click.echo(json.dumps(summary) if as_json else f"{summary['rows']} detections → {out}")
+    summary["wall_s"] = round(time.perf_counter() - started, 2)
+    _emit(summary, as_json, lambda r: [f"{r['persons']} detections → {out}"])
 
 
-def _register_train() -> None:
-    """`reidx train` lives with the training code (pipeline/training/command.py)."""
-    from reidx.pipeline.training.command import train
+# --- fine-tuning ---------------------------------------------------------------------------------
 
-    main.add_command(train)
+LOSS_NAMES = ("id", "triplet", "oim")  # = reidx.pipeline.training.LOSSES (checked by a test; no import here)
 
 
-_register_train()
+def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
+    """``"id+triplet"`` and per-loss weights → {"id": w_id, "triplet": w_triplet}."""
+    names = [name.strip().lower() for name in spec.split("+") if name.strip()]
+    unknown = [n for n in names if n not in LOSS_NAMES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise click.BadParameter(f"{spec!r}: combine distinct names from {', '.join(LOSS_NAMES)} with '+', "
+                                 f"e.g. id+triplet", param_hint="--loss")
+    return {name: weights[name] for name in names}
+
+
+@main.command()
+@click.option("--data", required=True,
+              help="Training crops: a folder (or glob) in Market-1501 naming (PPPP_cC…) or a CSV/Parquet "
+                   "label table (path, person_id, camera). Person ids ≤ 0 count as unlabelled.")
+@click.option("--init", default=DEFAULT_WEIGHTS, show_default=True,
+              help="Weights to start from (file path or known name), or 'none' to train from scratch.")
+@click.option("--arch", default="osnet_x0_25", show_default=True,
+              help="OSNet width when training from scratch (a checkpoint's own width is used otherwise).")
+@_out(".pth", ".pt", help="Final checkpoint (.pth); the per-epoch resume checkpoint goes beside it as "
+                          "<name>.resume.pth.")
+@click.option("--loss", "loss_spec", default="id+triplet", show_default=True,
+              help="Losses to combine with '+': id (label-smoothed cross-entropy), triplet (batch-hard), "
+                   "oim (online instance matching).")
+@click.option("--id-weight", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--triplet-weight", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--oim-weight", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True)
+@click.option("--margin", type=click.FloatRange(0), default=0.3, show_default=True,
+              help="Triplet margin (ignored with --soft-margin).")
+@click.option("--soft-margin", is_flag=True, help="Triplet soft margin: log(1 + exp(d_ap − d_an)).")
+@click.option("--oim-scale", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
+              help="OIM 1/τ: similarities are multiplied by this before the softmax.")
+@click.option("--oim-momentum", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
+              help="OIM γ: table rows move as v ← γ·v + (1−γ)·x.")
+@click.option("--oim-queue", type=click.IntRange(0), default=5000, show_default=True,
+              help="OIM queue length for features of unlabelled crops (person id ≤ 0).")
+@click.option("--epochs", type=click.IntRange(1), default=12, show_default=True)
+@click.option("--p", "p", type=click.IntRange(2), default=16, show_default=True, help="Identities per batch.")
+@click.option("--k", "k", type=click.IntRange(2), default=4, show_default=True, help="Images per identity per batch.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3.5e-4, show_default=True,
+              help="Adam learning rate after warm-up.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=5e-4, show_default=True)
+@click.option("--warmup-epochs", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="Linear warm-up from 1% of --lr.")
+@click.option("--schedule", type=click.Choice(["cosine", "step"]), default="cosine", show_default=True,
+              help="Decay after warm-up: cosine to 1% of --lr at the last epoch, or ×0.1 at each --step-epochs.")
+@click.option("--step-epochs", default="", help="Comma-separated epochs for --schedule step, e.g. 8,11.")
+@device_option
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="auto: bf16 autocast where the CPU/GPU supports it, else fp32.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Batches, augmentation and new layers.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads for torch [default: one per core]. On a "
+              "machine shared with other busy processes, 1 can be several times faster than 2 (docs/training.md).")
+@click.option("--val-query", help="Validation query images: folder, glob or file (with --val-gallery).")
+@click.option("--val-gallery", help="Validation gallery images: folder, glob or file.")
+@click.option("--val-every", type=click.IntRange(0), default=0, show_default=True,
+              help="Validate every N epochs as well as after the last (0: after the last only).")
+@click.option("--resume", is_flag=True, help="Continue exactly from the last finished epoch of this --out.")
+@json_option
+def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weight, margin, soft_margin, oim_scale,
+          oim_momentum, oim_queue, epochs, p, k, lr, weight_decay, warmup_epochs, schedule, step_epochs, device,
+          precision, seed, threads, val_query, val_gallery, val_every, resume, as_json):
+    """Fine-tune an OSNet embedder on labelled person crops.
+
+    Starts from a published checkpoint (default osnet_x0_25_msmt17) with a new classifier sized
+    to the training identities; batches hold P identities × K images, augmented by flip,
+    pad-and-crop and random erasing. The final checkpoint loads like published weights:
+
+    \b
+      reidx train --data DATA/bounding_box_train --out model.pth
+      reidx evaluate --query DATA/query --gallery DATA/bounding_box_test --weights model.pth
+    """
+    try:
+        steps = [int(s) for s in step_epochs.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{step_epochs!r}: give comma-separated epoch numbers, e.g. 8,11",
+                                 param_hint="--step-epochs") from None
+    if schedule == "step" and not steps:
+        raise click.UsageError("--schedule step needs --step-epochs, e.g. --step-epochs 8,11")
+    losses = parse_losses(loss_spec, {"id": id_weight, "triplet": triplet_weight, "oim": oim_weight})
+    from reidx.indexers.evaluation import checkpoint_validator
+    from reidx.pipeline.training.loop import TrainConfig, train as run_training
+
+    config = TrainConfig(
+        data=str(data), out=str(out), init=None if init.lower() == "none" else init, arch=arch, losses=losses,
+        epochs=epochs, p=p, k=k, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
+        step_epochs=steps, margin=margin, soft_margin=soft_margin, oim_scale=oim_scale, oim_momentum=oim_momentum,
+        oim_queue=oim_queue, device=device, precision=precision, seed=seed, threads=threads,
+        val_query=val_query, val_gallery=val_gallery, val_every=val_every,
+    )
+    validate = checkpoint_validator(val_query, val_gallery, device) if val_query and val_gallery else None
+    summary = run_training(config, resume=resume, progress=_progress(), log=_log, validate=validate)
+
+    def text(r):
+        yield (f"trained {r['epochs']} epochs on {r['num_images']} crops of {r['num_identities']} identities "
+               f"({r['precision']}, {r['device']}, {r['train_images_per_s']} images/s, {r['wall_s']} s) → {r['out']}")
+        if r.get("validation"):
+            yield f"validation: mAP {r['validation']['mAP']:.2f}%, rank-1 {r['validation']['rank1']:.2f}%"
+    _emit(summary, as_json, text)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("REIDX_MODEL_DIR", str(REPO.parent / "shared" / "models"))
 
-from reidx.pipeline.detect import Detector, box_iou, letterbox  # noqa: E402
+from reidx.pipeline.boxes import box_iou  # noqa: E402
+from reidx.pipeline.detect import Detector, letterbox  # noqa: E402
 from reidx.pipeline.imaging import load_image  # noqa: E402
 
 
@@ -44,8 +45,8 @@ def fidelity(reference: list[np.ndarray], other: list[np.ndarray]) -> dict:
     worst = 1.0
     for a, b in zip(reference, other):
         if len(a) and len(b):
-            iou = box_iou(torch.from_numpy(a[:, :4]), torch.from_numpy(b[:, :4]))
-            worst = min(worst, iou.max(1).values.min().item(), iou.max(0).values.min().item())
+            iou = box_iou(a[:, :4], b[:, :4])
+            worst = min(worst, float(iou.max(1).min()), float(iou.max(0).min()))
         elif len(a) != len(b):
             worst = 0.0
     return {"same_count_every_frame": same_count, "min_matched_iou": round(worst, 4),

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("REIDX_MODEL_DIR", str(REPO.parent / "shared" / "models"))
 
 from reidx.pipeline.datasets import list_images  # noqa: E402
-from reidx.pipeline.embed import TorchEmbedder, build_embedder, embed_files, l2_normalise, resize_crop, to_input_tensor  # noqa: E402,E501
+from reidx.pipeline.embed import TorchEmbedder, build_embedder, l2_normalise, resize_crop, to_input_tensor  # noqa: E402,E501
+from reidx.pipeline.embed_files import embed_files  # noqa: E402
 from reidx.pipeline.imaging import load_image  # noqa: E402
 
 

@@ -19,7 +19,7 @@ for k-reciprocal (k1 20, k2 6, λ 0.3) and full SIM (published parameters).
   released codes, which cost 8.8 s and 8.6 s on this machine kind; written here from the steps).
   Its sorts are stable (ties by index, reidx's rule): the released codes' quicksort breaks
   exact ties arbitrarily, and this split has exact ties (duplicate-looking crops).
-- ``naive``: ``indexers.rerank_naive``, loop by loop; far too slow at full size (cubic), so it
+- ``naive``: ``tests/rerank_oracle.py``, loop by loop; far too slow at full size (cubic), so it
   is timed, with reidx_exact beside it, on a subset named in the JSON.
 
 ``--sparse-galleries`` / ``--select-defaults`` measure mAP, not time (issue 6, item 4): plain
@@ -149,7 +149,7 @@ def run_implementation(implementation: str, method: str, inputs: str, output: st
         from reidx.indexers.rerank import PUBLISHED, rerank
 
         if implementation != "reidx_exact":  # torch's default: one thread per core
-            indexers.rerank.RERANK_THREADS = None
+            reidx.indexers.rerank.RERANK_THREADS = None
             torch.set_num_threads(max(1, os.cpu_count() or 1))
         # The published parameters, as the dense-NumPy formulation and the reference costs use.
         run = (lambda: rerank("k-reciprocal", q_g, q_q, g_g, PUBLISHED)) if method == "k-reciprocal" else \
@@ -158,7 +158,8 @@ def run_implementation(implementation: str, method: str, inputs: str, output: st
         run = (lambda: dense_numpy_k_reciprocal(q_g, q_q, g_g)) if method == "k-reciprocal" else \
             (lambda: dense_numpy_sim(q_g, g_g))
     elif implementation == "naive":
-        from reidx.indexers.rerank_naive import naive_k_reciprocal_rerank, naive_sim_rerank
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test oracle lives with the tests
+        from rerank_oracle import naive_k_reciprocal_rerank, naive_sim_rerank
 
         run = (lambda: naive_k_reciprocal_rerank(q_g, q_q, g_g)) if method == "k-reciprocal" else \
             (lambda: naive_sim_rerank(q_g, g_g))
@@ -214,7 +215,7 @@ def in_subprocess(implementation, method, inputs, folder, repeats) -> tuple[dict
 
 def split_features(weights: str, cache: Path) -> dict:
     if not cache.exists():
-        from reidx.indexers.evaluation import embed_side
+        from reidx.pipeline.labelled_split import embed_side
         from reidx.pipeline.embed import TorchEmbedder
 
         embedder = TorchEmbedder(weights)
@@ -292,8 +293,10 @@ def describe(method: str, params) -> str:
 def map_scores(split: dict, seeds, settings: dict) -> tuple[list[tuple[str, int | None, int]], dict[str, np.ndarray]]:
     """mAP (percent) of plain ranking and of each setting (name → (method, params)) on every
     gallery draw of ``split``: the draws (density, seed, size), and one array per name (``plain`` included)."""
-    from reidx.indexers.metrics import cosine_distances, evaluate_ranking
-    from reidx.indexers.rerank import rerank, unit_euclidean
+    from reidx.indexers.distances import cosine_distances
+    from reidx.indexers.metrics import evaluate_ranking
+    from reidx.indexers.distances import unit_euclidean
+    from reidx.indexers.rerank import rerank
 
     query = split["query"]
     scores = {name: [] for name in ("plain", *settings)}
@@ -457,7 +460,7 @@ def main() -> None:
         return
 
     from reidx.indexers.metrics import evaluate_ranking
-    from reidx.indexers.rerank import unit_euclidean
+    from reidx.indexers.distances import unit_euclidean
 
     load_start = round(os.getloadavg()[0], 2)
     split = split_features(args.weights, Path(tempfile.gettempdir()) / f"reidx_rerank_bench_{args.weights}.npz")

@@ -156,7 +156,8 @@ def con_reid_accuracy(top_ks, knn: int) -> dict:
     CPU time (steadier than wall time on a shared machine), one torch thread."""
     from benchmarks.rerank import load_splits
     from reidx.indexers.metrics import evaluate_ranking
-    from reidx.indexers.rerank import rerank, unit_euclidean
+    from reidx.indexers.distances import unit_euclidean
+    from reidx.indexers.rerank import rerank
     from reidx.indexers.rerank_sparse import estimate_max_distance, nearest_lists, rerank_candidates
 
     result = {}

@@ -19,7 +19,7 @@ Both are ReLU'd (OSNet's features are post-ReLU) and L2-normalised; the held-out
 further samples of indexed identities, not in the index. The JSON's ``data`` section gives the
 neighbour-distance gaps and the intrinsic dimensionality of the synthetic set and of the real crops.
 
-Timed: top-``--k`` searches of all queries in one call (``indexers.faiss_index.search``, so
+Timed: top-``--k`` searches of all queries in one call (``reidx.indexers.faiss_ops.search``, so
 exact search runs as one BLAS matrix product, its efficient form). Exact search is IndexFlatIP
 over the same vectors; its first search is the ground truth. The machine is shared and its load
 moves exact search's time by up to 5× within a run, so every sweep row that can decide the target
@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("REIDX_MODEL_DIR", str(REPO.parent / "shared" / "models"))
 CON_REID = REPO.parent / "shared" / "data" / "con-reid"
 
-from reidx.indexers.faiss_index import (  # noqa: E402
+from reidx.indexers.faiss_ops import (  # noqa: E402
     AUTO_EXACT_MAX, AUTO_IVF_TYPE, TARGET_RECALL_AT_100, TRAINING_POINTS_PER_LIST, calibrate_nprobe,
     default_nlist, recall, search, set_nprobe, train_and_add)
 
@@ -99,7 +99,7 @@ def real_features(weights: str, folders: list[str]) -> tuple[np.ndarray, np.ndar
     if cache.exists():
         data = np.load(cache)
         return data["features"], data["identity"]
-    from reidx.indexers.evaluation import embed_side
+    from reidx.pipeline.labelled_split import embed_side
     from reidx.pipeline.embed import build_embedder
 
     embedder = build_embedder(weights)

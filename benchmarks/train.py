@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from reidx.indexers.evaluation import embed_side, evaluate_split  # noqa: E402
+from reidx.indexers.evaluation import evaluate_split
+from reidx.pipeline.labelled_split import embed_side  # noqa: E402
 from reidx.pipeline.embed import build_embedder  # noqa: E402
 
 
@@ -87,12 +88,8 @@ def step_speed(data: str, init: str, repeats: int = 3, steps: int = 4) -> dict:
 
 
 def train_command() -> list[str]:
-    """`reidx train` as a process: through cli.py once the command is registered there."""
-    import reidx.cli as cli
-
-    if "train" in cli.main.commands:
-        return [sys.executable, "-m", "reidx.cli", "train"]
-    return [sys.executable, "-c", "from pipeline.training.command import train; train()"]
+    """`reidx train` as a process."""
+    return [sys.executable, "-m", "reidx.cli", "train"]
 
 
 def main() -> None:

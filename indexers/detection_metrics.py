@@ -22,16 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of (N, 4) and (M, 4) x1y1x2y2 boxes."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    wh = np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]), 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+from reidx.pipeline.boxes import box_iou
 
 
 def match_image(boxes: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray, gt_ignore: np.ndarray | None = None,
@@ -43,7 +34,7 @@ def match_image(boxes: np.ndarray, scores: np.ndarray, gt_boxes: np.ndarray, gt_
     labels = np.zeros(len(scores), np.int8)
     if len(gt_boxes) == 0 or len(scores) == 0:
         return labels
-    ious = iou_matrix(boxes, gt_boxes)
+    ious = box_iou(boxes, gt_boxes)
     taken = np.zeros(len(gt_boxes), bool)
     for i in np.argsort(-scores, kind="stable"):
         for candidates, label in ((~ignore & ~taken, 1), (ignore, -1)):  # counted people first

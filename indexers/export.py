@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pyarrow.dataset as ds
 
-from reidx.indexers.faiss_index import committed_shards
-from reidx.pipeline.embedding_table import write_parquet_atomic
-from reidx.pipeline.shards import SHARDS_DIR
+from reidx.pipeline.atomic import write_parquet_atomic
+from reidx.pipeline.gallery import shards_dir
+from reidx.pipeline.ledger import committed_shards
 
 
 def export_detections(gallery: str | os.PathLike, out: str | os.PathLike, where: str | None = None,
                       columns: list[str] | None = None, with_embeddings: bool = False) -> dict:
     gallery = Path(gallery)
-    shards = [str(gallery / SHARDS_DIR / name) for name in committed_shards(gallery)]
+    shards = [str(shards_dir(gallery) / name) for name in committed_shards(gallery)]
     if not shards:
         raise ValueError(f"{gallery} holds no committed shards: nothing to export")
     detections = ds.dataset(shards, format="parquet")
@@ -48,4 +48,5 @@ def export_detections(gallery: str | os.PathLike, out: str | os.PathLike, where:
         table = detections.to_table(columns=columns)
     table = table.replace_schema_metadata({**(detections.schema.metadata or {}), b"reidx.exported_from": str(gallery).encode()})
     write_parquet_atomic(table, out)
-    return {"out": str(out), "rows": table.num_rows, "columns": table.column_names, "shards": len(shards)}
+    return {"out": str(out), "gallery": str(gallery), "persons": table.num_rows, "columns": table.column_names,
+            "shards": len(shards)}

@@ -43,9 +43,9 @@ class RankingMetrics:
             "rank5": round(100 * self.rank(5), 2),
             "rank10": round(100 * self.rank(10), 2),
             "mINP": round(100 * self.mINP, 2),
-            "num_query": self.num_query,
-            "num_query_skipped": self.num_query_skipped,
-            "num_gallery": self.num_gallery,
+            "queries": self.num_query,
+            "queries_skipped": self.num_query_skipped,
+            "gallery_items": self.num_gallery,
         }
 
 
@@ -111,15 +111,9 @@ def evaluate_top_k(match_lists: list[np.ndarray], num_relevant: list[int], num_g
                           num_query=len(aps), num_query_skipped=len(match_lists) - len(aps), num_gallery=num_gallery)
 
 
-def cosine_distances(query: np.ndarray, gallery: np.ndarray) -> np.ndarray:
-    """1 − q·g for L2-normalised rows, computed in float32 (the plain ranking)."""
-    return 1.0 - np.asarray(query, np.float32) @ np.asarray(gallery, np.float32).T
-
-
 __all__ = [
     "RankingMetrics",
     "average_precision",
-    "cosine_distances",
     "evaluate_ranking",
     "evaluate_top_k",
     "inverse_negative_penalty",

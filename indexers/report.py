@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from reidx.pipeline.atomic import write_text_atomic
 from reidx.pipeline.imaging import ImageDecodeError, decode_image
 from reidx.pipeline.manifest import Source
 from reidx.pipeline.sources import read_members
@@ -145,8 +146,6 @@ def write_report(results: pa.Table, items: pa.Table, out: str | os.PathLike, top
                   f"{': ' + html.escape(r['reason']) if r['reason'] else ''}</li>" for r in failed]
         parts.append("</ul>")
     parts.append("</body></html>")
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    os.replace(tmp, out)
+    write_text_atomic(out, "\n".join(parts))
     return {"report": str(out), "thumbnails": len(present), "queries": len(queries),
             "missing_thumbnails": len({name for v in wanted.values() for name, _ in v} - present)}

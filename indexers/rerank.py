@@ -14,7 +14,7 @@ hold mAP at or above plain ranking on sparse galleries too; the published values
 ``published`` preset (``default_params``, ``params_from_options``).
 
 Tie rule: equal distances are ordered by item index (a stable sort), here and in
-``indexers.rerank_naive`` (the loop-by-loop reference the tests compare against).
+``tests/rerank_oracle.py`` (the loop-by-loop reference the tests compare against).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from reidx.indexers.distances import unit_euclidean
 from reidx.indexers.rerank_blocks import (
     NormalisedSquares,
     chunks,
@@ -226,12 +227,6 @@ def rerank(method: str, q_g, q_q=None, g_g=None, params: RerankParams | None = N
     raise ValueError(f"unknown re-ranking method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def unit_euclidean(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Euclidean distances between L2-normalised rows: sqrt(max(2 − 2·a·b, 0)), float32."""
-    similarity = np.asarray(a, np.float32) @ np.asarray(b, np.float32).T
-    return np.sqrt(np.maximum(2.0 - 2.0 * similarity, 0.0)).astype(np.float32)
-
-
 def rerank_features(method: str, query: np.ndarray, gallery: np.ndarray,
                     params: RerankParams | None = None) -> np.ndarray:
     """Re-ranked (Q, G) distances from unit-length query and gallery features."""
@@ -282,5 +277,5 @@ __all__ = [
     "METHODS", "PRESETS", "PUBLISHED", "RERANK_THREADS", "SAFE_DEFAULTS", "RerankParams", "as_tensor",
     "check_distances", "rerank_threads",
     "default_params", "k_reciprocal_rerank", "params_from_options",
-    "rerank", "rerank_features", "sim_graph_distance", "sim_rerank", "unit_euclidean",
+    "rerank", "rerank_features", "sim_graph_distance", "sim_rerank",
 ]

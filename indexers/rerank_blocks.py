@@ -6,7 +6,7 @@ dense distance blocks) and a scalable mode (Faiss top-K plus a gallery kNN graph
 them. torch throughout: CPU, or CUDA when the tensors live there.
 
 Tie rule: equal distances are ordered by item index (a stable sort), as in
-``indexers.rerank_naive``, the loop-by-loop reference these are tested against.
+``tests/rerank_oracle.py``, the loop-by-loop reference these are tested against.
 """
 
 from __future__ import annotations

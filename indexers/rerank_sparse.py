@@ -42,7 +42,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from reidx.indexers.rerank import RerankParams, default_params, rerank_threads, unit_euclidean
+from reidx.indexers.distances import unit_euclidean
+from reidx.indexers.rerank import RerankParams, default_params, rerank_threads
 from reidx.indexers.rerank_blocks import (
     CHUNK_ELEMENTS,
     chunks,

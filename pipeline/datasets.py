@@ -4,7 +4,7 @@ A crop set is returned as an Arrow-friendly dict of columns (see :data:`CROP_COL
 
 - ``path`` (str): absolute path of the image file
 - ``person_id`` (int64 or null): identity label; ``-1`` marks junk (Market-1501), ``0`` distractors
-- ``camera`` (int64 or null): camera number as written in the name (1-based in Market naming)
+- ``camera`` (string or null): camera as written in the name (``"1"`` in Market naming; see :mod:`reidx.pipeline.labels`)
 
 Labels come from Market-1501 file naming (``PPPP_cCsS_FFFFFF_NN.jpg``) or from a CSV/Parquet
 table with the columns ``path``, ``person_id``, ``camera`` for data named otherwise.
@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 from pathlib import Path
 
 import pyarrow as pa
 
+from reidx.pipeline.labels import parse_market_name
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-MARKET_NAME = re.compile(r"^(-?\d+)_c(\d+)")
 CROP_COLUMNS = ("path", "person_id", "camera")
 
 
@@ -50,13 +50,7 @@ def list_images(inputs: list[str | os.PathLike]) -> list[Path]:
     return sorted(found)
 
 
-def parse_market_name(name: str) -> tuple[int, int] | None:
-    """``0001_c1s1_001051_00.jpg`` → (1, 1); None when the name does not follow the convention."""
-    match = MARKET_NAME.match(Path(name).name)
-    return (int(match.group(1)), int(match.group(2))) if match else None
-
-
-def read_label_table(path: str | os.PathLike) -> dict[Path, tuple[int, int]]:
+def read_label_table(path: str | os.PathLike) -> dict[Path, tuple[int, str]]:
     """Read a CSV or Parquet label table: absolute path → (person_id, camera).
 
     Relative paths in the table are taken relative to the table's own folder.
@@ -81,7 +75,7 @@ def read_label_table(path: str | os.PathLike) -> dict[Path, tuple[int, int]]:
         if row_path is None or pid is None or cam is None:
             raise DatasetError(f"{path}: a row has an empty path, person_id or camera")
         full = Path(row_path) if os.path.isabs(row_path) else path.parent / row_path
-        labels[full.resolve()] = (int(pid), int(cam))
+        labels[full.resolve()] = (int(pid), str(cam))
     return labels
 
 
@@ -103,6 +97,6 @@ def label_crops(paths: list[Path], label_table: str | os.PathLike | None = None,
         {
             "path": pa.array([str(p) for p in paths], pa.string()),
             "person_id": pa.array(pids, pa.int64()),
-            "camera": pa.array(cams, pa.int64()),
+            "camera": pa.array(cams, pa.string()),
         }
     )

@@ -12,53 +12,34 @@ boxes shorter than ``min_height`` frame pixels dropped, greedy NMS (ours, in tor
 does not work here) at IoU ``nms_iou``, at most ``max_detections`` per frame, best first.
 
 Backends share that code and the ``Detector`` interface: ``torch`` (our YOLOX, from an official
-``.pth`` checkpoint or the weights of an ONNX export; CUDA when present; the default), ``onnx``
-(onnxruntime running an ONNX export with batch and size made symbolic) and ``auto`` (onnxruntime
-for ONNX weights on CPU, else torch). Both give the same boxes (tested on the 16 scene frames);
+``.pth`` checkpoint or the weights of an ONNX export; CUDA when present), ``onnx``
+(onnxruntime running an ONNX export with batch and size made symbolic) and ``auto``, the default
+as for the embedder (onnxruntime for ONNX weights on CPU, else torch). Both give the same boxes (tested on the 16 scene frames);
 speeds are in ``benchmarks/detect.py``: at two threads torch matches onnxruntime at 416, at one
 thread (one Dask worker per core) onnxruntime is ~1.2× faster.
 
 Output of :meth:`Detector.detect`: per frame a float32 array (K, 5) of x1, y1, x2, y2, score.
 
-Detections table (``reidx detect``, :func:`detections_table`), schema version 1, one row per person:
-
-============  =======  ==========================================================
-column        type     meaning
-============  =======  ==========================================================
-path          string   absolute path of the frame
-detection     int32    index of the box within its frame, best score first
-frame_width   int32    decoded (EXIF-upright) frame width
-frame_height  int32    decoded frame height
-x1 y1 x2 y2   float32  box in frame pixels, clipped to the frame
-score         float32  objectness × person probability
-============  =======  ==========================================================
-
-Parquet metadata: ``reidx.schema=detections``, ``reidx.schema_version``, ``reidx.detector``,
-``reidx.weights_sha256``, ``reidx.backend``, ``reidx.input_size``, ``reidx.precision``,
-``reidx.postprocess`` (JSON options), ``reidx.num_frames`` and ``reidx.failed`` (JSON: path →
-why the frame could not be decoded; such frames have no rows).
+The detections table of ``reidx detect`` is written by :mod:`reidx.pipeline.detect_output`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
 
-from reidx.pipeline.embed import resolve_device
+from reidx.pipeline.batching import prefetch_batches
+from reidx.pipeline.boxes import nms
 from reidx.pipeline.imaging import DEFAULT_MAX_PIXELS, load_image_or_reason
-from reidx.pipeline.models.weights import load_state_dict, resolve_weights
-from reidx.pipeline.models.yolox import (STRIDES, build_yolox, decode_boxes, fold_batchnorm, fuse_conv_silu, infer_yolox_size,
-                                   load_yolox_state)
+from reidx.pipeline.models.registry import load_model
+from reidx.pipeline.models.weights import resolve_weights
+from reidx.pipeline.models.yolox import STRIDES, decode_boxes, fuse_conv_silu
+from reidx.pipeline.runtime import onnxruntime_available, resolve_device
 
 DEFAULT_WEIGHTS = "yolox_nano.onnx"
 PAD_VALUE = 114
@@ -85,33 +66,6 @@ def letterbox(frames: Sequence[np.ndarray], size: int,
         batch[i, :, :new_h, :new_w] = x[0].flip(0)  # RGB → BGR
         ratios.append(ratio)
     return batch, ratios
-
-
-def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU of (N, 4) and (M, 4) x1y1x2y2 boxes → (N, M)."""
-    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
-    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    top_left = torch.maximum(a[:, None, :2], b[None, :, :2])
-    bottom_right = torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
-    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-9)
-
-
-def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_keep: int | None = None) -> torch.Tensor:
-    """Greedy NMS: indices of kept boxes, best score first; a box is dropped when its IoU with a
-    better kept box exceeds ``iou_threshold``. Ties keep input order (stable sort)."""
-    order = torch.sort(scores, descending=True, stable=True).indices
-    over = (box_iou(boxes[order], boxes[order]) > iou_threshold).cpu().numpy()
-    suppressed = np.zeros(len(order), dtype=bool)
-    keep: list[int] = []
-    for i in range(len(order)):
-        if suppressed[i]:
-            continue
-        keep.append(i)
-        if max_keep is not None and len(keep) >= max_keep:
-            break
-        suppressed |= over[i]
-    return order[torch.as_tensor(keep, dtype=torch.long, device=order.device)]
 
 
 @dataclass(frozen=True)
@@ -142,7 +96,9 @@ def postprocess(raw: torch.Tensor, input_hw: tuple[int, int], ratios: Sequence[f
         clipped = torch.minimum(boxes.clamp(min=0), limit)
         tall = (clipped[:, 3] - clipped[:, 1]) >= options.min_height
         boxes, clipped, scores = boxes[tall], clipped[tall], scores[candidates][tall]
-        keep = nms(boxes, scores, options.nms_iou, options.max_detections)  # on unclipped boxes, as official
+        # on unclipped boxes, as official
+        keep = torch.from_numpy(nms(boxes.cpu().numpy(), scores.cpu().numpy(), options.nms_iou,
+                                    options.max_detections)).to(boxes.device)
         out = torch.cat([clipped[keep], scores[keep, None]], dim=1)
         results.append(out.cpu().numpy().astype(np.float32))
     return results
@@ -175,7 +131,7 @@ class Detector:
     ``benchmarks/detect.py``. CUDA when present (``device="auto"``).
     """
 
-    def __init__(self, weights: str = DEFAULT_WEIGHTS, backend: str = "torch", device: str = "auto",
+    def __init__(self, weights: str = DEFAULT_WEIGHTS, backend: str = "auto", device: str = "auto",
                  input_size: int | None = None, options: PostProcess = PostProcess(), precision: str = "fp32",
                  channels_last: bool | None = None, fuse: bool = True):
         if precision not in ("fp32", "bf16"):
@@ -188,12 +144,10 @@ class Detector:
         self.channels_last = self.fused = False
         traced_size = None
         if is_onnx:
-            from reidx.pipeline.models.yolox_onnx import OnnxYOLOX, graph_input_size, infer_onnx_size, load_yolox_onnx
+            from reidx.pipeline.models.yolox_onnx import OnnxYOLOX, graph_input_size, infer_onnx_size
 
             size_name, traced_size = infer_onnx_size(resolved.path), (graph_input_size(resolved.path) or (None,))[0]
         if backend == "auto":  # onnxruntime where it can run the weights on CPU (faster at one thread), else torch
-            from reidx.pipeline.embed import onnxruntime_available
-
             cpu_onnx = is_onnx and self.device.type == "cpu" and precision == "fp32"
             backend = "onnx" if cpu_onnx and onnxruntime_available() else "torch"
         if backend == "onnx":
@@ -204,14 +158,8 @@ class Detector:
             self.model = OnnxYOLOX(resolved.path, device=self.device.type)
             self.device = torch.device("cpu")  # inputs go in as NumPy arrays
         elif backend == "torch":
-            if is_onnx:
-                model = load_yolox_onnx(resolved.path, size_name)
-            else:
-                state = load_state_dict(resolved.path)
-                size_name = resolved.known.arch if resolved.known else infer_yolox_size(state)
-                model = build_yolox(size_name, state["head.cls_preds.0.weight"].shape[0])
-                load_yolox_state(model, state)
-                model = fold_batchnorm(model.eval())
+            loaded = load_model(resolved, "yolox", fold=True)
+            model, size_name = loaded.module, loaded.arch
             self.channels_last = True if channels_last is None else channels_last
             memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
             self.model = model.eval().to(self.device, memory_format=memory_format)
@@ -255,114 +203,18 @@ class FrameDetections:
     image: np.ndarray | None = None
 
 
-def _decode(path) -> tuple[np.ndarray | None, str | None]:
-    image, reason = load_image_or_reason(path, DEFAULT_MAX_PIXELS)
-    return (None, reason) if image is None else (np.asarray(image), None)
-
-
 def iter_detections(detector: Detector, paths: Sequence, batch_size: int = 8, keep_images: bool = False,
-                    decode_workers: int = 2) -> Iterator[FrameDetections]:
+                    decode_workers: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[FrameDetections]:
     """Detect in image files, in input order; the next batch decodes in threads while one runs.
     A file that cannot be decoded yields its reason and no boxes; it never stops the run."""
-    chunks = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
-    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
-        pending = pool.map(_decode, chunks[0]) if chunks else iter(())
-        for index, chunk in enumerate(chunks):
-            decoded = list(pending)
-            if index + 1 < len(chunks):
-                pending = pool.map(_decode, chunks[index + 1])
-            good = [i for i, (image, _) in enumerate(decoded) if image is not None]
-            boxes = dict(zip(good, detector.detect([decoded[i][0] for i in good])))
-            for i, (path, (image, error)) in enumerate(zip(chunk, decoded)):
-                height, width = image.shape[:2] if image is not None else (0, 0)
-                yield FrameDetections(Path(path), width, height, boxes.get(i, np.zeros((0, 5), np.float32)),
-                                      error, image if keep_images else None)
+    def load(path):
+        image, reason = load_image_or_reason(path, max_pixels)
+        return (None, reason) if image is None else (np.asarray(image), None)
 
-
-# ---- detections table (schema version 1) and files for looking ----------------------------
-
-DETECTIONS_SCHEMA_VERSION = "1"
-
-
-def detections_table(frames: Sequence[FrameDetections], info: DetectorInfo, options: PostProcess) -> pa.Table:
-    """One row per detected person (schema in docs: ``path``, ``detection``, ``frame_width``,
-    ``frame_height``, ``x1 y1 x2 y2``, ``score``); frames that failed are named in the metadata."""
-    rows = [(f, k, box) for f in frames if f.error is None for k, box in enumerate(f.boxes)]
-    boxes = np.array([box for _, _, box in rows], np.float32).reshape(-1, 5)
-    columns = {
-        "path": pa.array([str(f.path) for f, _, _ in rows], pa.string()),
-        "detection": pa.array([k for _, k, _ in rows], pa.int32()),
-        "frame_width": pa.array([f.width for f, _, _ in rows], pa.int32()),
-        "frame_height": pa.array([f.height for f, _, _ in rows], pa.int32()),
-    }
-    columns.update({name: pa.array(boxes[:, i]) for i, name in enumerate(("x1", "y1", "x2", "y2", "score"))})
-    metadata = {
-        "reidx.schema": "detections", "reidx.schema_version": DETECTIONS_SCHEMA_VERSION,
-        "reidx.detector": info.name, "reidx.weights_sha256": info.weights_sha256, "reidx.backend": info.backend,
-        "reidx.input_size": str(info.input_size), "reidx.precision": info.precision,
-        "reidx.postprocess": json.dumps(asdict(options)), "reidx.num_frames": str(len(frames)),
-        "reidx.failed": json.dumps({str(f.path): f.error for f in frames if f.error is not None}),
-    }
-    return pa.table(columns).replace_schema_metadata(metadata)
-
-
-def output_stems(paths: Sequence) -> list[str]:
-    """File stems for crops and drawings, made unique when two inputs share a name."""
-    stems = [Path(p).stem for p in paths]
-    repeated = {s for s in stems if stems.count(s) > 1}
-    return [f"{s}_{i}" if s in repeated else s for i, s in enumerate(stems)]
-
-
-def crop_boxes(image: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
-    """Pixel crops of each box (outward-rounded, inside the frame), for the embedder."""
-    height, width = image.shape[:2]
-    crops = []
-    for x1, y1, x2, y2, _ in boxes:
-        left, top = max(int(np.floor(x1)), 0), max(int(np.floor(y1)), 0)
-        right, bottom = min(int(np.ceil(x2)), width), min(int(np.ceil(y2)), height)
-        crops.append(image[top:max(bottom, top + 1), left:max(right, left + 1)])
-    return crops
-
-
-def draw_boxes(image: np.ndarray, boxes: np.ndarray) -> Image.Image:
-    """The frame with each box and its score drawn, for a person to check."""
-    canvas = Image.fromarray(image)
-    draw = ImageDraw.Draw(canvas)
-    line = max(2, round(max(image.shape[:2]) / 600))
-    font = ImageFont.load_default(size=max(12, 8 * line))
-    for k, (x1, y1, x2, y2, score) in enumerate(boxes):
-        draw.rectangle([x1, y1, x2, y2], outline=(0, 255, 0), width=line)
-        draw.text((x1 + line + 1, y1 + line), f"{k}: {score:.2f}", fill=(255, 255, 0), font=font,
-                  stroke_width=1, stroke_fill=(0, 0, 0))
-    return canvas
-
-
-def detect_to_parquet(detector: Detector, paths: Sequence, out: str | os.PathLike, crops_dir=None, draw_dir=None,
-                      batch_size: int = 8, progress: bool = False) -> dict:
-    """What ``reidx detect`` does: detect, write the table atomically, optionally save crops and
-    drawn frames (``<stem>_<k>.jpg`` and ``<stem>.jpg``); returns the report it prints."""
-    from tqdm import tqdm
-
-    from reidx.pipeline.embedding_table import write_parquet_atomic
-
-    keep = crops_dir is not None or draw_dir is not None
-    for folder in (crops_dir, draw_dir):
-        if folder is not None:
-            Path(folder).mkdir(parents=True, exist_ok=True)
-    frames = []
-    stems = output_stems(paths)
-    for stem, frame in zip(stems, tqdm(iter_detections(detector, paths, batch_size, keep_images=keep),
-                                       total=len(paths), unit="frame", desc="detect", disable=not progress)):
-        if frame.image is not None:
-            if crops_dir is not None:
-                for k, crop in enumerate(crop_boxes(frame.image, frame.boxes)):
-                    Image.fromarray(crop).save(Path(crops_dir) / f"{stem}_{k:03d}.jpg", quality=95)
-            if draw_dir is not None:
-                draw_boxes(frame.image, frame.boxes).save(Path(draw_dir) / f"{stem}.jpg", quality=90)
-            frame.image = None
-        frames.append(frame)
-    write_parquet_atomic(detections_table(frames, detector.info, detector.options), out)
-    failed = {str(f.path): f.error for f in frames if f.error is not None}
-    return {"out": str(out), "num_frames": len(frames), "num_failed": len(failed), "failed": failed,
-            "num_detections": int(sum(len(f.boxes) for f in frames)), "detector": detector.info.id,
-            "backend": detector.info.backend, "input_size": detector.info.input_size}
+    for start, decoded in prefetch_batches(paths, load, batch_size, workers=decode_workers, ahead=1):
+        good = [i for i, (image, _) in enumerate(decoded) if image is not None]
+        boxes = dict(zip(good, detector.detect([decoded[i][0] for i in good])))
+        for i, (image, error) in enumerate(decoded):
+            height, width = image.shape[:2] if image is not None else (0, 0)
+            yield FrameDetections(Path(paths[start + i]), width, height, boxes.get(i, np.zeros((0, 5), np.float32)),
+                                  error, image if keep_images else None)

@@ -21,21 +21,17 @@ Output: ``float32`` array of shape (N, D), each row of unit length.
 
 from __future__ import annotations
 
-import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from reidx.pipeline.imaging import DEFAULT_MAX_PIXELS, load_image_or_reason
-from reidx.pipeline.models.osnet import build_osnet, fold_batchnorm, infer_osnet_arch, load_osnet_state
-from reidx.pipeline.models.weights import load_state_dict, resolve_weights
+from reidx.pipeline.models.registry import OSNET_INPUT_HW, load_model
+from reidx.pipeline.models.weights import resolve_weights
+from reidx.pipeline.runtime import import_onnx, make_dims_symbolic, onnx_session, onnxruntime_available, resolve_device
 
-INPUT_HEIGHT, INPUT_WIDTH = 256, 128
+INPUT_HEIGHT, INPUT_WIDTH = OSNET_INPUT_HW
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BATCH_SIZE = 32  # crops per forward pass: fastest on CPU among 8-64
@@ -59,14 +55,6 @@ def to_input_tensor(crops: np.ndarray) -> torch.Tensor:
 def l2_normalise(features: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(features, axis=1, keepdims=True)
     return (features / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
-    return torch.device(device)
 
 
 @dataclass(frozen=True)
@@ -97,25 +85,9 @@ class TorchEmbedder(Embedder):
 
     def __init__(self, weights: str = "osnet_x0_25_msmt17", device: str = "auto", precision: str = "fp32",
                  fast: bool = True):
-        resolved = resolve_weights(weights, ".pth")
-        if resolved.path.suffix == ".onnx":
-            # An ONNX export runs in our torch model too: same features, our fast path and devices.
-            from reidx.pipeline.models.onnx_import import load_onnx_weights
-
-            arch, feature_dim = (resolved.known.arch if resolved.known else "osnet_x0_25"), 512
-            example = torch.zeros(1, 3, INPUT_HEIGHT, INPUT_WIDTH)
-            model = load_onnx_weights(build_osnet(arch), resolved.path, example, fold_batchnorm)
-            # (an unknown export is assumed x0_25; a wrong width fails the shape check loudly)
-        else:
-            state = load_state_dict(resolved.path)
-            arch = resolved.known.arch if resolved.known else infer_osnet_arch(state)
-            feature_dim = state["fc.0.weight"].shape[0] if "fc.0.weight" in state else 512
-            model = build_osnet(arch, feature_dim=feature_dim)
-            load_osnet_state(model, state)
-        model.eval()
+        loaded = load_model(weights, "osnet", fold=fast)  # an ONNX export runs in our torch model too
+        model, resolved, feature_dim = loaded.module, loaded.resolved, loaded.output_dim
         self.device = resolve_device(device)
-        if fast:
-            fold_batchnorm(model)
         self.channels_last = fast and self.device.type == "cuda"
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -143,29 +115,18 @@ class OnnxEmbedder(Embedder):
     """
 
     def __init__(self, weights: str = "osnet_x0_25_msmt17", device: str = "auto", threads: int | None = None):
-        try:
-            import onnx
-            import onnxruntime as ort
-        except ImportError:
-            raise ImportError("the onnx backend needs the extra: pip install 'reidx[onnx]'") from None
+        onnx, _ = import_onnx("the onnx backend")
         resolved = resolve_weights(weights, ".pth")
         if resolved.path.suffix == ".onnx":
-            graph = onnx.load(os.fspath(resolved.path))
-            make_batch_dynamic(graph)
+            graph = onnx.load(str(resolved.path))
             dim = graph.graph.output[0].type.tensor_type.shape.dim[1].dim_value or 512
-            graph_bytes = graph.SerializeToString()
+            # exports fix the batch to 1 in inputs, outputs and the flatten Reshape's [1, -1]
+            graph_bytes = make_dims_symbolic(graph, {0: "batch"}, {0: "batch"}, lambda shape: True)
         else:
             torch_embedder = TorchEmbedder(weights, device="cpu")
             dim = torch_embedder.info.dim
             graph_bytes = export_onnx(torch_embedder.model)
-        providers = ["CPUExecutionProvider"]
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads  # several worker processes must not oversubscribe
-        self.session = ort.InferenceSession(graph_bytes, options, providers=providers)
+        self.session = onnx_session(graph_bytes, device, threads)
         self.input_name = self.session.get_inputs()[0].name
         self.info = EmbedderInfo(resolved.model_name.removesuffix(".onnx"), resolved.sha256, dim, "onnx")
 
@@ -191,35 +152,6 @@ def export_onnx(model: torch.nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def make_batch_dynamic(graph) -> None:
-    """Let an ONNX export traced at batch 1 run whole batches.
-
-    Exports fix the batch dimension to 1 in the graph's inputs and outputs and in the shape
-    constant of the flatten ``Reshape`` ([1, -1]); a symbolic batch and a 0 there ("copy the
-    input's dimension", ONNX Reshape semantics) make it batch-agnostic.
-    """
-    from onnx import numpy_helper
-
-    for value in list(graph.graph.input) + list(graph.graph.output):
-        value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    initializers = {init.name: init for init in graph.graph.initializer}
-    for node in graph.graph.node:
-        if node.op_type == "Reshape" and node.input[1] in initializers:
-            shape = numpy_helper.to_array(initializers[node.input[1]]).copy()
-            if shape.size and shape[0] == 1:
-                shape[0] = 0
-                initializers[node.input[1]].CopyFrom(numpy_helper.from_array(shape, node.input[1]))
-
-
-def onnxruntime_available() -> bool:
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def build_embedder(weights: str, backend: str = "auto", device: str = "auto", precision: str = "fp32",
                    threads: int | None = None) -> Embedder:
     """``auto``: onnxruntime on CPU when installed (fastest there), else torch; bf16 needs torch.
@@ -236,65 +168,3 @@ def build_embedder(weights: str, backend: str = "auto", device: str = "auto", pr
     if backend == "onnx":
         return OnnxEmbedder(weights, device=device, threads=threads)
     raise ValueError(f"unknown backend {backend!r}; use torch or onnx")
-
-
-def _load_crop(path, max_pixels: int):
-    image, reason = load_image_or_reason(path, max_pixels)
-    return (None, reason) if image is None else (resize_crop(image), None)
-
-
-@dataclass
-class EmbeddedFiles:
-    """Result of :func:`embed_files`: one entry per input path, in input order."""
-
-    embeddings: np.ndarray  # (N, D) float32; rows of failed images are NaN
-    errors: list[str | None]  # None where the image embedded, else why it did not
-
-    @property
-    def ok(self) -> np.ndarray:
-        return np.array([e is None for e in self.errors], dtype=bool)
-
-
-def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
-def embed_files(embedder: Embedder, paths: Sequence, batch_size: int = BATCH_SIZE, decode_workers: int = 2,
-                max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False) -> EmbeddedFiles:
-    """Embed image files in batches, decoding the next batches in threads while one is embedded.
-
-    A file that cannot be decoded gets a NaN row and its reason; it never stops the run.
-    """
-    from tqdm import tqdm
-
-    dim = embedder.info.dim
-    out = np.full((len(paths), dim), np.nan, dtype=np.float32)
-    errors: list[str | None] = [None] * len(paths)
-    bar = tqdm(total=len(paths), unit="img", desc="embed", disable=not progress)
-    with ThreadPoolExecutor(max_workers=max(1, decode_workers)) as pool:
-        pending: deque = deque()
-        batch_iter = enumerate(_batches(paths, batch_size))
-
-        def submit_next() -> None:
-            nxt = next(batch_iter, None)
-            if nxt is not None:
-                index, chunk = nxt
-                pending.append((index, pool.map(_load_crop, chunk, [max_pixels] * len(chunk))))
-
-        for _ in range(2):  # keep two batches decoding ahead of the model
-            submit_next()
-        while pending:
-            index, loaded = pending.popleft()
-            loaded = list(loaded)
-            submit_next()
-            start = index * batch_size
-            good = [i for i, (crop, _) in enumerate(loaded) if crop is not None]
-            for i, (_, err) in enumerate(loaded):
-                errors[start + i] = err
-            if good:
-                features = embedder.embed(np.stack([loaded[i][0] for i in good]))
-                out[[start + i for i in good]] = features
-            bar.update(len(loaded))
-    bar.close()
-    return EmbeddedFiles(out, errors)

@@ -1,33 +1,35 @@
 """Embedded crops as an Arrow table, written to and read from Parquet.
 
-Schema (version 1), one row per input image, in input order:
+Schema (version 2), one row per input image, in input order:
 
 | column      | type                          | meaning                                         |
 |-------------|-------------------------------|-------------------------------------------------|
 | path        | string                        | absolute path of the image                      |
 | person_id   | int64, null                   | identity from Market naming or a label table    |
-| camera      | int64, null                   | camera from Market naming or a label table      |
+| camera      | string, null                  | camera from Market naming or a label table      |
 | embedding   | fixed_size_list<float32>[D], null | unit-length feature; null if the image failed |
 | error       | string, null                  | why the image could not be embedded, else null  |
 
 The Parquet file's key-value metadata records the embedder (``reidx.embedder``: name,
 ``reidx.weights_sha256``, ``reidx.backend``, ``reidx.dim``) so a table is never compared with
-features of another model.
+features of another model. Version 1 tables (camera as int64) are read with the camera cast to
+string (:mod:`reidx.pipeline.labels`: a camera is a string everywhere).
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reidx.pipeline.embed import EmbeddedFiles, EmbedderInfo
+if TYPE_CHECKING:  # the types only: this module must not import torch
+    from reidx.pipeline.embed import EmbedderInfo
+    from reidx.pipeline.embed_files import EmbeddedFiles
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 
 def embedding_array(embeddings: np.ndarray, valid: np.ndarray | None = None) -> pa.FixedSizeListArray:
@@ -64,28 +66,14 @@ def build_table(crops: pa.Table, result: EmbeddedFiles, info: EmbedderInfo) -> p
     return table.replace_schema_metadata(metadata)
 
 
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike) -> Path:
-    """Write to a temporary file beside ``path``, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f, compression="zstd")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def read_table(path: str | os.PathLike) -> pa.Table:
     table = pq.read_table(path)
     meta = table.schema.metadata or {}
     if meta.get(b"reidx.schema") != b"embedded-crops":
         raise ValueError(f"{path} is not an embeddings table written by `reidx embed`")
+    if "camera" in table.column_names and table.schema.field("camera").type != pa.string():
+        table = table.set_column(table.schema.get_field_index("camera"), "camera",
+                                 table["camera"].cast(pa.string()))
     return table
 
 

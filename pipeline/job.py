@@ -10,40 +10,20 @@ nothing: rerunning the command finishes the job.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections import Counter
 from pathlib import Path
 
+from reidx.pipeline.gallery import check_or_write_config
+from reidx.pipeline.imaging import DEFAULT_MAX_PIXELS
 from reidx.pipeline.ledger import append, ledger_rows, processed_keys, recover
 from reidx.pipeline.lock import GalleryLock
 from reidx.pipeline.manifest import load_manifest
-from reidx.pipeline.models.weights import resolve_weights
+from reidx.pipeline.persons import ModelSpec
 from reidx.pipeline.sources import SourceError, list_source
-from reidx.pipeline.worker import DEFAULT_DETECTOR, ModelSpec, process_batch
-
-GALLERY_CONFIG = "gallery.json"
-
-
-def _check_gallery_embedder(gallery: Path, weights: str) -> dict:
-    """A gallery holds one embedder's vectors; another one is an error, not a silent mix."""
-    resolved = resolve_weights(weights)
-    # "weights" is how to find the model again (`reidx query` embeds with it): a known name, or the file's path
-    spec = str(resolved.path) if resolved.known is None else resolved.known.name
-    # "detector": what frames sources were detected with, so `reidx query --detect` uses the same
-    config = {"embedder": resolved.model_name, "weights_sha256": resolved.sha256, "weights": spec,
-              "detector": DEFAULT_DETECTOR}
-    path = gallery / GALLERY_CONFIG
-    if path.exists():
-        existing = json.loads(path.read_text())
-        if existing.get("weights_sha256") != resolved.sha256:
-            raise ValueError(f"{gallery} holds embeddings of {existing.get('embedder')} "
-                             f"({existing.get('weights_sha256', '?')[:12]}); --weights {weights} is another model")
-        return existing
-    path.write_text(json.dumps(config, indent=2))
-    return config
+from reidx.pipeline.worker import process_batch
 
 
 def default_workers() -> int:
@@ -65,7 +45,7 @@ def _client(scheduler: str | None, workers: int):
 
 def run_index(manifests: list[str | os.PathLike], gallery: str | os.PathLike, *, weights: str, backend: str = "auto",
               device: str = "auto", workers: int | None = None, scheduler: str | None = None,
-              batch_size: int = 256, max_pixels: int = 50_000_000, progress: bool = False, log=print) -> dict:
+              batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False, log=print) -> dict:
     """Index the manifests' images into ``gallery``; returns the run summary (JSON-able)."""
     from dask.distributed import as_completed
     from tqdm import tqdm
@@ -78,9 +58,9 @@ def run_index(manifests: list[str | os.PathLike], gallery: str | os.PathLike, *,
         if lock.took_over:
             log(f"took over a stale lock left by {lock.took_over}")
         recovered = recover(gallery)
-        config = _check_gallery_embedder(gallery, weights)
+        config = check_or_write_config(gallery, weights)
         done = processed_keys(gallery)
-        summary = {"gallery": str(gallery), "embedder": config["embedder"], "images_seen": 0, "images_new": 0,
+        summary = {"gallery": str(gallery), "embedder": config["embedder"], "images": 0, "images_new": 0,
                    "images_skipped": 0, "images_failed": 0, "failed_by_reason": Counter(), "persons": 0,
                    "sources_failed": {}, "recovered": recovered, "stage_seconds": Counter()}
         tasks, refused = [], []
@@ -92,7 +72,7 @@ def run_index(manifests: list[str | os.PathLike], gallery: str | os.PathLike, *,
                 refused.append({"image_key": f"{source.name}/", "source": source.name, "member": "",
                                 "status": "failed", "reason": str(exc)})
                 continue
-            summary["images_seen"] += len(listing.members) + len(listing.rejected)
+            summary["images"] += len(listing.members) + len(listing.rejected)
             for member, reason in listing.rejected:
                 key = f"{source.name}/{member}"
                 if key not in done:

@@ -29,10 +29,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reidx.pipeline.embedding_table import write_parquet_atomic
-from reidx.pipeline.shards import SHARDS_DIR, shard_files
+from reidx.pipeline.atomic import write_parquet_atomic
+from reidx.pipeline.gallery import ledger_dir, shards_dir
+from reidx.pipeline.shards import shard_files
 
-LEDGER_DIR = "ledger"
 LEDGER_SCHEMA = pa.schema(
     [
         pa.field("image_key", pa.string(), nullable=False),
@@ -61,11 +61,11 @@ def append(gallery: str | os.PathLike, rows: pa.Table) -> Path | None:
     """Commit rows: one new ledger part, written atomically. Nothing is written for no rows."""
     if rows.num_rows == 0:
         return None
-    return write_parquet_atomic(rows.cast(LEDGER_SCHEMA), Path(gallery) / LEDGER_DIR / f"part-{uuid.uuid4().hex}.parquet")
+    return write_parquet_atomic(rows.cast(LEDGER_SCHEMA), ledger_dir(gallery) / f"part-{uuid.uuid4().hex}.parquet")
 
 
 def read_ledger(gallery: str | os.PathLike) -> pa.Table:
-    parts = sorted((Path(gallery) / LEDGER_DIR).glob("part-*.parquet"))
+    parts = sorted(ledger_dir(gallery).glob("part-*.parquet"))
     if not parts:
         return LEDGER_SCHEMA.empty_table()
     return pa.concat_tables([pq.read_table(p).cast(LEDGER_SCHEMA) for p in parts])
@@ -81,6 +81,12 @@ def latest(gallery: str | os.PathLike) -> pa.Table:
     return table.take(sorted(last_index.values()))
 
 
+def committed_shards(gallery: str | os.PathLike) -> list[str]:
+    """Shard files the ledger names and that exist: only those are part of the gallery (others are crash leftovers)."""
+    names = {s for s in read_ledger(gallery)["shard"].to_pylist() if s}
+    return sorted(n for n in names if (shards_dir(gallery) / n).exists())
+
+
 def processed_keys(gallery: str | os.PathLike) -> set[str]:
     return set(read_ledger(gallery)["image_key"].to_pylist())
 
@@ -92,7 +98,7 @@ def recover(gallery: str | os.PathLike) -> dict:
     """
     gallery = Path(gallery)
     removed = {"temporary_files": 0, "orphan_shards": 0}
-    for folder in (gallery / SHARDS_DIR, gallery / LEDGER_DIR):
+    for folder in (shards_dir(gallery), ledger_dir(gallery)):
         for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
             tmp.unlink(missing_ok=True)
             removed["temporary_files"] += 1

@@ -36,12 +36,15 @@ import os
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from reidx.pipeline.embedding_table import write_parquet_atomic
+from reidx.pipeline.atomic import write_parquet_atomic
+from reidx.pipeline.embedding_table import embeddings_to_numpy
+from reidx.pipeline.gallery import shards_dir
 
 SHARD_SCHEMA_VERSION = "1"
-SHARDS_DIR = "shards"
 
 
 def shard_schema(dim: int) -> pa.Schema:
@@ -76,10 +79,23 @@ def new_shard_name() -> str:
 def write_shard(table: pa.Table, gallery: str | os.PathLike, name: str | None = None) -> str:
     """Write a shard durably under ``GALLERY/shards/``; return its file name."""
     name = name or new_shard_name()
-    write_parquet_atomic(table, Path(gallery) / SHARDS_DIR / name)
+    write_parquet_atomic(table, shards_dir(gallery) / name)
     return name
 
 
 def shard_files(gallery: str | os.PathLike) -> list[Path]:
-    folder = Path(gallery) / SHARDS_DIR
+    folder = shards_dir(gallery)
     return sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+
+
+def read_shards(gallery: str | os.PathLike, names: list[str]) -> tuple[pa.Table, np.ndarray]:
+    """(metadata table with a ``shard`` column, embeddings (N, D) float32) of the named shards, in order."""
+    metas, vectors = [], []
+    for name in names:
+        table = pq.read_table(shards_dir(gallery) / name)
+        vectors.append(embeddings_to_numpy(table["embedding"]))
+        table = table.drop_columns(["embedding"])
+        metas.append(table.append_column("shard", pa.array([name] * table.num_rows, pa.string())))
+    if not metas:
+        return pa.table({}), np.zeros((0, 0), np.float32)
+    return pa.concat_tables(metas, promote_options="permissive"), np.concatenate(vectors)

@@ -47,14 +47,14 @@ def test_embed_writes_one_row_per_image_with_labels_and_errors(small_split, tmp_
     report = json.loads(result.stdout)
     table = pq.read_table(out)
     images = sorted(p.name for p in (small_split / "gallery").iterdir())
-    assert report["num_images"] == table.num_rows == len(images)
-    assert report["num_failed"] == 1 and report["embedder"].startswith("osnet_x0_25_msmt17@6f57607fed9f")
+    assert report["images"] == table.num_rows == len(images)
+    assert report["images_failed"] == 1 and report["embedder"].startswith("osnet_x0_25_msmt17@6f57607fed9f")
     assert table.column_names == ["path", "person_id", "camera", "embedding", "error"]
     embedding_type = table.schema.field("embedding").type
     assert embedding_type.list_size == 512 and str(embedding_type.value_type) == "float"
     rows = {os.path.basename(p): (pid, cam, emb, err) for p, pid, cam, emb, err in zip(*table.to_pydict().values())}
     pid, cam, emb, err = rows["0004_c9s1_000000_99.jpg"]
-    assert (pid, cam, emb) == (4, 9, None) and "corrupt" in err
+    assert (pid, cam, emb) == (4, "9", None) and "corrupt" in err
     assert table.schema.metadata[b"reidx.weights_sha256"].startswith(b"6f57607fed9f")
 
 
@@ -66,9 +66,9 @@ def test_evaluate_json_from_images_equals_from_embedded_tables(small_split, tmp_
     from_tables = reidx("evaluate", "-q", str(tmp_path / "query.parquet"), "-g", str(tmp_path / "gallery.parquet"),
                         "--json")
     a, b = json.loads(from_images.stdout), json.loads(from_tables.stdout)
-    for key in ("mAP", "rank1", "rank5", "rank10", "mINP", "num_query", "num_gallery"):
+    for key in ("mAP", "rank1", "rank5", "rank10", "mINP", "queries", "gallery_items"):
         assert a[key] == b[key]
-    assert a["num_failed_images"] == 1 and 0 < a["mAP"] <= 100
+    assert a["images_failed"] == 1 and 0 < a["mAP"] <= 100
 
 
 def test_evaluate_with_a_label_table(small_split, tmp_path):
@@ -114,6 +114,6 @@ def test_acceptance_command_on_the_real_split(reference):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     expected = reference["osnet_x0_25_market1501.pth"]["plain_cosine"]
-    assert set(report) >= {"mAP", "rank1", "rank5", "rank10", "mINP", "num_query", "num_gallery"}
+    assert set(report) >= {"mAP", "rank1", "rank5", "rank10", "mINP", "queries", "gallery_items"}
     assert report["mAP"] == pytest.approx(expected["mAP"], abs=0.10)
     assert report["rank1"] == pytest.approx(expected["rank1"], abs=0.50)

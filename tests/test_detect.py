@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from reidx.pipeline.detect import Detector, PostProcess, box_iou, crop_boxes, letterbox, nms, postprocess
+from reidx.pipeline.boxes import box_iou, crop_boxes, nms
+from reidx.pipeline.detect import Detector, PostProcess, letterbox, postprocess
 from reidx.pipeline.imaging import load_image
 from conftest import MODELS, SCENES
 
@@ -25,9 +26,9 @@ def match_one_to_one(a: np.ndarray, b: np.ndarray) -> float:
     assert len(a) == len(b)
     if len(a) == 0:
         return 1.0
-    iou = box_iou(torch.from_numpy(a[:, :4]), torch.from_numpy(b[:, :4]))
-    assert (iou.argmax(1).sort().values == torch.arange(len(a))).all()  # a permutation: one to one
-    return min(iou.max(1).values.min().item(), iou.max(0).values.min().item())
+    iou = box_iou(a[:, :4], b[:, :4])
+    assert (np.sort(iou.argmax(1)) == np.arange(len(a))).all()  # a permutation: one to one
+    return min(iou.max(1).min(), iou.max(0).min())
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +52,13 @@ def test_letterbox_is_yolox_official():
 
 
 def test_nms_by_hand():
-    boxes = torch.tensor([[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30], [0, 0, 10, 10.0]])
-    scores = torch.tensor([0.8, 0.9, 0.7, 0.9])
+    boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30], [0, 0, 10, 10.0]], np.float32)
+    scores = np.array([0.8, 0.9, 0.7, 0.9], np.float32)
     # box 1 (0.9) first; box 3 ties at 0.9 and comes later in input order; IoU(1, 3) = 90/110 = 0.82
     assert nms(boxes, scores, 0.45).tolist() == [1, 2]
     assert nms(boxes, scores, 0.85).tolist() == [1, 3, 2]  # 0.82 ≤ 0.85 keeps box 3; box 0 = box 3 exactly
     assert nms(boxes, scores, 0.45, max_keep=1).tolist() == [1]
-    assert nms(torch.zeros((0, 4)), torch.zeros(0), 0.45).tolist() == []
+    assert nms(np.zeros((0, 4)), np.zeros(0), 0.45).tolist() == []
 
 
 def test_postprocess_decodes_scores_person_and_maps_back():
@@ -120,7 +121,7 @@ def test_batches_of_mixed_sizes_equal_one_by_one(frames):
     # the same scene at half the pixels gives the same people at half the coordinates
     confident = together[0][together[0][:, 4] > 0.5]
     scaled = together[1][:, :4] * 2
-    assert box_iou(torch.from_numpy(confident[:, :4]), torch.from_numpy(scaled)).max(1).values.min() > 0.9
+    assert box_iou(confident[:, :4], scaled).max(1).min() > 0.9
 
 
 def test_cli_detect_writes_table_crops_and_drawings(tmp_path):
@@ -139,8 +140,8 @@ def test_cli_detect_writes_table_crops_and_drawings(tmp_path):
     report = json.loads(result.stdout)
     table = pq.read_table(out)
     assert table.column_names == ["path", "detection", "frame_width", "frame_height", "x1", "y1", "x2", "y2", "score"]
-    assert report["num_frames"] == 3 and report["num_failed"] == 1 and report["num_detections"] == table.num_rows > 0
-    assert "corrupt" in report["failed"][str(inputs / "broken.jpg")]
+    assert report["images"] == 3 and report["images_failed"] == 1 and report["persons"] == table.num_rows > 0
+    assert "corrupt" in {f["path"]: f["reason"] for f in report["failures"]}[str(inputs / "broken.jpg")]
     rows = table.to_pylist()
     assert all(r["frame_width"] == 1920 and r["y2"] - r["y1"] >= 100 and r["score"] >= 0.3 for r in rows)
     assert len(list((tmp_path / "crops").iterdir())) == table.num_rows

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from reidx.indexers.detection_metrics import average_precision, evaluate_detections, iou_matrix, match_image
+from reidx.indexers.detection_metrics import average_precision, evaluate_detections, match_image
+from reidx.pipeline.boxes import box_iou as iou_matrix
 
 PERSON_A = [0, 0, 10, 20]
 PERSON_B = [100, 0, 110, 20]

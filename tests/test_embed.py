@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from reidx.pipeline.datasets import list_images
-from reidx.pipeline.embed import OnnxEmbedder, TorchEmbedder, build_embedder, embed_files, resize_crop, to_input_tensor
+from reidx.pipeline.embed import OnnxEmbedder, TorchEmbedder, build_embedder, resize_crop, to_input_tensor
+from reidx.pipeline.embed_files import embed_files
 from reidx.pipeline.imaging import load_image
 from conftest import CON_REID
 

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from reidx.pipeline.datasets import parse_market_name
+from reidx.pipeline.labels import parse_market_name
 from reidx.pipeline.embedding_table import embeddings_to_numpy
 from reidx.pipeline.ledger import read_ledger
 from conftest import CON_REID, MODELS, REPO
@@ -69,7 +69,7 @@ def crop_folder(tmp_path_factory):
 def reference_gallery(tmp_path_factory, crop_folder):
     """An uninterrupted run, the yardstick for the crash tests."""
     root = tmp_path_factory.mktemp("reference")
-    result = reidx("index", str(crops_manifest(root, crop_folder)), "--out", str(root / "g"), "--batch-size", "10",
+    result = reidx("index", str(crops_manifest(root, crop_folder)), "--out", str(root / "g"), "--task-size", "10",
                    "--json")
     assert result.returncode == 0, result.stderr
     return root / "g", json.loads(result.stdout)
@@ -118,7 +118,7 @@ def test_driver_killed_then_rerun_gives_exactly_the_uninterrupted_rows(kill_poin
                                                                        tmp_path):
     gallery = tmp_path / "g"
     manifest = crops_manifest(tmp_path, crop_folder)
-    run = reidx("index", str(manifest), "--out", str(gallery), "--batch-size", "10", wait=False)
+    run = reidx("index", str(manifest), "--out", str(gallery), "--task-size", "10", wait=False)
     if kill_point == "first_shard_written":
         reached = wait_for(lambda: any((gallery / "shards").glob("part-*.parquet")))
     else:
@@ -126,7 +126,7 @@ def test_driver_killed_then_rerun_gives_exactly_the_uninterrupted_rows(kill_poin
     kill_group(run)  # SIGKILL the driver and its cluster: no cleanup runs
     assert reached
     assert (gallery / ".lock").exists()  # left behind by the dead driver
-    rerun = reidx("index", str(manifest), "--out", str(gallery), "--batch-size", "10", "--json")
+    rerun = reidx("index", str(manifest), "--out", str(gallery), "--task-size", "10", "--json")
     assert rerun.returncode == 0, rerun.stderr
     assert "took over a stale lock" in rerun.stderr
     expected = committed_rows(reference_gallery[0])
@@ -140,7 +140,7 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(reference_gallery, c
     import psutil
 
     gallery = tmp_path / "g"
-    run = reidx("index", str(crops_manifest(tmp_path, crop_folder)), "--out", str(gallery), "--batch-size", "10",
+    run = reidx("index", str(crops_manifest(tmp_path, crop_folder)), "--out", str(gallery), "--task-size", "10",
                 "--json", wait=False)
     assert wait_for(lambda: any((gallery / "shards").glob("part-*.parquet")))
     # worker processes are the driver's spawned children (their nannies live in the driver)
@@ -156,7 +156,7 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(reference_gallery, c
 def test_second_job_on_the_same_gallery_exits_at_once(crop_folder, tmp_path):
     gallery = tmp_path / "g"
     manifest = crops_manifest(tmp_path, crop_folder)
-    first = reidx("index", str(manifest), "--out", str(gallery), "--batch-size", "10", wait=False)
+    first = reidx("index", str(manifest), "--out", str(gallery), "--task-size", "10", wait=False)
     try:
         assert wait_for(lambda: (gallery / ".lock").exists())
         started = time.time()
@@ -227,7 +227,7 @@ kind = "crops"
     strict = reidx("index", str(manifest), "--out", str(gallery), "--strict")
     assert strict.returncode == 2
     listed = reidx("ledger", str(gallery), "--failed", "--json")
-    assert len(json.loads(listed.stdout)["failed"]) == 7  # 6 images + the missing source
+    assert len(json.loads(listed.stdout)["failures"]) == 7  # 6 images + the missing source
 
 
 def test_shards_read_as_one_dataset_by_pyarrow_and_duckdb(reference_gallery):

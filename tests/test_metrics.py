@@ -86,5 +86,5 @@ def test_label_shape_mismatch_is_an_error():
 def test_percent_report_keys():
     distances, pids = ranking_with_matches_at({2})
     report = evaluate_ranking(distances, [1], [1], pids, np.full(len(pids), 2)).as_percent_dict()
-    assert {"mAP", "rank1", "rank5", "rank10", "mINP", "num_query", "num_gallery"} <= set(report)
+    assert {"mAP", "rank1", "rank5", "rank10", "mINP", "queries", "gallery_items"} <= set(report)
     assert report["mAP"] == 50.0 and report["rank1"] == 0.0 and report["rank5"] == 100.0

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from reidx.indexers.evaluation import embed_side, evaluate_split
+from reidx.indexers.evaluation import evaluate_split
+from reidx.pipeline.labelled_split import embed_side
 from reidx.pipeline.embed import TorchEmbedder
 from conftest import CON_REID
 
@@ -19,7 +20,7 @@ def test_plain_ranking_reproduces_reference(weights, reference, request):
     report = evaluate_split(query, gallery).as_percent_dict()
     assert report["mAP"] == pytest.approx(expected["mAP"], abs=0.10)
     assert report["rank1"] == pytest.approx(expected["rank1"], abs=0.50)
-    assert (report["num_query"], report["num_query_skipped"], report["num_gallery"]) == (208, 4, 5295)
+    assert (report["queries"], report["queries_skipped"], report["gallery_items"]) == (208, 4, 5295)
 
 
 def test_fast_path_keeps_every_feature_and_the_map(msmt17_split):

@@ -1,6 +1,6 @@
 """Re-ranking: the fast exact mode against the loop-by-loop reference, and the published figures.
 
-Fast tests compare final distances of ``indexers.rerank`` with ``indexers.rerank_naive`` on
+Fast tests compare final distances of ``indexers.rerank`` with ``tests/rerank_oracle.py`` on
 small random inputs (max abs difference ≤ 1e-5): unit features, asymmetric matrices (to pin
 the published transpose), heavy ties, k larger than the gallery, a single query. The slow
 tests reproduce reference.json's re-ranking figures on the real Con-ReID split.
@@ -31,10 +31,10 @@ from reidx.indexers.rerank import (
     rerank_features,
     sim_graph_distance,
     sim_rerank,
-    unit_euclidean,
 )
+from reidx.indexers.distances import unit_euclidean
 from reidx.indexers.rerank_blocks import expanded_reciprocal_sets, nearest_neighbours
-from reidx.indexers.rerank_naive import (
+from rerank_oracle import (
     expanded_k_reciprocal_set,
     naive_k_reciprocal_rerank,
     naive_sim_graph_distance,
@@ -234,7 +234,8 @@ def test_evaluate_split_reranks_with_the_same_code():
 
 
 def write_split_tables(query: EmbeddedSplit, gallery: EmbeddedSplit, folder):
-    from reidx.pipeline.embedding_table import embedding_array, write_parquet_atomic
+    from reidx.pipeline.atomic import write_parquet_atomic
+    from reidx.pipeline.embedding_table import embedding_array
 
     paths = []
     for name, side in (("query", query), ("gallery", gallery)):
@@ -263,7 +264,7 @@ def test_cli_evaluate_rerank(tmp_path):
     report = json.loads(result.stdout)
     expected = evaluate_split(query, gallery, "k-reciprocal", RerankParams(k1=6, k2=3, lambda_value=0.2))
     assert report["rerank"] == "k-reciprocal" and report["mAP"] == round(100 * expected.mAP, 2)
-    assert {"mAP", "rank1", "rank5", "rank10", "mINP", "num_query", "num_gallery"} <= set(report)
+    assert {"mAP", "rank1", "rank5", "rank10", "mINP", "queries", "gallery_items"} <= set(report)
     wrong = run_cli("evaluate", "-q", query_table, "-g", gallery_table, "--rerank", "sim-graph", "--k2", "3")
     assert wrong.returncode == 1 and "--k2 does not apply to --rerank sim-graph" in wrong.stderr
 
@@ -285,7 +286,7 @@ def test_reranking_reproduces_reference(weights, method, reference, request):
     report = evaluate_split(query, gallery, method, default_params(method, "published")).as_percent_dict()
     assert report["mAP"] == pytest.approx(expected["mAP"], abs=0.05)
     assert report["rank1"] == pytest.approx(expected["rank1"], abs=0.50)
-    assert report["num_gallery"] == 5295
+    assert report["gallery_items"] == 5295
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ import pytest
 
 from reidx.indexers.evaluation import evaluate_split
 from reidx.indexers.metrics import evaluate_ranking
-from reidx.indexers.rerank import RerankParams, default_params, rerank, unit_euclidean
+from reidx.indexers.distances import unit_euclidean
+from reidx.indexers.rerank import RerankParams, default_params, rerank
 from reidx.indexers.rerank_sparse import rerank_candidates, rerank_features_scalable
 
 TOLERANCE = 1e-5

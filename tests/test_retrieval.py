@@ -24,15 +24,17 @@ from click.testing import CliRunner
 from PIL import Image
 
 from conftest import CON_REID, REPO, SCENES
-from reidx.indexers.faiss_index import (DEFAULT_KNN, RETRAIN_GROWTH, build_index, current_version, exact_neighbours,
-                                  load_index, recall)
-from reidx.indexers.query import MARKET_CAMERA, MARKET_PERSON, run_query
+from reidx.indexers.build import build_index
+from reidx.indexers.faiss_ops import DEFAULT_KNN, RETRAIN_GROWTH, exact_neighbours, recall
+from reidx.indexers.versions import current_version, load_index
+from reidx.indexers.query import run_query
+from reidx.pipeline.labels import MARKET_CAMERA, MARKET_PERSON
 from reidx.pipeline.embed import EmbedderInfo
 from reidx.pipeline.embedding_table import table_embedder_id
 from reidx.pipeline.ledger import append, ledger_rows
 from reidx.pipeline.manifest import Source
 from reidx.pipeline.shards import detection_id, image_key, write_shard
-from reidx.pipeline.worker import shard_table
+from reidx.pipeline.persons import shard_table
 
 GALLERY_SOURCE = "con-reid-gallery"
 
@@ -92,7 +94,7 @@ def test_ivf_nprobe_is_calibrated_to_the_recall_target(tmp_path, msmt17_split):
     add_shards(gallery, split, np.arange(len(split.features)))
     summary = build_index(gallery, index_type="ivf-flat", knn_k=0)
     gi = load_index(gallery)
-    assert summary["type"] == gi.meta.type == "ivf-flat"
+    assert summary["index_type"] == gi.meta.type == "ivf-flat"
     assert gi.meta.nlist == summary["nlist"] == 135  # min(4·√5295 = 291, 5295 // 39)
     assert gi.meta.nprobe is not None and gi.meta.recall_at_100 >= 0.95
     # measured independently: all gallery vectors as queries, at the stored default nprobe
@@ -115,7 +117,7 @@ def test_incremental_build_adds_only_new_shards(tmp_path, msmt17_split):
     old = load_index(gallery)
     add_shards(gallery, split, second)
     grown = build_index(gallery, index_type="ivf-flat")
-    assert grown["mode"] == "incremental" and grown["added"] == len(second) and grown["count"] == len(order)
+    assert grown["mode"] == "incremental" and grown["persons_added"] == len(second) and grown["persons"] == len(order)
     new = load_index(gallery)
     assert new.meta.trained_count == 3000 and new.meta.nlist == old.meta.nlist
     assert new.items["detection_id"].to_pylist()[:3000] == old.items["detection_id"].to_pylist()
@@ -153,7 +155,7 @@ def test_incremental_build_adds_only_new_shards(tmp_path, msmt17_split):
 READER = """
 import sys, time
 from pathlib import Path
-from reidx.indexers.faiss_index import load_index
+from reidx.indexers.versions import load_index
 import numpy as np
 seen, checks = set(), 0
 while not Path(sys.argv[2]).exists():
@@ -183,10 +185,10 @@ def test_queries_never_see_a_half_built_index(tmp_path, msmt17_split):
     versions = set()
     for rows in (np.arange(2000, 3000), np.arange(3000, 4000)):
         add_shards(gallery, split, rows)
-        versions.add(build_index(gallery, knn_k=5)["version"])
-        versions.add(build_index(gallery, knn_k=5, rebuild=True)["version"])
+        versions.add(build_index(gallery, knn_k=5)["index_version"])
+        versions.add(build_index(gallery, knn_k=5, rebuild=True)["index_version"])
     for delay in (0.5, 1.5, 3.0):  # kill rebuilds at different points
-        builder = subprocess.Popen([sys.executable, "-c", "import sys; from indexers.faiss_index import build_index;"
+        builder = subprocess.Popen([sys.executable, "-c", "import sys; from reidx.indexers.build import build_index;"
                                     " build_index(sys.argv[1], index_type='ivf-flat', knn_k=5, rebuild=True)",
                                     str(gallery)], env=env)
         time.sleep(delay)
@@ -199,10 +201,10 @@ def test_queries_never_see_a_half_built_index(tmp_path, msmt17_split):
     assert reader.returncode == 0, err
     seen, checks = map(int, out.split())
     assert len(versions) == 4 and seen >= 2 and checks > 10
-    assert final["count"] == 4000 and load_index(gallery).count == 4000
+    assert final["persons"] == 4000 and load_index(gallery).count == 4000
     root = gallery / "index"
     assert not list(root.glob(".v-*.tmp")) and len(list(root.glob("v-*"))) <= 2
-    assert current_version(gallery).name == final["version"]
+    assert current_version(gallery).name == final["index_version"]
 
 
 def test_query_reproduces_evaluate_on_con_reid(con_reid_gallery, tmp_path, reference):
@@ -213,7 +215,7 @@ def test_query_reproduces_evaluate_on_con_reid(con_reid_gallery, tmp_path, refer
     assert abs(summary["metrics"]["mAP"] - expected["mAP"]) <= 0.05
     assert abs(summary["metrics"]["rank1"] - expected["rank1"]) <= 0.05
     results = pq.read_table(out)
-    assert summary["queries"] == 212 and results.num_rows == 212 * 5295
+    assert summary["query_persons"] == 212 and results.num_rows == 212 * 5295
     first = results.slice(0, 5295).to_pydict()
     assert first["rank"] == list(range(1, 5296)) and len(set(first["detection_id"])) == 5295
     assert all(np.diff(first["cosine_distance"]) >= 0)
@@ -268,18 +270,18 @@ def test_query_with_detection_status_rows_and_report(con_reid_gallery, tmp_path)
     for r in ok:
         per_frame.setdefault(Path(r["query_path"]).name, set()).add(r["query_id"])
     assert set(per_frame) == {"c1s1_001051.jpg", "c3s1_000551.jpg"} and all(len(v) >= 2 for v in per_frame.values())
-    assert summary["queries"] == sum(len(v) for v in per_frame.values())
+    assert summary["query_persons"] == sum(len(v) for v in per_frame.values())
     assert all(r["query_x2"] > r["query_x1"] for r in ok)
     largest = run_query(con_reid_gallery, [str(frames)], tmp_path / "l.parquet", top_k=5, detect=True, largest=True)
-    assert largest["queries"] == 2
+    assert largest["query_persons"] == 2
 
     from reidx.indexers.report import write_report
 
     info = write_report(pq.read_table(out), load_index(con_reid_gallery).items, report, top_n=3)
-    assert info["missing_thumbnails"] == 0 and info["queries"] == summary["queries"]
+    assert info["missing_thumbnails"] == 0 and info["queries"] == summary["query_persons"]
     parser = _Images()
     parser.feed(report.read_text())
-    assert len(parser.sources) == summary["queries"] * 4
+    assert len(parser.sources) == summary["query_persons"] * 4
     assert all((tmp_path / s).is_file() for s in parser.sources)
     # the rank-1 thumbnail is that gallery crop, and a query thumbnail is its box cut from the frame
     first = ok[0]
@@ -320,7 +322,7 @@ labels = {{ person_id = '^(-?\\d+)_c' }}
     first = runner.invoke(main, ["nightly", str(manifest), "--out", str(gallery), "--workers", "2", "--json"])
     assert first.exit_code == 0, first.output
     report = json.loads(first.stdout.strip().splitlines()[-1])
-    assert report["build_index"]["mode"] == "full" and report["build_index"]["count"] == report["index"]["persons"] > 0
+    assert report["build_index"]["mode"] == "full" and report["build_index"]["persons"] == report["index"]["persons"] > 0
     again = runner.invoke(main, ["nightly", str(manifest), "--out", str(gallery), "--workers", "2", "--json"])
     assert json.loads(again.stdout.strip().splitlines()[-1])["build_index"]["mode"] == "unchanged"
     queries = sorted((CON_REID / "query").glob("000[1-4]_*"))[:3]
@@ -334,7 +336,7 @@ labels = {{ person_id = '^(-?\\d+)_c' }}
                                     "--where", "camera = '1'", "--json"])
     assert exported.exit_code == 0, exported.output
     table = pq.read_table(tmp_path / "e.parquet")
-    assert table.num_rows == json.loads(exported.stdout)["rows"] > 0 and set(table["camera"].to_pylist()) == {"1"}
+    assert table.num_rows == json.loads(exported.stdout)["persons"] > 0 and set(table["camera"].to_pylist()) == {"1"}
     assert "embedding" not in table.column_names
     bad = runner.invoke(main, ["export", str(gallery), "--out", str(tmp_path / "b.parquet"), "--where",
                                "1=1; COPY (SELECT 1) TO 'x.csv'"])

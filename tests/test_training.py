@@ -15,7 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reidx.pipeline.datasets import list_images, parse_market_name
+from reidx.pipeline.datasets import list_images
+from reidx.pipeline.labels import parse_market_name
 from reidx.pipeline.embed import build_embedder, resize_crop, to_input_tensor
 from reidx.pipeline.imaging import load_image
 from reidx.pipeline.models.weights import load_state_dict
@@ -288,7 +289,8 @@ def test_cli_train_json_on_market_folder(tmp_path):
     from click.testing import CliRunner
 
     from reidx.cli import main
-    from reidx.indexers.evaluation import embed_side, evaluate_split
+    from reidx.indexers.evaluation import evaluate_split
+    from reidx.pipeline.labelled_split import embed_side
 
     folder = tmp_path / "crops"
     folder.mkdir()

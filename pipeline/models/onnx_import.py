@@ -21,11 +21,9 @@ from torch import nn
 
 
 def _read_graph(path: str | os.PathLike):
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        raise ImportError("importing ONNX weights needs the extra: pip install 'reidx[onnx]'") from None
+    from reidx.pipeline.runtime import import_onnx
+
+    onnx, numpy_helper = import_onnx("importing ONNX weights")
     graph = onnx.load(os.fspath(path)).graph
     return graph, {init.name: torch.from_numpy(numpy_helper.to_array(init).copy()) for init in graph.initializer}
 

@@ -18,8 +18,6 @@ import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 CACHE_DIR = Path("~/.cache/reidx/models")
 MODEL_DIR_ENV = "REIDX_MODEL_DIR"
 
@@ -166,12 +164,14 @@ def resolve_weights(spec: str | os.PathLike, suffix: str = ".pth") -> ResolvedWe
     )
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike) -> dict:
     """Load a checkpoint's tensors without executing pickled code.
 
     Accepts a plain state dict, one nested under ``state_dict`` or ``model`` (torchreid and
     YOLOX training checkpoints), and keys prefixed ``module.`` (saved from DataParallel).
     """
+    import torch  # here, not at the top: commands that only resolve weights start fast
+
     try:
         obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

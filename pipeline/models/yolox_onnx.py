@@ -21,15 +21,11 @@ import numpy as np
 import torch
 
 from reidx.pipeline.models.yolox import YOLOX_SIZES, build_yolox, fold_batchnorm
+from reidx.pipeline.runtime import import_onnx, make_dims_symbolic, onnx_session
 
 
 def _onnx():
-    try:
-        import onnx
-        from onnx import numpy_helper
-    except ImportError:
-        raise ImportError("YOLOX ONNX files need the extra: pip install 'reidx[onnx]'") from None
-    return onnx, numpy_helper
+    return import_onnx("YOLOX ONNX files")
 
 
 def graph_input_size(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -67,40 +63,16 @@ def load_yolox_onnx(path: str | os.PathLike, size: str | None = None, num_classe
 
 def dynamic_graph(path: str | os.PathLike) -> bytes:
     """The export with symbolic batch, height and width, serialised for onnxruntime."""
-    onnx, numpy_helper = _onnx()
-    model = onnx.load(os.fspath(path))
-    graph = model.graph
-    for index, name in enumerate(("batch", "channels", "height", "width")):
-        if index != 1:
-            graph.input[0].type.tensor_type.shape.dim[index].dim_param = name
-    for index, name in enumerate(("batch", "anchors")):
-        graph.output[0].type.tensor_type.shape.dim[index].dim_param = name
-    del graph.value_info[:]  # shapes inferred at trace time would contradict the new ones
-    initializers = {init.name: init for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Reshape" and node.input[1] in initializers:
-            shape = numpy_helper.to_array(initializers[node.input[1]]).copy()
-            if shape.size == 3 and shape[0] == 1 and shape[2] == -1:
-                shape[0] = 0
-                initializers[node.input[1]].CopyFrom(numpy_helper.from_array(shape, node.input[1]))
-    return model.SerializeToString()
+    onnx, _ = _onnx()
+    return make_dims_symbolic(onnx.load(os.fspath(path)), {0: "batch", 2: "height", 3: "width"},
+                              {0: "batch", 1: "anchors"}, lambda shape: shape.size == 3 and shape[2] == -1)
 
 
 class OnnxYOLOX:
     """onnxruntime session over an export made shape-agnostic; ``__call__`` maps (N,3,H,W) → raw output."""
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ImportError("the onnx backend needs the extra: pip install 'reidx[onnx]'") from None
-        providers = ["CPUExecutionProvider"]
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        self.session = ort.InferenceSession(dynamic_graph(path), options, providers=providers)
+        self.session = onnx_session(dynamic_graph(path), device, threads or torch.get_num_threads())
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:

@@ -38,7 +38,7 @@ class TrainingSet:
 
     paths: list[str]
     targets: np.ndarray  # int64 (N,)
-    cameras: np.ndarray  # int64 (N,)
+    cameras: np.ndarray  # str (N,), see reidx.pipeline.labels
     person_ids: list[int]  # class index → person id in the data
     data_hash: str
     skipped: dict[str, int] = field(default_factory=dict)  # reason → count
@@ -111,7 +111,7 @@ def load_training_set(data: str | os.PathLike, max_cache_bytes: int = 4 << 30, w
     return TrainingSet(
         paths=[p for p, _, _ in kept],
         targets=targets,
-        cameras=np.array([cam for _, _, cam in kept], np.int64),
+        cameras=np.array([cam for _, _, cam in kept], dtype=object),
         person_ids=person_ids,
         data_hash=digest.hexdigest(),
         skipped=skipped,

@@ -1,0 +1,60 @@
+"""Person boxes: overlap (IoU), non-maximum suppression and the crop rule — one definition each.
+
+Boxes are ``x1, y1, x2, y2`` in frame pixels (float), optionally followed by a score column.
+The detector's NMS, detection metrics, the tracker, the nightly job's crops, query crops and
+``reidx detect --crops`` all use these functions, so a saved crop is exactly what was embedded.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def box_iou(a, b) -> np.ndarray:
+    """Pairwise IoU of (N, 4) and (M, 4) boxes → (N, M) float64; empty boxes overlap nothing."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    wh = np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]), 0, None)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def nms(boxes, scores, iou_threshold: float, max_keep: int | None = None) -> np.ndarray:
+    """Greedy NMS: indices of kept boxes, best score first; a box is dropped when its IoU with a
+    better kept box exceeds ``iou_threshold``. Ties keep input order (stable sort)."""
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    order = np.argsort(-scores, kind="stable")
+    over = box_iou(np.asarray(boxes)[order], np.asarray(boxes)[order]) > iou_threshold
+    suppressed = np.zeros(len(order), dtype=bool)
+    keep: list[int] = []
+    for i in range(len(order)):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        if max_keep is not None and len(keep) >= max_keep:
+            break
+        suppressed |= over[i]
+    return order[np.asarray(keep, dtype=np.int64)]
+
+
+def crop_region(box, width: int, height: int) -> tuple[int, int, int, int]:
+    """The pixel region of a box: rounded outward (the whole person is inside), clipped to the
+    frame, at least one pixel each way. ``(left, top, right, bottom)``, right/bottom exclusive."""
+    x1, y1, x2, y2 = (float(v) for v in box[:4])
+    left, top = min(max(math.floor(x1), 0), width - 1), min(max(math.floor(y1), 0), height - 1)
+    right, bottom = min(math.ceil(x2), width), min(math.ceil(y2), height)
+    return left, top, max(right, left + 1), max(bottom, top + 1)
+
+
+def crop_boxes(image: np.ndarray, boxes: np.ndarray) -> list[np.ndarray]:
+    """Pixel crops (views) of each box of an (H, W, 3) frame, by :func:`crop_region`."""
+    height, width = image.shape[:2]
+    crops = []
+    for box in boxes:
+        left, top, right, bottom = crop_region(box, width, height)
+        crops.append(image[top:bottom, left:right])
+    return crops

@@ -1,0 +1,70 @@
+"""A gallery folder's layout and its config: the one place that knows where things live.
+
+::
+
+    GALLERY/
+        gallery.json      which embedder (and detector) made its vectors (this module)
+        .lock             held by the one job that may write (pipeline/lock.py)
+        shards/           part-*.parquet: detections + embeddings (pipeline/shards.py)
+        ledger/           part-*.parquet: what each image became, the commit record (pipeline/ledger.py)
+        index/            CURRENT + v-*/ Faiss index versions (indexers/versions.py)
+
+Stages ask this module for paths instead of joining folder names themselves, so the layout can
+change in one file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from reidx.pipeline.atomic import write_text_atomic
+
+SHARDS_DIR = "shards"
+LEDGER_DIR = "ledger"
+INDEX_DIR = "index"
+CONFIG_FILE = "gallery.json"
+DEFAULT_DETECTOR = "yolox_nano.onnx"
+
+
+def shards_dir(gallery: str | os.PathLike) -> Path:
+    return Path(gallery) / SHARDS_DIR
+
+
+def ledger_dir(gallery: str | os.PathLike) -> Path:
+    return Path(gallery) / LEDGER_DIR
+
+
+def index_dir(gallery: str | os.PathLike) -> Path:
+    return Path(gallery) / INDEX_DIR
+
+
+def is_gallery(gallery: str | os.PathLike) -> bool:
+    return shards_dir(gallery).is_dir()
+
+
+def read_config(gallery: str | os.PathLike) -> dict:
+    """The gallery's config (embedder name, weights sha256, how to find the weights, detector); {} if none."""
+    path = Path(gallery) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_or_write_config(gallery: str | os.PathLike, weights: str) -> dict:
+    """A gallery holds one embedder's vectors: record it on first use; another one later is an error."""
+    from reidx.pipeline.models.weights import resolve_weights
+
+    resolved = resolve_weights(weights)
+    existing = read_config(gallery)
+    if existing:
+        if existing.get("weights_sha256") != resolved.sha256:
+            raise ValueError(f"{gallery} holds embeddings of {existing.get('embedder')} "
+                             f"({existing.get('weights_sha256', '?')[:12]}); --weights {weights} is another model")
+        return existing
+    # "weights" is how to find the model again (`reidx query` embeds with it): a known name or the file's path;
+    # "detector": what frames sources were detected with, so `reidx query --detect` uses the same
+    config = {"embedder": resolved.model_name, "weights_sha256": resolved.sha256,
+              "weights": str(resolved.path) if resolved.known is None else resolved.known.name,
+              "detector": DEFAULT_DETECTOR}
+    write_text_atomic(Path(gallery) / CONFIG_FILE, json.dumps(config, indent=2))
+    return config

@@ -1,0 +1,41 @@
+"""Training checkpoints: where the resume checkpoint lives, writing it atomically, and checking
+that a resumed run is the same run (same data, same options)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from reidx.pipeline.atomic import save_torch_atomic
+
+# Options that may change between a run and its resumption (device and threads change float rounding only).
+RESUME_MAY_DIFFER = {"out", "device", "threads", "val_query", "val_gallery", "val_every"}
+
+
+def resume_path(out: str | os.PathLike) -> Path:
+    """Where the per-epoch checkpoint of a run writing ``out`` lives: ``model.pth`` → ``model.resume.pth``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.resume{out.suffix or '.pth'}")
+
+
+def save_checkpoint(obj: dict, path: Path) -> None:
+    save_torch_atomic(obj, path)
+
+
+def plain_config(config) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()}
+
+
+def check_resumable(saved: dict, config, data_hash: str, path: Path) -> None:
+    """A resume continues exactly only with the same training data and the same options."""
+    meta = saved.get("reidx_training", {})
+    if meta.get("data_hash") != data_hash:
+        raise ValueError(f"{path} was trained on other data (hash {str(meta.get('data_hash'))[:12]}, now "
+                         f"{data_hash[:12]}); resume needs the same training data")
+    before, now = meta.get("config", {}), plain_config(config)
+    changed = [f"{k}: {before.get(k)!r} → {now[k]!r}" for k in now
+               if k not in RESUME_MAY_DIFFER and before.get(k) != now[k]]
+    if changed:
+        raise ValueError(f"cannot resume {path} exactly with changed options ({'; '.join(changed)}); "
+                         f"rerun with the options it was started with")
