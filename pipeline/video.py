@@ -45,14 +45,14 @@ VIDEO_SUFFIXES = {".mp4", ".mkv", ".avi", ".ts", ".mpeg", ".mpg", ".mov", ".m4v"
 # JPEG into a "video".
 FORMAT_WHITELIST = "mov,mp4,matroska,webm,avi,mpegts,mpeg,mpegvideo"
 
-# Codec threads: "AUTO" (frame + slice threads, one per core) rather than PyAV's default (slice
-# threads only, idle on the one-slice-per-frame streams cameras write). benchmarks/video.py,
-# decode-only, AUTO vs no threads, on this 2-core machine shared with other jobs: 1.31x and
-# 1.45x on the shared 1080p clip, 1.33x on a 1080p H.264 clip in the runs where a core was
-# free; 0.93-1.0x (noise) when other jobs kept both busy, as a nightly job's parallel workers
-# will. A gain when cores are idle, no measurable loss otherwise; frame threads hold a few more
-# frames in memory.
-THREAD_TYPE = "AUTO"
+# Codec threads off: one decoder, one thread. "AUTO" (frame + slice threads) did not measurably
+# help on H.264, what cameras write: decode-only frames/s against no threads on this 2-core
+# machine shared with other jobs (benchmarks/video.py and longer paired runs, 9 measurements
+# each), AUTO gave 0.92-1.33x, median 1.02x, on 1080p H.264 clips; 0.93-1.68x, median 1.21x,
+# on the shared 1080p MPEG-4 Part 2 clip; PyAV's default (slice threads) was as noisy. The
+# nightly job gets its parallelism from its workers, and frame threads hold one more frame per
+# thread. A lone decoder with idle cores may set "AUTO" here.
+THREAD_TYPE: str | None = "NONE"
 
 VideoInput = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO]
 
@@ -302,7 +302,8 @@ def _frames(video, rate, every, start_time, max_pixels, max_frames, first_frame,
         return
     with _Opened(video, max_pixels) as opened:
         container, stream = opened.container, opened.stream
-        stream.thread_type = THREAD_TYPE
+        if THREAD_TYPE is not None:
+            stream.thread_type = THREAD_TYPE
         # The decoder enforces the cap too: a stream may change frame size mid-way.
         stream.codec_context.options = {"max_pixels": str(max_pixels)}
         time_base = stream.time_base
