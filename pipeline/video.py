@@ -5,9 +5,10 @@ Archives hold videos as well as stills, and they are read like images: members c
 entry, not the night. Decoding goes through PyAV (FFmpeg inside its wheel, no system ffmpeg).
 
 * **Streaming.** Packets are demuxed and decoded one at a time and each frame is converted to
-  RGB only when it is kept, so memory is bounded by the decoder's reference frames and codec
-  threads' frames in flight (a few frames) plus the frames the caller still holds, however long
-  the video. (A video passed as ``bytes`` is of course already in memory in full.)
+  RGB only when it is kept, so memory is bounded by the demuxer's read buffer and the decoder's
+  reference frames (a few frames; one more per thread if codec threads are turned on) plus the
+  frames the caller still holds, however long the video. (A video passed as ``bytes`` is of
+  course already in memory in full.)
 * **Real timestamps.** ``pts_s`` is the container's presentation time, relative to the stream
   start; sampling by ``fps`` uses it, never the nominal frame rate, so variable-rate recordings
   and dropped frames keep their true times.
