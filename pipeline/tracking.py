@@ -8,8 +8,8 @@ Motion: each track carries a constant-velocity Kalman filter (as SORT / BoT-SORT
 centre and size, ``(cx, cy, w, h)`` and their velocities, in pixels and pixels per **second**: the
 prediction to a frame is made from the track's last update over the elapsed time ``dt``
 (``x' = x + v·dt``; process noise grows with ``dt``), so sampled video with uneven gaps and lost
-tracks need no per-frame bookkeeping, and the state after ``update`` is the same however the
-frames were split into calls. Noise is relative to the box size (BoT-SORT's choice), so one
+tracks need no per-frame bookkeeping: a prediction does not depend on how many frames went by
+without the track. Noise is relative to the box size (BoT-SORT's choice), so one
 setting fits near and far people.
 
 Association of one frame (:meth:`Tracker.update`):
