@@ -12,9 +12,15 @@ import math
 import numpy as np
 
 
+def _xyxy(boxes) -> np.ndarray:
+    """(N, ≥4) boxes (a score column may follow) → (N, 4) float64."""
+    boxes = np.asarray(boxes, np.float64)
+    return boxes.reshape(-1, 4) if boxes.ndim < 2 else boxes[:, :4]
+
+
 def box_iou(a, b) -> np.ndarray:
-    """Pairwise IoU of (N, 4) and (M, 4) boxes → (N, M) float64; empty boxes overlap nothing."""
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    """Pairwise IoU of (N, ≥4) and (M, ≥4) boxes → (N, M) float64; empty boxes overlap nothing."""
+    a, b = _xyxy(a), _xyxy(b)
     area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
     area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
     wh = np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]), 0, None)
