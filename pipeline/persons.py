@@ -138,5 +138,6 @@ def shard_table(source: Source, rows: list[tuple], embeddings: np.ndarray, info,
         "detector": [detector.name if detector else None] * n,
         "detector_sha256": [detector.weights_sha256 if detector else None] * n,
         "person_id": [source.person_id_of(m) for m in members],
+        "frame_index": [None] * n, "track_id": [None] * n,
     }
     return pa.table(columns, schema=shard_schema(info.dim))

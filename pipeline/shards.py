@@ -1,6 +1,6 @@
 """Gallery shards: detections with their embeddings, as Parquet files under ``GALLERY/shards/``.
 
-Schema version 1 (documented in docs/schemas.md), one row per detected person:
+Schema version 2 (documented in docs/schemas.md), one row per detected person:
 
 ==================  ==============================  ==========================================
 column              type                            meaning
@@ -22,7 +22,12 @@ embedder_sha256     string                          sha256 of the embedder weigh
 detector            string, null                    detector model name (null for crops)
 detector_sha256     string, null                    sha256 of the detector weights
 person_id           int64, null                     label from the manifest, when it gives one
+frame_index         int32, null                     video sources: the decoded frame's index in the video
+track_id            string, null                    video sources: ``<image_key of the video>#<n>``, one
+                                                    person followed within one camera (pipeline/tracking.py)
 ==================  ==============================  ==========================================
+
+Version 1 shards (no ``frame_index``/``track_id``) read as version 2 with both null.
 
 Shards are written atomically (temporary name, fsync, rename) and become part of the gallery
 only once the ledger names them (see :mod:`pipeline.ledger`); an unnamed shard is a crash
@@ -44,7 +49,7 @@ from reidx.pipeline.atomic import write_parquet_atomic
 from reidx.pipeline.embedding_table import embeddings_to_numpy
 from reidx.pipeline.gallery import shards_dir
 
-SHARD_SCHEMA_VERSION = "1"
+SHARD_SCHEMA_VERSION = "2"
 
 
 def shard_schema(dim: int) -> pa.Schema:
@@ -55,9 +60,9 @@ def shard_schema(dim: int) -> pa.Schema:
         ("x1", pa.float32()), ("y1", pa.float32()), ("x2", pa.float32()), ("y2", pa.float32()),
         ("score", pa.float32()), ("embedding", pa.list_(pa.float32(), dim)), ("embedder", pa.string()),
         ("embedder_sha256", pa.string()), ("detector", pa.string()), ("detector_sha256", pa.string()),
-        ("person_id", pa.int64()),
+        ("person_id", pa.int64()), ("frame_index", pa.int32()), ("track_id", pa.string()),
     ]
-    nullable = {"camera", "timestamp", "detector", "detector_sha256", "person_id"}
+    nullable = {"camera", "timestamp", "detector", "detector_sha256", "person_id", "frame_index", "track_id"}
     metadata = {"reidx.schema": "gallery-shard", "reidx.schema_version": SHARD_SCHEMA_VERSION}
     return pa.schema([pa.field(n, t, nullable=n in nullable) for n, t in fields], metadata=metadata)
 

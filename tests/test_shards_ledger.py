@@ -21,7 +21,7 @@ def shard_table(keys: list[str], dim: int = 8) -> pa.Table:
         "frame_width": [64] * n, "frame_height": [128] * n, "x1": [0.0] * n, "y1": [0.0] * n,
         "x2": [64.0] * n, "y2": [128.0] * n, "score": [1.0] * n, "embedding": embedding_array(vectors),
         "embedder": ["osnet_x0_25_msmt17"] * n, "embedder_sha256": ["6f57"] * n, "detector": [None] * n,
-        "detector_sha256": [None] * n, "person_id": [1] * n,
+        "detector_sha256": [None] * n, "person_id": [1] * n, "frame_index": [None] * n, "track_id": [None] * n,
     }
     return pa.table(columns, schema=shard_schema(dim))
 
