@@ -41,3 +41,40 @@ def test_thin_image_goes_through_the_detector(size):
     (boxes,) = Detector().detect([image])
     assert boxes.ndim == 2 and boxes.shape[1] == 5
     assert np.all(boxes[:, [0, 2]] <= size[0] + 1e-3) and np.all(boxes[:, [1, 3]] <= size[1] + 1e-3)
+
+
+# --- case 6: files that are not weights ---------------------------------------------------------
+
+def _not_weights(tmp_path, kind):
+    if kind == "/etc/passwd":
+        return "/etc/passwd"
+    path = tmp_path / {"random.onnx": "random.onnx", "text.pth": "text.pth", "random.pth": "random.pth"}[kind]
+    if kind == "text.pth":
+        path.write_text("hello, these are my notes, not a checkpoint\n" * 20)
+    else:
+        path.write_bytes(np.random.default_rng(7).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, expected", [("random.onnx", "not an ONNX model"),
+                                            ("text.pth", "not a readable torch checkpoint"),
+                                            ("/etc/passwd", "not a readable torch checkpoint"),
+                                            ("random.pth", "not a readable torch checkpoint")])
+@pytest.mark.parametrize("loader", ["embed-torch", "embed-onnx", "detector", "load_state_dict"])
+def test_a_file_that_is_not_weights_is_one_clear_weights_error(tmp_path, kind, expected, loader):
+    from reidx.pipeline.detect import Detector
+    from reidx.pipeline.embed import build_embedder
+    from reidx.pipeline.models.weights import WeightsError, load_state_dict
+
+    path = _not_weights(tmp_path, kind)
+    load = {"embed-torch": lambda p: build_embedder(p, backend="torch"),
+            "embed-onnx": lambda p: build_embedder(p, backend="onnx"),
+            "detector": lambda p: Detector(p),
+            "load_state_dict": load_state_dict}[loader]
+    if loader == "load_state_dict" and kind.endswith(".onnx"):
+        expected = "not a readable torch checkpoint"  # asked to read it as a checkpoint: that is what it is not
+    with pytest.raises(WeightsError) as err:
+        load(path)
+    message = str(err.value)
+    assert expected in message and path in message and "pickled Python objects" not in message
+    assert "\n" not in message
