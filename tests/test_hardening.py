@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -78,3 +79,113 @@ def test_a_file_that_is_not_weights_is_one_clear_weights_error(tmp_path, kind, e
     message = str(err.value)
     assert expected in message and path in message and "pickled Python objects" not in message
     assert "\n" not in message
+
+
+# --- case 8: the gallery lock -------------------------------------------------------------------
+
+def _lock_racer(root, trials, barrier, log):
+    import threading  # noqa: F401 - forked child: only the standard library and reidx
+
+    from reidx.pipeline.lock import GalleryLock, GalleryLockedError
+
+    for trial in range(trials):
+        try:
+            barrier.wait(timeout=60)
+        except Exception:  # noqa: BLE001 - a broken barrier: another racer died, stop
+            return
+        try:
+            with GalleryLock(root / f"g{trial}"):
+                with open(log, "a") as f:
+                    f.write(f"{trial} {os.getpid()} in\n")
+                time.sleep(0.003)
+                with open(log, "a") as f:
+                    f.write(f"{trial} {os.getpid()} out\n")
+        except GalleryLockedError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - any other failure is a broken lock
+            with open(log, "a") as f:
+                f.write(f"{trial} {os.getpid()} error {type(exc).__name__}\n")
+
+
+def _dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_racing_processes_on_a_stale_lock_never_hold_it_together(tmp_path):
+    import multiprocessing
+    import socket
+
+    processes, trials = 8, 50
+    stale = f"{socket.gethostname()} {_dead_pid()}"  # what a SIGKILLed holder of the old lock left
+    for trial in range(trials):
+        (tmp_path / f"g{trial}").mkdir()
+        (tmp_path / f"g{trial}" / ".lock").write_text(stale)
+    log = tmp_path / "holders.log"
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(processes)
+    racers = [context.Process(target=_lock_racer, args=(tmp_path, trials, barrier, log)) for _ in range(processes)]
+    started = time.monotonic()
+    for racer in racers:
+        racer.start()
+    for racer in racers:
+        racer.join(timeout=max(1.0, 120 - (time.monotonic() - started)))
+    for racer in racers:
+        if racer.is_alive():
+            racer.kill()
+    assert all(r.exitcode == 0 for r in racers), [r.exitcode for r in racers]
+    lines = log.read_text().split("\n")[:-1]
+    by_trial: dict[int, list[str]] = {}
+    for line in lines:
+        trial, pid, event = line.split(" ", 2)
+        by_trial.setdefault(int(trial), []).append(f"{pid} {event}")
+    assert sorted(by_trial) == list(range(trials)), "a trial had no holder at all"
+    for trial, events in by_trial.items():
+        assert not [e for e in events if "error" in e], (trial, events)
+        for i in range(0, len(events), 2):  # "pid in", "pid out", then maybe the next holder: never two inside
+            pid = events[i].split()[0]
+            assert events[i:i + 2] == [f"{pid} in", f"{pid} out"], (trial, events)
+
+
+def test_sigkilled_holder_frees_the_lock_at_once_and_is_named_while_alive(tmp_path):
+    from reidx.pipeline.lock import GalleryLock, GalleryLockedError
+
+    gallery = tmp_path / "g"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom reidx.pipeline.lock import GalleryLock\n"
+         "lock = GalleryLock(sys.argv[1]).__enter__()\nprint('held', flush=True)\ntime.sleep(120)", str(gallery)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(GalleryLockedError, match=f" {holder.pid}\\)"):
+            GalleryLock(gallery).__enter__()
+    finally:
+        holder.kill()
+        holder.wait()
+    started = time.monotonic()
+    with GalleryLock(gallery):
+        assert str(os.getpid()) in (gallery / ".lock").read_text()
+    assert time.monotonic() - started < 1
+    assert not (gallery / ".lock").exists()  # a clean exit leaves nothing behind
+
+
+@pytest.mark.parametrize("content", ["", "some-other-host 1"])
+def test_a_lock_file_nobody_holds_never_blocks_a_night(tmp_path, content):
+    from reidx.pipeline.lock import GalleryLock
+
+    (tmp_path / ".lock").write_text(content)  # empty: a disk-full write; other host: a killed holder elsewhere
+    with GalleryLock(tmp_path):
+        pass
+
+
+def test_a_failed_write_of_the_holder_leaves_no_lock_that_blocks_later_nights(tmp_path):
+    from reidx.pipeline.lock import GalleryLock
+
+    # a real write failure: the file-size limit 0 makes writing the holder's pid fail (EFBIG), as a full disk would
+    script = ("import resource, signal, sys\nsignal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))\nfrom reidx.pipeline.lock import GalleryLock\n"
+              "try:\n    with GalleryLock(sys.argv[1]):\n        print('ran')\nexcept OSError as exc:\n"
+              "    print('failed', exc)\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, capture_output=True, text=True)
+    with GalleryLock(tmp_path):
+        pass
