@@ -189,3 +189,54 @@ def test_a_failed_write_of_the_holder_leaves_no_lock_that_blocks_later_nights(tm
     subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, capture_output=True, text=True)
     with GalleryLock(tmp_path):
         pass
+
+
+# --- case 9: reidx export --where -------------------------------------------------------------
+
+def crops_manifest(path, uri, extra=""):
+    path.write_text(f"""[[source]]
+name = "crops"
+uri = "{uri}"
+kind = "crops"
+camera = {{ regex = '_c(\\d+)' }}
+labels = {{ person_id = '^(-?\\d+)_c' }}
+{extra}""")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_gallery(tmp_path_factory):
+    """Six real Con-ReID crops indexed by the real job."""
+    root = tmp_path_factory.mktemp("small")
+    (root / "crops").mkdir()
+    for image in QUERY[:6]:
+        (root / "crops" / image.name).write_bytes(image.read_bytes())
+    result = reidx("index", str(crops_manifest(root / "night.toml", root / "crops")), "--out", str(root / "g"),
+                   "--workers", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    return root / "g"
+
+
+def test_export_where_accepts_one_expression_and_refuses_a_second_statement(small_gallery, tmp_path):
+    import pyarrow.parquet as pq
+
+    for where in ("1=1; SELECT 'forged' AS detection_id", "1=1 UNION ALL SELECT 'forged'"):
+        out = tmp_path / "injected.parquet"
+        result = reidx("export", str(small_gallery), "--out", str(out), "--where", where)
+        assert result.returncode == 1, (where, result.stdout)
+        assert "--where must be one boolean expression" in result.stderr and not out.exists()
+    out = tmp_path / "camera1.parquet"
+    result = reidx("export", str(small_gallery), "--out", str(out), "--where", "camera = '1' AND score > 0.5", "--json")
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(out)
+    cameras = [name.split("_c")[1][0] for name in (p.name for p in QUERY[:6])]
+    assert table.num_rows == json.loads(result.stdout)["rows"] == cameras.count("1") > 0
+    assert set(table["camera"].to_pylist()) == {"1"} and "forged" not in table["detection_id"].to_pylist()
+
+
+def test_export_where_is_stopped_after_its_timeout(small_gallery, tmp_path):
+    started = time.monotonic()
+    result = reidx("export", str(small_gallery), "--out", str(tmp_path / "slow.parquet"), "--timeout", "1",
+                   "--where", "(SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b) > 0")
+    assert result.returncode == 1 and "stopped after 1 s" in result.stderr, result.stderr
+    assert time.monotonic() - started < 60 and not (tmp_path / "slow.parquet").exists()
