@@ -240,3 +240,42 @@ def test_export_where_is_stopped_after_its_timeout(small_gallery, tmp_path):
                    "--where", "(SELECT sum(a.range * b.range) FROM range(1000000) a, range(1000000) b) > 0")
     assert result.returncode == 1 and "stopped after 1 s" in result.stderr, result.stderr
     assert time.monotonic() - started < 60 and not (tmp_path / "slow.parquet").exists()
+
+
+# --- case 10: the report's thumbnail folder ---------------------------------------------------
+
+def _write_report(out):
+    import pyarrow as pa
+
+    from reidx.indexers.query import result_schema
+    from reidx.indexers.report import write_report
+
+    items = pa.table({"detection_id": pa.array([], pa.string()), "source_uri": pa.array([], pa.string())})
+    return write_report(result_schema().empty_table(), items, out)
+
+
+@pytest.mark.parametrize("as_link", [False, True])
+def test_report_never_deletes_a_folder_reidx_did_not_create(tmp_path, as_link):
+    documents = tmp_path / "documents"
+    documents.mkdir()
+    (documents / "thesis.docx").write_bytes(b"years of work")
+    (documents / "g-1.jpg").write_bytes(b"my holiday photo")
+    folder = tmp_path / "x_files"
+    if as_link:
+        folder.symlink_to(documents, target_is_directory=True)
+    else:
+        folder = documents.rename(folder)
+        documents = folder
+    with pytest.raises(ValueError, match="was not created by reidx|symbolic link"):  # one line in the CLI
+        _write_report(tmp_path / "x.html")
+    assert sorted(p.name for p in documents.iterdir()) == ["g-1.jpg", "thesis.docx"]
+    assert (documents / "thesis.docx").read_bytes() == b"years of work" and not (tmp_path / "x.html").exists()
+
+
+def test_report_reuses_the_folder_it_created(tmp_path):
+    out = tmp_path / "out" / "x.html"
+    _write_report(out)
+    (out.parent / "x_files" / "g-old.jpg").write_bytes(b"a thumbnail of the last run")
+    (out.parent / "x_files" / "notes.txt").write_text("added by a user")
+    assert _write_report(out)["report"] == str(out)  # second run: same folder, old thumbnails replaced
+    assert sorted(p.name for p in (out.parent / "x_files").iterdir() if not p.name.startswith(".")) == ["notes.txt"]
