@@ -7,6 +7,9 @@ returns them as *rejected* with the reason, so the ledger records them and the n
 
 A member is named by its POSIX path relative to the source root (for a glob: relative to the
 pattern's fixed leading folder); ``(source name, member)`` is an image's stable key.
+
+Folder and glob sources likewise never follow a symbolic link out of the source root (a link
+to /etc/passwd was read): such members are listed as rejected, and checked again when read.
 """
 
 from __future__ import annotations
@@ -92,6 +95,19 @@ def _local_root(uri: str) -> Path:
     return path.parent if path.is_file() else path
 
 
+def _walks(uri: str) -> bool:
+    """True for a folder or glob source (files found by walking), False for one named image file."""
+    return glob.has_magic(uri) or not Path(uri).is_file()
+
+
+def _link_reason(path: Path, real_root: str) -> str | None:
+    """Why a walked file must not be read: a link whose target lies outside the source root."""
+    real = os.path.realpath(path)
+    if real != real_root and not real.startswith(real_root.rstrip(os.sep) + os.sep):
+        return "link leads outside the source folder (never followed)"
+    return None
+
+
 def _local_files(source: Source) -> tuple[Path, list[Path]]:
     root = _local_root(source.uri)
     if glob.has_magic(source.uri):
@@ -155,10 +171,14 @@ def list_source(source: Source) -> Listing:
                     listing.members.append(member)
         else:
             root, files = _local_files(source)
+            real_root = os.path.realpath(root)
+            walks = _walks(source.uri)
             for path in files:
                 member = path.relative_to(root).as_posix()
-                if _wanted(source, member):
-                    listing.members.append(member)
+                if not _wanted(source, member):
+                    continue
+                reason = _link_reason(path, real_root) if walks else None
+                (listing.rejected.append((member, reason)) if reason else listing.members.append(member))
     except FileNotFoundError:
         raise SourceError(f"source {source.name}: {source.uri} does not exist") from None
     except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
@@ -215,7 +235,12 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
                 yield member, None, f"unreadable archive: {exc}"
     else:
         root = source.uri if "://" in source.uri else str(_local_root(source.uri))
+        real_root = None if "://" in source.uri or not _walks(source.uri) else os.path.realpath(root)
         for member in members:
+            reason = _link_reason(Path(root) / member, real_root) if real_root else None
+            if reason:  # checked again here: the file may have become a link since it was listed
+                yield member, None, reason
+                continue
             try:
                 with _open_binary(f"{root.rstrip('/')}/{member}") as f:
                     yield member, f.read(), None

@@ -279,3 +279,54 @@ def test_report_reuses_the_folder_it_created(tmp_path):
     (out.parent / "x_files" / "notes.txt").write_text("added by a user")
     assert _write_report(out)["report"] == str(out)  # second run: same folder, old thumbnails replaced
     assert sorted(p.name for p in (out.parent / "x_files").iterdir() if not p.name.startswith(".")) == ["notes.txt"]
+
+
+# --- case 11: links out of a folder source; image formats --------------------------------------
+
+def test_folder_source_refuses_links_that_leave_the_folder(tmp_path):
+    from reidx.pipeline.manifest import load_manifest
+    from reidx.pipeline.sources import list_source, read_members
+
+    folder = tmp_path / "night"
+    (folder / "cam1").mkdir(parents=True)
+    (folder / "cam1" / QUERY[0].name).write_bytes(QUERY[0].read_bytes())
+    (folder / "cam1" / "passwd.jpg").symlink_to("/etc/passwd")
+    (folder / "cam1" / "inside.jpg").symlink_to(folder / "cam1" / QUERY[0].name)  # stays inside: fine
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "secret.jpg").write_bytes(QUERY[1].read_bytes())
+    (folder / "cam1" / "secret.jpg").symlink_to(outside / "secret.jpg")
+    for uri in (folder, f"{folder}/*/*.jpg"):
+        source = crops_manifest_source(tmp_path, uri)
+        listing = list_source(source)
+        assert listing.members == sorted(["cam1/inside.jpg", f"cam1/{QUERY[0].name}"])
+        reasons = dict(listing.rejected)
+        assert sorted(reasons) == ["cam1/passwd.jpg", "cam1/secret.jpg"]
+        assert all("outside the source folder" in r for r in reasons.values())
+        read = {m: (d, e) for m, d, e in read_members(source, ["cam1/passwd.jpg", "cam1/inside.jpg"])}
+        assert read["cam1/passwd.jpg"][0] is None and "outside the source folder" in read["cam1/passwd.jpg"][1]
+        assert read["cam1/inside.jpg"][0] == QUERY[0].read_bytes()
+
+
+def crops_manifest_source(tmp_path, uri, extra=""):
+    from reidx.pipeline.manifest import load_manifest
+
+    return load_manifest(crops_manifest(tmp_path / "source.toml", uri, extra)).sources[0]
+
+
+def test_decode_refuses_eps_and_keeps_the_camera_formats():
+    from reidx.pipeline.imaging import ImageDecodeError, decode_image
+
+    crop = Image.open(QUERY[0]).convert("RGB")
+
+    def encoded(image, fmt, **kwargs):
+        buf = io.BytesIO()
+        image.save(buf, format=fmt, **kwargs)
+        return buf.getvalue()
+
+    with pytest.raises(ImageDecodeError, match="not an image in an accepted format .*JPEG"):
+        decode_image(encoded(crop, "EPS"))  # PostScript: decoding it would run Ghostscript
+    for fmt in ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF"):
+        assert decode_image(encoded(crop, fmt)).size == crop.size
+    mpo = encoded(crop, "MPO", save_all=True, append_images=[crop])
+    assert decode_image(mpo).size == crop.size
