@@ -330,3 +330,49 @@ def test_decode_refuses_eps_and_keeps_the_camera_formats():
         assert decode_image(encoded(crop, fmt)).size == crop.size
     mpo = encoded(crop, "MPO", save_all=True, append_images=[crop])
     assert decode_image(mpo).size == crop.size
+
+
+# --- case 1: labels that are not an int64 -------------------------------------------------------
+
+@pytest.mark.parametrize("key, regex, message", [
+    ("labels", r"^(\w+)_c", "may capture only digits"),
+    ("labels", r"^([^_]+)_", "may capture only digits"),
+    ("labels", r"^(\d+|x)_", "may capture only digits"),
+    ("labels", r"^(\d+)_c(\d+)", r"has 2 \(groups\)"),
+    ("camera", r"_c(\d)s(\d)", r"has 2 \(groups\)"),
+])
+def test_label_and_field_regexes_are_checked_when_the_manifest_loads(tmp_path, key, regex, message):
+    from reidx.pipeline.manifest import ManifestError, load_manifest
+
+    field = f"labels = {{ person_id = '{regex}' }}" if key == "labels" else f"camera = {{ regex = '{regex}' }}"
+    path = tmp_path / "night.toml"
+    path.write_text(f"[[source]]\nname = 'a'\nuri = 'x'\nkind = 'crops'\n{field}\n")
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(path)
+
+
+def test_label_too_large_for_int64_fails_that_image_and_not_the_night(tmp_path):
+    import pyarrow.parquet as pq
+
+    from reidx.pipeline.ledger import read_ledger
+
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for image in QUERY[:3]:
+        (folder / image.name).write_bytes(image.read_bytes())
+    huge = "99999999999999999999_c1s1_000002.jpg"
+    (folder / huge).write_bytes(QUERY[3].read_bytes())
+    source = crops_manifest_source(tmp_path, folder)
+    assert source.person_id_of(huge) is None and source.label_error(huge).startswith("label: ")
+    assert source.person_id_of(QUERY[0].name) == int(QUERY[0].name.split("_")[0])
+
+    gallery = tmp_path / "g"
+    result = reidx("index", str(crops_manifest(tmp_path / "night.toml", folder)), "--out", str(gallery),
+                   "--workers", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["images_failed"] == 1 and summary["failed_by_reason"] == {"label": 1} and summary["persons"] == 3
+    ledger = {r["member"]: r for r in read_ledger(gallery).to_pylist()}
+    assert ledger[huge]["status"] == "failed" and "99999999999999999999" in ledger[huge]["reason"]
+    shards = pq.read_table([str(gallery / "shards" / s) for s in {r["shard"] for r in ledger.values() if r["shard"]}])
+    assert sorted(shards["person_id"].to_pylist()) == sorted(int(p.name.split("_")[0]) for p in QUERY[:3])
