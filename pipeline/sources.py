@@ -20,6 +20,7 @@ import os
 import stat
 import tarfile
 import zipfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator
@@ -139,6 +140,26 @@ def _zip_member_reason(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
+def _add_archive_entries(listing: Listing, entries: list[tuple[str, str | None]]) -> None:
+    """Archive entries (name, refusal reason or None) into the listing, each name once.
+
+    A name stored twice (zip and tar allow it) is refused in every copy: the copies may differ,
+    and nobody can tell which one is the right image; indexing both gave one detection_id twice.
+    """
+    copies = Counter(name for name, _ in entries)
+    refused: set[str] = set()
+    for name, reason in entries:
+        if copies[name] > 1:
+            if name not in refused:  # one ledger record for all copies
+                refused.add(name)
+                listing.rejected.append((name, f"duplicate member name in the archive ({copies[name]} copies): "
+                                               f"which one is right cannot be told; rename them"))
+        elif reason:
+            listing.rejected.append((name, reason))
+        else:
+            listing.members.append(name)
+
+
 def list_source(source: Source) -> Listing:
     """List a source's image members; raise :class:`SourceError` if the source itself is missing."""
     listing = Listing()
@@ -146,19 +167,12 @@ def list_source(source: Source) -> Listing:
     try:
         if kind in ("tar", "tar.gz"):
             with _open_binary(source.uri) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
-                for info in tar:
-                    if info.isdir() or not _wanted(source, info.name):
-                        continue
-                    reason = _tar_member_reason(info)
-                    (listing.rejected.append((info.name, reason)) if reason else listing.members.append(info.name))
+                _add_archive_entries(listing, [(info.name, _tar_member_reason(info)) for info in tar
+                                               if not info.isdir() and _wanted(source, info.name)])
         elif kind == "zip":
             with _open_binary(source.uri) as raw, zipfile.ZipFile(raw) as archive:
-                for info in archive.infolist():
-                    if info.is_dir() or not _wanted(source, info.filename):
-                        continue
-                    reason = _zip_member_reason(info)
-                    (listing.rejected.append((info.filename, reason)) if reason
-                     else listing.members.append(info.filename))
+                _add_archive_entries(listing, [(info.filename, _zip_member_reason(info)) for info in archive.infolist()
+                                               if not info.is_dir() and _wanted(source, info.filename)])
         elif "://" in source.uri:
             import fsspec
 
@@ -223,7 +237,11 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
     elif kind == "zip":
         try:
             with _open_binary(source.uri) as raw, zipfile.ZipFile(raw) as archive:
+                copies = Counter(archive.namelist())
                 for member in members:
+                    if copies[member] > 1:  # see _add_archive_entries
+                        yield member, None, f"duplicate member name in the archive ({copies[member]} copies)"
+                        continue
                     try:
                         info = archive.getinfo(member)
                         reason = _zip_member_reason(info)

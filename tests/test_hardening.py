@@ -376,3 +376,34 @@ def test_label_too_large_for_int64_fails_that_image_and_not_the_night(tmp_path):
     assert ledger[huge]["status"] == "failed" and "99999999999999999999" in ledger[huge]["reason"]
     shards = pq.read_table([str(gallery / "shards" / s) for s in {r["shard"] for r in ledger.values() if r["shard"]}])
     assert sorted(shards["person_id"].to_pylist()) == sorted(int(p.name.split("_")[0]) for p in QUERY[:3])
+
+
+# --- case 7: one member name twice in an archive -------------------------------------------------
+
+def test_zip_with_a_member_name_twice_indexes_neither_copy(tmp_path):
+    import zipfile
+    import warnings
+
+    import pyarrow.parquet as pq
+
+    from reidx.pipeline.ledger import read_ledger
+
+    archive = tmp_path / "night.zip"
+    twice = f"cam1/{QUERY[0].name}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns "Duplicate name": that is the point
+        with zipfile.ZipFile(archive, "w") as zf:
+            for image in QUERY[:3]:
+                zf.write(image, f"cam1/{image.name}")
+            zf.write(QUERY[5], twice)  # same name, another person's crop
+    gallery = tmp_path / "g"
+    result = reidx("index", str(crops_manifest(tmp_path / "night.toml", archive)), "--out", str(gallery),
+                   "--workers", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    ledger = read_ledger(gallery).to_pylist()
+    assert sorted(r["member"] for r in ledger) == sorted(f"cam1/{p.name}" for p in QUERY[:3])  # each name once
+    (refused,) = [r for r in ledger if r["member"] == twice]
+    assert refused["status"] == "failed" and "2 copies" in refused["reason"]
+    shards = pq.read_table([str(gallery / "shards" / s) for s in {r["shard"] for r in ledger if r["shard"]}])
+    ids = shards["detection_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 2 and twice not in shards["member"].to_pylist()
