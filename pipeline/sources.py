@@ -10,16 +10,26 @@ pattern's fixed leading folder); ``(source name, member)`` is an image's stable 
 
 Folder and glob sources likewise never follow a symbolic link out of the source root (a link
 to /etc/passwd was read): such members are listed as rejected, and checked again when read.
+
+Damaged archives never stop the night. Every decompression error (zlib, lzma, bz2, gzip CRC,
+truncation, bad zip data) while reading a member is that member's recorded failure. When a tar
+breaks while it is being listed, the members listed before the break are kept (a forward pass
+reaches them before the damage) and the break itself is recorded once, as the pseudo-member
+``(rest of archive)`` with the reason, so the operator sees it in the ledger and the summary;
+tarfile stops silently at a damaged header, so what follows the last header is checked too.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import glob
+import lzma
 import os
 import stat
+import struct
 import tarfile
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -29,6 +39,11 @@ from reidx.pipeline.datasets import IMAGE_SUFFIXES
 from reidx.pipeline.manifest import Source
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
+ARCHIVE_REST = "(rest of archive)"  # pseudo-member recording where a tar listing broke (no image suffix: no clash)
+# What reading damaged archive bytes raises: zlib/lzma errors are not OSErrors, bz2 and gzip raise
+# OSError, zipfile raises BadZipFile, NotImplementedError (unknown method), RuntimeError (encrypted).
+ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError,
+                  NotImplementedError, RuntimeError, ValueError, struct.error)
 
 
 class SourceError(OSError):
@@ -160,15 +175,50 @@ def _add_archive_entries(listing: Listing, entries: list[tuple[str, str | None]]
             listing.members.append(name)
 
 
+def _tar_end_reason(tar: tarfile.TarFile) -> str | None:
+    """Why the tar did not end where tarfile stopped listing, or None.
+
+    tarfile ends its listing silently at a damaged header after the first member; a real end is
+    zero blocks up to the end of the stream. Reading on to the end also makes gzip check its CRC.
+    """
+    stream = tar.fileobj
+    stream.seek(tar.offset)
+    while block := stream.read(1 << 20):
+        if block.strip(b"\0"):
+            return f"damaged tar header at byte {tar.offset}"
+    return None
+
+
+def _list_tar(source: Source, listing: Listing) -> None:
+    entries: list[tuple[str, str | None]] = []
+    last = None
+    try:
+        with _open_binary(source.uri) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+            for info in tar:
+                last = info.name
+                if not info.isdir() and _wanted(source, info.name):
+                    entries.append((info.name, _tar_member_reason(info)))
+            broken = _tar_end_reason(tar)
+    except FileNotFoundError:
+        raise
+    except ARCHIVE_ERRORS as exc:
+        if last is None:  # nothing could be listed: the whole source fails
+            raise
+        broken = f"{'zlib.error' if isinstance(exc, zlib.error) else type(exc).__name__}: {exc}"
+    _add_archive_entries(listing, entries)
+    if broken:
+        where = f"after member {last!r}" if last is not None else "at its start"
+        listing.rejected.append((ARCHIVE_REST, f"unreadable archive {where} ({broken}); the members before it "
+                                               f"are indexed, replace the archive to index the rest"))
+
+
 def list_source(source: Source) -> Listing:
     """List a source's image members; raise :class:`SourceError` if the source itself is missing."""
     listing = Listing()
     kind = archive_type(source.uri)
     try:
         if kind in ("tar", "tar.gz"):
-            with _open_binary(source.uri) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
-                _add_archive_entries(listing, [(info.name, _tar_member_reason(info)) for info in tar
-                                               if not info.isdir() and _wanted(source, info.name)])
+            _list_tar(source, listing)
         elif kind == "zip":
             with _open_binary(source.uri) as raw, zipfile.ZipFile(raw) as archive:
                 _add_archive_entries(listing, [(info.filename, _zip_member_reason(info)) for info in archive.infolist()
@@ -195,7 +245,7 @@ def list_source(source: Source) -> Listing:
                 (listing.rejected.append((member, reason)) if reason else listing.members.append(member))
     except FileNotFoundError:
         raise SourceError(f"source {source.name}: {source.uri} does not exist") from None
-    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
+    except ARCHIVE_ERRORS as exc:
         if isinstance(exc, SourceError):
             raise
         raise SourceError(f"source {source.name}: cannot read {source.uri}: {exc}") from None
@@ -223,34 +273,43 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
                         yield info.name, None, reason
                         continue
                     try:
-                        yield info.name, tar.extractfile(info).read(), None
-                    except (tarfile.TarError, OSError, EOFError) as exc:
-                        yield info.name, None, f"unreadable archive member: {exc}"
+                        data = tar.extractfile(info).read()
+                    except ARCHIVE_ERRORS as exc:
+                        data, reason = None, f"unreadable archive member: {exc}"
+                    yield info.name, data, reason  # outside the try: a consumer's error is not ours to record
                     if len(found) == len(wanted):
                         break
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except ARCHIVE_ERRORS as exc:
             for member in sorted(wanted - found):
                 yield member, None, f"unreadable archive: {exc}"
             return
         for member in sorted(wanted - found):
             yield member, None, "member not found in archive"
     elif kind == "zip":
+        done: set[str] = set()
         try:
             with _open_binary(source.uri) as raw, zipfile.ZipFile(raw) as archive:
                 copies = Counter(archive.namelist())
                 for member in members:
+                    done.add(member)
                     if copies[member] > 1:  # see _add_archive_entries
                         yield member, None, f"duplicate member name in the archive ({copies[member]} copies)"
                         continue
+                    data = None
                     try:
                         info = archive.getinfo(member)
                         reason = _zip_member_reason(info)
-                        yield (member, None, reason) if reason else (member, archive.read(info), None)
-                    except (KeyError, zipfile.BadZipFile, OSError, RuntimeError, EOFError) as exc:
-                        yield member, None, f"unreadable archive member: {exc}"
-        except (zipfile.BadZipFile, OSError) as exc:
+                        if not reason:
+                            data = archive.read(info)
+                    except KeyError:
+                        reason = "member not found in archive"
+                    except ARCHIVE_ERRORS as exc:
+                        reason = f"unreadable archive member: {exc}"
+                    yield member, data, reason
+        except ARCHIVE_ERRORS as exc:
             for member in members:
-                yield member, None, f"unreadable archive: {exc}"
+                if member not in done:
+                    yield member, None, f"unreadable archive: {exc}"
     else:
         root = source.uri if "://" in source.uri else str(_local_root(source.uri))
         real_root = None if "://" in source.uri or not _walks(source.uri) else os.path.realpath(root)
