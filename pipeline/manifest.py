@@ -14,6 +14,7 @@ A manifest is a TOML file with one ``[[source]]`` table per archive::
     labels = { person_id = '^(-?\\d+)_' }   # optional, for evaluation sets
     include = ["*.jpg"]                 # optional fnmatch patterns on the member path
     exclude = ["*/thumbs/*"]            # optional
+    max_member_bytes = 268435456        # optional, also top-level for every source: larger files are refused
 
 Regexes are searched in the member path (POSIX, relative to the source); each has exactly one
 (group), the value (write other groups as ``(?:...)``). Every error names the file, the source
@@ -38,8 +39,14 @@ from datetime import datetime
 from pathlib import Path
 
 KINDS = ("crops", "frames")
+# A member is read into a worker's memory whole, so its size is capped before reading: a 1.5 MB
+# zip held a 1.5 GiB member of zeros and the worker was killed. 256 MiB is far above any real
+# image (an uncompressed 24-bit BMP at the 50-megapixel decode cap is 150 MB; camera JPEGs are a
+# few MB) and still small enough for a worker to hold while it decodes.
+DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # person_id is an int64 column of the shards
-SOURCE_KEYS = {"name", "uri", "kind", "camera", "timestamp", "labels", "include", "exclude"}
+SOURCE_KEYS = {"name", "uri", "kind", "camera", "timestamp", "labels", "include", "exclude", "max_member_bytes"}
+DEFAULT_KEYS = {"max_member_bytes"}  # also allowed at the top level, as every source's default
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -62,6 +69,7 @@ class Source:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     manifest: str = ""
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
 
     def camera_of(self, member: str) -> str | None:
         if self.camera_constant is not None:
@@ -213,6 +221,12 @@ def _patterns(value, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _positive_int(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ManifestError(f"{where}: must be a positive whole number, got {value!r}")
+    return value
+
+
 def _resolve_uri(uri: str, base: Path) -> str:
     if "://" in uri:
         return uri
@@ -220,7 +234,7 @@ def _resolve_uri(uri: str, base: Path) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
-def _source(raw, index: int, file: str, base: Path) -> Source:
+def _source(raw, index: int, file: str, base: Path, defaults: dict) -> Source:
     where = f"{file}: source[{index}]"
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: must be a table ([[source]])")
@@ -259,6 +273,11 @@ def _source(raw, index: int, file: str, base: Path) -> Source:
     for key in ("include", "exclude"):
         if key in raw:
             fields[key] = _patterns(raw[key], f"{where}: key '{key}'")
+    for key in DEFAULT_KEYS:
+        if key in raw:
+            fields[key] = _positive_int(raw[key], f"{where}: key '{key}'")
+        elif key in defaults:
+            fields[key] = defaults[key]
     return Source(name=name, uri=_resolve_uri(raw["uri"], base), kind=raw["kind"], manifest=file, **fields)
 
 
@@ -274,15 +293,17 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise ManifestError(f"{file}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{file}: not valid TOML: {exc}") from None
-    unknown = set(data) - {"version", "source"}
+    unknown = set(data) - {"version", "source"} - DEFAULT_KEYS
     if unknown:
-        raise ManifestError(f"{file}: unknown top-level key(s) {sorted(unknown)}; expected 'version' and [[source]]")
+        raise ManifestError(f"{file}: unknown top-level key(s) {sorted(unknown)}; expected 'version', "
+                            f"[[source]] and the defaults {sorted(DEFAULT_KEYS)}")
+    defaults = {key: _positive_int(data[key], f"{file}: key '{key}'") for key in DEFAULT_KEYS if key in data}
     if data.get("version", 1) != 1:
         raise ManifestError(f"{file}: key 'version': this reidx reads version 1, got {data['version']!r}")
     raw_sources = data.get("source")
     if not isinstance(raw_sources, list) or not raw_sources:
         raise ManifestError(f"{file}: no [[source]] tables; a manifest lists at least one source")
-    sources = tuple(_source(raw, i, file, path.parent.resolve()) for i, raw in enumerate(raw_sources))
+    sources = tuple(_source(raw, i, file, path.parent.resolve(), defaults) for i, raw in enumerate(raw_sources))
     seen: set[str] = set()
     for source in sources:
         if source.name in seen:

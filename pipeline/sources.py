@@ -11,6 +11,11 @@ pattern's fixed leading folder); ``(source name, member)`` is an image's stable 
 Folder and glob sources likewise never follow a symbolic link out of the source root (a link
 to /etc/passwd was read): such members are listed as rejected, and checked again when read.
 
+A member is read into memory whole, so its size is capped first (``max_member_bytes`` in the
+manifest, 256 MiB by default): the size an archive header declares (zip ``file_size``, tar
+``size``) is checked when listing and reading, and reading itself stops one byte past the cap
+(a lying header, or a plain file with no header at all); a refusal is recorded with its reason.
+
 Damaged archives never stop the night. Every decompression error (zlib, lzma, bz2, gzip CRC,
 truncation, bad zip data) while reading a member is that member's recorded failure. When a tar
 breaks while it is being listed, the members listed before the break are kept (a forward pass
@@ -76,6 +81,33 @@ def unsafe_name_reason(name: str) -> str | None:
     if ".." in PurePosixPath(name.replace("\\", "/")).parts:
         return "member name contains '..'"
     return None
+
+
+def _size_text(size: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def _too_large(size: int | None, source: Source) -> str | None:
+    """The refusal for a member whose declared size is over the source's cap, or None."""
+    if size is not None and size > source.max_member_bytes:
+        return (f"member too large: {_size_text(size)} ({size} bytes) over max_member_bytes = "
+                f"{source.max_member_bytes}; raise max_member_bytes in the manifest to index it")
+    return None
+
+
+def _read_capped(f, source: Source) -> tuple[bytes | None, str | None]:
+    """Read a member, stopping one byte past the cap whatever its header said: (data, None) or (None, reason)."""
+    cap, chunks, total = source.max_member_bytes, [], 0
+    while chunk := f.read(min(1 << 20, cap + 1 - total)):
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > cap:
+            return None, (f"member too large: more than max_member_bytes = {cap} bytes read (more than its "
+                          f"header said); raise max_member_bytes in the manifest to index it")
+    return b"".join(chunks), None
 
 
 def _wanted(source: Source, member: str) -> bool:
@@ -197,7 +229,7 @@ def _list_tar(source: Source, listing: Listing) -> None:
             for info in tar:
                 last = info.name
                 if not info.isdir() and _wanted(source, info.name):
-                    entries.append((info.name, _tar_member_reason(info)))
+                    entries.append((info.name, _tar_member_reason(info) or _too_large(info.size, source)))
             broken = _tar_end_reason(tar)
     except FileNotFoundError:
         raise
@@ -221,7 +253,9 @@ def list_source(source: Source) -> Listing:
             _list_tar(source, listing)
         elif kind == "zip":
             with _open_binary(source.uri) as raw, zipfile.ZipFile(raw) as archive:
-                _add_archive_entries(listing, [(info.filename, _zip_member_reason(info)) for info in archive.infolist()
+                _add_archive_entries(listing, [(info.filename, _zip_member_reason(info)
+                                                or _too_large(info.file_size, source))
+                                               for info in archive.infolist()
                                                if not info.is_dir() and _wanted(source, info.filename)])
         elif "://" in source.uri:
             import fsspec
@@ -268,12 +302,12 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
                     if info.name not in wanted or info.name in found:
                         continue
                     found.add(info.name)
-                    reason = _tar_member_reason(info)
+                    reason = _tar_member_reason(info) or _too_large(info.size, source)
                     if reason:
                         yield info.name, None, reason
                         continue
                     try:
-                        data = tar.extractfile(info).read()
+                        data, reason = _read_capped(tar.extractfile(info), source)
                     except ARCHIVE_ERRORS as exc:
                         data, reason = None, f"unreadable archive member: {exc}"
                     yield info.name, data, reason  # outside the try: a consumer's error is not ours to record
@@ -298,9 +332,10 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
                     data = None
                     try:
                         info = archive.getinfo(member)
-                        reason = _zip_member_reason(info)
+                        reason = _zip_member_reason(info) or _too_large(info.file_size, source)
                         if not reason:
-                            data = archive.read(info)
+                            with archive.open(info) as f:
+                                data, reason = _read_capped(f, source)
                     except KeyError:
                         reason = "member not found in archive"
                     except ARCHIVE_ERRORS as exc:
@@ -318,8 +353,13 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
             if reason:  # checked again here: the file may have become a link since it was listed
                 yield member, None, reason
                 continue
+            data = None
             try:
                 with _open_binary(f"{root.rstrip('/')}/{member}") as f:
-                    yield member, f.read(), None
+                    size = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") and "://" not in root else None
+                    reason = _too_large(size, source)
+                    if not reason:
+                        data, reason = _read_capped(f, source)
             except OSError as exc:
-                yield member, None, f"cannot read: {exc.strerror or exc}"
+                reason = f"cannot read: {exc.strerror or exc}"
+            yield member, data, reason

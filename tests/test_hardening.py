@@ -475,3 +475,92 @@ def test_zip_member_with_corrupt_deflate_data_is_that_members_failure(tmp_path):
     read = {m: (d, e) for m, d, e in read_members(source, listing.members)}
     assert read[QUERY[0].name] == (QUERY[0].read_bytes(), None) and read[QUERY[2].name][0] == QUERY[2].read_bytes()
     assert read[QUERY[1].name][0] is None and read[QUERY[1].name][1].startswith("unreadable archive member")
+
+
+# --- case 4: a huge member in a small archive ----------------------------------------------------
+
+MIB = 1 << 20
+
+
+class _Zeros(io.RawIOBase):
+    """``size`` zero bytes, streamed: the big member is never held in memory by the test either."""
+
+    def __init__(self, size):
+        self.left = size
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def _bomb_archive(path, size):
+    """A real archive (.zip or .tar.gz) holding two crops and ``size`` bytes of zeros as big.jpg."""
+    import shutil
+    import tarfile
+    import zipfile
+
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for image in QUERY[:2]:
+                zf.write(image, image.name)
+            with zf.open("big.jpg", "w", force_zip64=True) as member:
+                shutil.copyfileobj(_Zeros(size), member, MIB)
+    else:
+        with tarfile.open(path, "w:gz") as tar:
+            for image in QUERY[:2]:
+                tar.add(image, arcname=image.name)
+            info = tarfile.TarInfo("big.jpg")
+            info.size = size
+            tar.addfile(info, io.BufferedReader(_Zeros(size), MIB))
+    return path
+
+
+@pytest.mark.parametrize("name", ["bomb.zip", "bomb.tar.gz"])
+def test_member_over_max_member_bytes_is_refused_before_it_is_read(tmp_path, name):
+    from reidx.pipeline.sources import list_source, read_members
+
+    archive = _bomb_archive(tmp_path / name, 8 * MIB)
+    assert archive.stat().st_size < 64 * 1024  # small on disk, 8 MiB inside
+    source = crops_manifest_source(tmp_path, archive, extra="max_member_bytes = 1048576\n")
+    listing = list_source(source)
+    assert listing.members == sorted(p.name for p in QUERY[:2])
+    (member, reason), = listing.rejected
+    assert member == "big.jpg" and "8.0 MiB" in reason and "max_member_bytes" in reason
+    read = {m: (d, e) for m, d, e in read_members(source, [*listing.members, "big.jpg"])}
+    assert read["big.jpg"][0] is None and "max_member_bytes" in read["big.jpg"][1]
+    assert read[QUERY[0].name] == (QUERY[0].read_bytes(), None)
+
+
+def test_member_size_is_enforced_while_reading_when_no_header_tells_it(tmp_path):
+    import zipfile
+
+    from reidx.pipeline.sources import list_source, read_members
+
+    folder = tmp_path / "night"
+    folder.mkdir()
+    (folder / QUERY[0].name).write_bytes(QUERY[0].read_bytes())
+    with open(folder / "big.jpg", "wb") as f:
+        f.truncate(2 * MIB)  # no header: the size is only known by reading
+    source = crops_manifest_source(tmp_path, folder, extra="max_member_bytes = 1048576\n")
+    read = {m: (d, e) for m, d, e in read_members(source, list_source(source).members)}
+    assert read["big.jpg"][0] is None and "max_member_bytes" in read["big.jpg"][1]
+    assert read[QUERY[0].name] == (QUERY[0].read_bytes(), None)
+
+    # a zip whose headers claim 100 bytes for an 8 MiB member: never read whole
+    archive = _bomb_archive(tmp_path / "liar.zip", 8 * MIB)
+    data = bytearray(archive.read_bytes())
+    entry = data.rindex(b"PK\x01\x02")  # central directory entry of the last member, big.jpg
+    assert data[entry + 46:entry + 53] == b"big.jpg" and int.from_bytes(data[entry + 24:entry + 28], "little") == 8 * MIB
+    data[entry + 24:entry + 28] = (100).to_bytes(4, "little")  # its uncompressed size, as zipfile reads it
+    archive.write_bytes(bytes(data))
+    with zipfile.ZipFile(archive) as zf:
+        assert zf.getinfo("big.jpg").file_size == 100
+    source = crops_manifest_source(tmp_path, archive, extra="max_member_bytes = 1048576\n")
+    assert "big.jpg" in list_source(source).members
+    read = {m: (d, e) for m, d, e in read_members(source, ["big.jpg"])}
+    assert read["big.jpg"][0] is None and read["big.jpg"][1]
