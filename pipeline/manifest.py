@@ -15,6 +15,7 @@ A manifest is a TOML file with one ``[[source]]`` table per archive::
     include = ["*.jpg"]                 # optional fnmatch patterns on the member path
     exclude = ["*/thumbs/*"]            # optional
     max_member_bytes = 268435456        # optional, also top-level for every source: larger files are refused
+    timeout_s = 30                      # optional, also top-level: URL sources, seconds per network operation
 
 Regexes are searched in the member path (POSIX, relative to the source); each has exactly one
 (group), the value (write other groups as ``(?:...)``). Every error names the file, the source
@@ -44,9 +45,14 @@ KINDS = ("crops", "frames")
 # image (an uncompressed 24-bit BMP at the 50-megapixel decode cap is 150 MB; camera JPEGs are a
 # few MB) and still small enough for a worker to hold while it decodes.
 DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
+# A URL source's server that accepts a connection and never answers held the night for minutes:
+# each network operation (connect, a listing step, one read) gets this long, then that source or
+# member fails with a recorded reason. 30 s is far above a healthy server's answer time.
+DEFAULT_TIMEOUT_S = 30.0
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # person_id is an int64 column of the shards
-SOURCE_KEYS = {"name", "uri", "kind", "camera", "timestamp", "labels", "include", "exclude", "max_member_bytes"}
-DEFAULT_KEYS = {"max_member_bytes"}  # also allowed at the top level, as every source's default
+SOURCE_KEYS = {"name", "uri", "kind", "camera", "timestamp", "labels", "include", "exclude", "max_member_bytes",
+               "timeout_s"}
+DEFAULT_KEYS = {"max_member_bytes", "timeout_s"}  # also allowed at the top level, as every source's default
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -70,6 +76,7 @@ class Source:
     exclude: tuple[str, ...] = ()
     manifest: str = ""
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     def camera_of(self, member: str) -> str | None:
         if self.camera_constant is not None:
@@ -221,10 +228,13 @@ def _patterns(value, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _positive_int(value, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ManifestError(f"{where}: must be a positive whole number, got {value!r}")
-    return value
+def _positive(value, where: str, key: str) -> int | float:
+    """max_member_bytes: a positive whole number; timeout_s: a positive number of seconds."""
+    kinds = (int, float) if key == "timeout_s" else (int,)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
+        what = "number of seconds" if key == "timeout_s" else "whole number"
+        raise ManifestError(f"{where}: must be a positive {what}, got {value!r}")
+    return float(value) if key == "timeout_s" else value
 
 
 def _resolve_uri(uri: str, base: Path) -> str:
@@ -275,7 +285,7 @@ def _source(raw, index: int, file: str, base: Path, defaults: dict) -> Source:
             fields[key] = _patterns(raw[key], f"{where}: key '{key}'")
     for key in DEFAULT_KEYS:
         if key in raw:
-            fields[key] = _positive_int(raw[key], f"{where}: key '{key}'")
+            fields[key] = _positive(raw[key], f"{where}: key '{key}'", key)
         elif key in defaults:
             fields[key] = defaults[key]
     return Source(name=name, uri=_resolve_uri(raw["uri"], base), kind=raw["kind"], manifest=file, **fields)
@@ -297,7 +307,7 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
     if unknown:
         raise ManifestError(f"{file}: unknown top-level key(s) {sorted(unknown)}; expected 'version', "
                             f"[[source]] and the defaults {sorted(DEFAULT_KEYS)}")
-    defaults = {key: _positive_int(data[key], f"{file}: key '{key}'") for key in DEFAULT_KEYS if key in data}
+    defaults = {key: _positive(data[key], f"{file}: key '{key}'", key) for key in DEFAULT_KEYS if key in data}
     if data.get("version", 1) != 1:
         raise ManifestError(f"{file}: key 'version': this reidx reads version 1, got {data['version']!r}")
     raw_sources = data.get("source")

@@ -16,6 +16,12 @@ manifest, 256 MiB by default): the size an archive header declares (zip ``file_s
 ``size``) is checked when listing and reading, and reading itself stops one byte past the cap
 (a lying header, or a plain file with no header at all); a refusal is recorded with its reason.
 
+URL sources (fsspec) fail alone, never the night: an unknown protocol or a missing optional
+package (``http://`` needs aiohttp: extra ``reidx[http]``) is a :class:`SourceError` saying what
+to install, and every network operation — connecting, each listing step, opening, each read of
+at most 1 MiB — must finish within the source's ``timeout_s``: the protocol's own timeouts are set
+where fsspec takes them, and a thread deadline backs them up for any implementation.
+
 Damaged archives never stop the night. Every decompression error (zlib, lzma, bz2, gzip CRC,
 truncation, bad zip data) while reading a member is that member's recorded failure. When a tar
 breaks while it is being listed, the members listed before the break are kept (a forward pass
@@ -28,11 +34,13 @@ from __future__ import annotations
 
 import fnmatch
 import glob
+import io
 import lzma
 import os
 import stat
 import struct
 import tarfile
+import threading
 import zipfile
 import zlib
 from collections import Counter
@@ -41,7 +49,7 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 
 from reidx.pipeline.datasets import IMAGE_SUFFIXES
-from reidx.pipeline.manifest import Source
+from reidx.pipeline.manifest import DEFAULT_TIMEOUT_S, Source
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 ARCHIVE_REST = "(rest of archive)"  # pseudo-member recording where a tar listing broke (no image suffix: no clash)
@@ -118,12 +126,131 @@ def _wanted(source: Source, member: str) -> bool:
     return not any(fnmatch.fnmatch(member, p) for p in source.exclude)
 
 
-def _open_binary(uri: str):
+# Extras of reidx that bring a protocol's optional packages (fsspec names the package for others).
+PROTOCOL_EXTRAS = {"http": "reidx[http]", "https": "reidx[http]"}
+
+
+class NetworkTimeout(TimeoutError):
+    """A network operation of a URL source got no answer within its ``timeout_s``."""
+
+
+def _protocol(uri: str) -> str:
+    return uri.split("://", 1)[0].lower()
+
+
+def _deadline(call, timeout: float, what: str):
+    """``call()`` in a daemon thread, abandoned after ``timeout`` s: a silent server holds that thread, not the night."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="reidx-network", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise NetworkTimeout(f"no answer from {what} within {timeout:g} s; check the server or raise timeout_s "
+                             f"in the manifest")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
+
+
+def _storage_options(uri: str, timeout: float) -> dict:
+    """The protocol's own timeouts, where fsspec's implementation takes them (the deadline backs them up)."""
+    protocol = _protocol(uri)
+    if protocol in ("http", "https"):
+        import aiohttp  # ImportError: reported with the extra to install
+
+        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout,
+                                                                    sock_read=timeout)}}
+    if protocol in ("ftp", "sftp", "ssh"):
+        return {"timeout": timeout}
+    if protocol in ("s3", "s3a"):
+        return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout}}
+    return {}
+
+
+def _url_error(source: Source, exc: BaseException) -> SourceError:
+    """An unknown protocol or a missing optional package, said as what to do."""
+    protocol = _protocol(source.uri)
+    if isinstance(exc, ImportError):
+        extra = PROTOCOL_EXTRAS.get(protocol)
+        hint = f"pip install '{extra}'" if extra else "install the package fsspec names"
+        return SourceError(f"source {source.name}: {protocol}:// needs an optional package: {hint} ({exc})")
+    return SourceError(f"source {source.name}: unknown protocol {protocol!r} in {source.uri}; use a folder, an "
+                       f"archive or a URL fsspec knows (s3://, gs://, http://, ...)")
+
+
+def _is_protocol_error(exc: BaseException) -> bool:
+    return isinstance(exc, ImportError) or (isinstance(exc, ValueError) and "Protocol not known" in str(exc))
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A remote file whose every read and seek must finish within the timeout."""
+
+    def __init__(self, f, timeout: float, what: str):
+        self.f, self.timeout, self.what = f, timeout, what
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = _deadline(lambda: self.f.read(len(buffer)), self.timeout, self.what)
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        return _deadline(lambda: self.f.seek(offset, whence), self.timeout, self.what)
+
+    def tell(self):
+        return self.f.tell()
+
+    def close(self):
+        if not self.closed:
+            try:
+                _deadline(self.f.close, self.timeout, self.what)
+            except Exception:  # noqa: BLE001 - closing a dead connection: nothing left to save
+                pass
+        super().close()
+
+
+def _open_binary(uri: str, source: Source | None = None):
     if "://" in uri:
         import fsspec
 
-        return fsspec.open(uri, "rb").open()
+        timeout = source.timeout_s if source is not None else DEFAULT_TIMEOUT_S
+        options = _storage_options(uri, timeout)
+        f = _deadline(lambda: fsspec.open(uri, "rb", **options).open(), timeout, uri)
+        return io.BufferedReader(_DeadlineReader(f, timeout, uri), buffer_size=1 << 20)
     return open(uri, "rb")
+
+
+def _list_url_folder(source: Source, listing: Listing) -> None:
+    import fsspec
+
+    timeout = source.timeout_s
+    fs, root = _deadline(lambda: fsspec.core.url_to_fs(source.uri, **_storage_options(source.uri, timeout)),
+                         timeout, source.uri)
+    if not _deadline(lambda: fs.isdir(root), timeout, source.uri):
+        raise SourceError(f"source {source.name}: {source.uri} does not exist")
+    walk = iter(fs.walk(root, detail=False))
+    while True:  # one directory listing per step, each within the timeout
+        step = _deadline(lambda: next(walk, None), timeout, source.uri)
+        if step is None:
+            break
+        folder, _, files = step
+        for name in files:
+            path = f"{folder.rstrip('/')}/{name}"
+            member = PurePosixPath(path).relative_to(PurePosixPath(root)).as_posix()
+            if _wanted(source, member):
+                listing.members.append(member)
 
 
 def _glob_root(pattern: str) -> Path:
@@ -221,11 +348,16 @@ def _tar_end_reason(tar: tarfile.TarFile) -> str | None:
     return None
 
 
+def _errors(source: Source) -> tuple:
+    """What reading this source may raise and must record: for a URL, anything its filesystem raises."""
+    return (Exception,) if "://" in source.uri else ARCHIVE_ERRORS
+
+
 def _list_tar(source: Source, listing: Listing) -> None:
     entries: list[tuple[str, str | None]] = []
     last = None
     try:
-        with _open_binary(source.uri) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+        with _open_binary(source.uri, source) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
             for info in tar:
                 last = info.name
                 if not info.isdir() and _wanted(source, info.name):
@@ -233,7 +365,7 @@ def _list_tar(source: Source, listing: Listing) -> None:
             broken = _tar_end_reason(tar)
     except FileNotFoundError:
         raise
-    except ARCHIVE_ERRORS as exc:
+    except _errors(source) as exc:
         if last is None:  # nothing could be listed: the whole source fails
             raise
         broken = f"{'zlib.error' if isinstance(exc, zlib.error) else type(exc).__name__}: {exc}"
@@ -252,21 +384,13 @@ def list_source(source: Source) -> Listing:
         if kind in ("tar", "tar.gz"):
             _list_tar(source, listing)
         elif kind == "zip":
-            with _open_binary(source.uri) as raw, zipfile.ZipFile(raw) as archive:
+            with _open_binary(source.uri, source) as raw, zipfile.ZipFile(raw) as archive:
                 _add_archive_entries(listing, [(info.filename, _zip_member_reason(info)
                                                 or _too_large(info.file_size, source))
                                                for info in archive.infolist()
                                                if not info.is_dir() and _wanted(source, info.filename)])
         elif "://" in source.uri:
-            import fsspec
-
-            fs, root = fsspec.core.url_to_fs(source.uri)
-            if not fs.isdir(root):
-                raise SourceError(f"source {source.name}: {source.uri} does not exist")
-            for path in fs.find(root):
-                member = PurePosixPath(path).relative_to(PurePosixPath(root)).as_posix()
-                if _wanted(source, member):
-                    listing.members.append(member)
+            _list_url_folder(source, listing)
         else:
             root, files = _local_files(source)
             real_root = os.path.realpath(root)
@@ -277,12 +401,19 @@ def list_source(source: Source) -> Listing:
                     continue
                 reason = _link_reason(path, real_root) if walks else None
                 (listing.rejected.append((member, reason)) if reason else listing.members.append(member))
+    except SourceError:
+        raise
     except FileNotFoundError:
         raise SourceError(f"source {source.name}: {source.uri} does not exist") from None
-    except ARCHIVE_ERRORS as exc:
-        if isinstance(exc, SourceError):
-            raise
-        raise SourceError(f"source {source.name}: cannot read {source.uri}: {exc}") from None
+    except NetworkTimeout as exc:
+        raise SourceError(f"source {source.name}: {exc}") from None
+    except Exception as exc:
+        if "://" in source.uri and _is_protocol_error(exc):
+            raise _url_error(source, exc) from None
+        # a URL source's filesystem may raise anything (aiohttp, botocore, ...): that source fails, not the night
+        if isinstance(exc, ARCHIVE_ERRORS) or "://" in source.uri:
+            raise SourceError(f"source {source.name}: cannot read {source.uri}: {exc}") from None
+        raise
     listing.members.sort()
     return listing
 
@@ -294,10 +425,11 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
     """
     wanted = set(members)
     kind = archive_type(source.uri)
+    errors = _errors(source)
     if kind in ("tar", "tar.gz"):
         found: set[str] = set()
         try:
-            with _open_binary(source.uri) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
+            with _open_binary(source.uri, source) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
                 for info in tar:
                     if info.name not in wanted or info.name in found:
                         continue
@@ -308,12 +440,12 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
                         continue
                     try:
                         data, reason = _read_capped(tar.extractfile(info), source)
-                    except ARCHIVE_ERRORS as exc:
+                    except errors as exc:
                         data, reason = None, f"unreadable archive member: {exc}"
                     yield info.name, data, reason  # outside the try: a consumer's error is not ours to record
                     if len(found) == len(wanted):
                         break
-        except ARCHIVE_ERRORS as exc:
+        except errors as exc:
             for member in sorted(wanted - found):
                 yield member, None, f"unreadable archive: {exc}"
             return
@@ -322,7 +454,7 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
     elif kind == "zip":
         done: set[str] = set()
         try:
-            with _open_binary(source.uri) as raw, zipfile.ZipFile(raw) as archive:
+            with _open_binary(source.uri, source) as raw, zipfile.ZipFile(raw) as archive:
                 copies = Counter(archive.namelist())
                 for member in members:
                     done.add(member)
@@ -338,10 +470,10 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
                                 data, reason = _read_capped(f, source)
                     except KeyError:
                         reason = "member not found in archive"
-                    except ARCHIVE_ERRORS as exc:
+                    except errors as exc:
                         reason = f"unreadable archive member: {exc}"
                     yield member, data, reason
-        except ARCHIVE_ERRORS as exc:
+        except errors as exc:
             for member in members:
                 if member not in done:
                     yield member, None, f"unreadable archive: {exc}"
@@ -355,11 +487,16 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
                 continue
             data = None
             try:
-                with _open_binary(f"{root.rstrip('/')}/{member}") as f:
-                    size = os.fstat(f.fileno()).st_size if hasattr(f, "fileno") and "://" not in root else None
+                with _open_binary(f"{root.rstrip('/')}/{member}", source) as f:
+                    size = os.fstat(f.fileno()).st_size if "://" not in root else None
                     reason = _too_large(size, source)
                     if not reason:
                         data, reason = _read_capped(f, source)
             except OSError as exc:
                 reason = f"cannot read: {exc.strerror or exc}"
+            except Exception as exc:
+                if "://" not in root:
+                    raise
+                # a URL source's filesystem may raise anything: that member fails, not the batch
+                reason = str(_url_error(source, exc)) if _is_protocol_error(exc) else f"cannot read: {exc}"
             yield member, data, reason

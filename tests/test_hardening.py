@@ -564,3 +564,80 @@ def test_member_size_is_enforced_while_reading_when_no_header_tells_it(tmp_path)
     assert "big.jpg" in list_source(source).members
     read = {m: (d, e) for m, d, e in read_members(source, ["big.jpg"])}
     assert read["big.jpg"][0] is None and read["big.jpg"][1]
+
+
+# --- case 5: network sources ---------------------------------------------------------------------
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections and never answers; it stops itself after
+    ``lifetime`` seconds at most (or when the test leaves the ``with``), closing every connection."""
+
+    def __init__(self, lifetime=60.0):
+        import socket
+        import threading
+
+        self.lifetime, self.accepted, self.clients = lifetime, 0, []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.2)
+        self.port = self.listener.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self):
+        deadline = time.monotonic() + self.lifetime
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            self.clients.append(client)  # held open, never read from or written to
+        for client in self.clients:
+            client.close()
+        self.listener.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def _has_aiohttp():
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_unknown_protocol_or_missing_extra_fails_only_that_source(tmp_path):
+    from reidx.pipeline.sources import SourceError, list_source
+
+    with pytest.raises(SourceError, match="unknown protocol 'nosuchproto'"):
+        list_source(crops_manifest_source(tmp_path, "nosuchproto://archive/night"))
+    if not _has_aiohttp():
+        with pytest.raises(SourceError, match=r"pip install 'reidx\[http\]'"):
+            list_source(crops_manifest_source(tmp_path, "http://127.0.0.1:9/night/"))
+
+
+@pytest.mark.parametrize("protocol", ["ftp", "http"])
+def test_a_server_that_never_answers_fails_that_source_after_its_timeout(tmp_path, protocol):
+    from reidx.pipeline.sources import SourceError, list_source, read_members
+
+    if protocol == "http" and not _has_aiohttp():
+        pytest.skip("aiohttp is not installed (extra reidx[http]); the missing extra is tested above")
+    with SilentServer() as server:
+        source = crops_manifest_source(tmp_path, f"{protocol}://127.0.0.1:{server.port}/night/",
+                                       extra="timeout_s = 1\n")
+        started = time.monotonic()
+        with pytest.raises(SourceError, match="no answer .* within 1 s"):
+            list_source(source)
+        listed = time.monotonic()
+        (member, data, reason), = read_members(source, [QUERY[0].name])
+        read = time.monotonic()
+        assert server.accepted >= 1  # it really connected, and waited
+    assert data is None and "within 1 s" in reason
+    assert listed - started < 10 and read - listed < 10
