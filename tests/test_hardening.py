@@ -97,7 +97,7 @@ def _lock_racer(root, trials, barrier, log):
             with GalleryLock(root / f"g{trial}"):
                 with open(log, "a") as f:
                     f.write(f"{trial} {os.getpid()} in\n")
-                time.sleep(0.003)
+                time.sleep(0.01)
                 with open(log, "a") as f:
                     f.write(f"{trial} {os.getpid()} out\n")
         except GalleryLockedError:
@@ -116,7 +116,7 @@ def test_racing_processes_on_a_stale_lock_never_hold_it_together(tmp_path):
     import multiprocessing
     import socket
 
-    processes, trials = 8, 50
+    processes, trials = 8, 200
     stale = f"{socket.gethostname()} {_dead_pid()}"  # what a SIGKILLed holder of the old lock left
     for trial in range(trials):
         (tmp_path / f"g{trial}").mkdir()
@@ -147,7 +147,9 @@ def test_racing_processes_on_a_stale_lock_never_hold_it_together(tmp_path):
             assert events[i:i + 2] == [f"{pid} in", f"{pid} out"], (trial, events)
 
 
-def test_sigkilled_holder_frees_the_lock_at_once_and_is_named_while_alive(tmp_path):
+def test_a_lock_nobody_holds_never_blocks_a_night(tmp_path):
+    """A SIGKILLed holder's lock is free at once, and neither an empty lock file (what a disk-full
+    write left) nor one naming a holder on another host (a shared disk) blocks anything."""
     from reidx.pipeline.lock import GalleryLock, GalleryLockedError
 
     gallery = tmp_path / "g"
@@ -167,15 +169,10 @@ def test_sigkilled_holder_frees_the_lock_at_once_and_is_named_while_alive(tmp_pa
         assert str(os.getpid()) in (gallery / ".lock").read_text()
     assert time.monotonic() - started < 1
     assert not (gallery / ".lock").exists()  # a clean exit leaves nothing behind
-
-
-@pytest.mark.parametrize("content", ["", "some-other-host 1"])
-def test_a_lock_file_nobody_holds_never_blocks_a_night(tmp_path, content):
-    from reidx.pipeline.lock import GalleryLock
-
-    (tmp_path / ".lock").write_text(content)  # empty: a disk-full write; other host: a killed holder elsewhere
-    with GalleryLock(tmp_path):
-        pass
+    for content in ("", "some-other-host 1"):
+        (gallery / ".lock").write_text(content)
+        with GalleryLock(gallery):
+            pass
 
 
 def test_a_failed_write_of_the_holder_leaves_no_lock_that_blocks_later_nights(tmp_path):
