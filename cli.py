@@ -513,17 +513,20 @@ def query(gallery, queries, out, report, report_top, top_k, detect, largest, rer
 @main.command()
 @click.argument("gallery", type=click.Path(exists=True, file_okay=False))
 @_out(".parquet", help="Output Parquet file.")
-@click.option("--where", "where", help="Row filter in SQL (DuckDB), e.g. \"camera = '3' AND score > 0.5\".")
+@click.option("--where", "where",
+              help="Row filter: one SQL (DuckDB) boolean expression, e.g. \"camera = '3' AND score > 0.5\".")
 @click.option("--columns", help="Comma-separated columns to keep [default: all but the embedding].")
 @click.option("--with-embeddings", is_flag=True, help="Keep the embedding column.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=300, show_default=True,
+              help="Stop a --where filter that runs longer than this many seconds.")
 @json_option
-def export(gallery, out, where, columns, with_embeddings, as_json):
+def export(gallery, out, where, columns, with_embeddings, timeout, as_json):
     """Export GALLERY's detections (committed shards) with their metadata to one Parquet file."""
     from reidx.indexers.export import export_detections
 
     started = time.perf_counter()
     summary = export_detections(gallery, out, where=where, columns=columns.split(",") if columns else None,
-                                with_embeddings=with_embeddings)
+                                with_embeddings=with_embeddings, timeout=timeout)
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     _emit(summary, as_json, lambda r: [f"{r['persons']} detections → {out}"])
 

@@ -4,13 +4,17 @@ One self-contained HTML file (inline CSS, no scripts, no network) plus a sibling
 ``<name>_files/`` of JPEG thumbnails cut from the source frames at their boxes, so the report
 opens in any browser and can be zipped and mailed. Matches are marked true/false (green/red)
 when both the query and the gallery detection carry a person id.
+
+The thumbnail folder is the only thing reidx writes beside the report, and it never deletes
+what it did not create: a folder it creates gets a marker file; a later report reuses only a
+real folder carrying that marker (replacing its own thumbnails, nothing else); an existing
+folder without the marker, or a symbolic link, is refused (it once deleted a user's folder).
 """
 
 from __future__ import annotations
 
 import html
 import os
-import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +28,11 @@ from reidx.pipeline.manifest import Source
 from reidx.pipeline.sources import read_members
 
 THUMB_HEIGHT = 128
+FOLDER_MARKER = ".reidx-report"  # written into every thumbnail folder reidx creates
+
+
+class ReportFolderError(ValueError):
+    """The thumbnail folder beside the report exists and is not one reidx created."""
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
@@ -82,6 +91,29 @@ def _img(folder: str, name: str, present: set[str], alt: str) -> str:
     return f'<img src="{html.escape(folder)}/{html.escape(name)}" alt="{html.escape(alt)}" loading="lazy">'
 
 
+def _is_thumbnail(path: Path) -> bool:
+    return path.suffix == ".jpg" and path.name.startswith(("q-", "g-"))
+
+
+def _thumbnail_folder(folder: Path) -> Path:
+    """``folder`` ready for this report's thumbnails: created (with the marker), or one reidx created before."""
+    if folder.is_symlink():
+        raise ReportFolderError(f"{folder} is a symbolic link, not a folder reidx created: remove it or "
+                                f"choose another --report path")
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        (folder / FOLDER_MARKER).write_text("thumbnails of a reidx report; reidx replaces its q-*/g-* files here\n")
+        return folder
+    marker = folder / FOLDER_MARKER
+    if not folder.is_dir() or marker.is_symlink() or not marker.is_file():
+        raise ReportFolderError(f"{folder} exists and was not created by reidx: move it away or choose "
+                                f"another --report path")
+    for old in folder.iterdir():  # the last report's thumbnails only; anything else stays
+        if _is_thumbnail(old) and not old.is_symlink() and old.is_file():
+            old.unlink()
+    return folder
+
+
 def write_report(results: pa.Table, items: pa.Table, out: str | os.PathLike, top_n: int = 10,
                  max_pixels: int = 50_000_000, title: str = "reidx query results") -> dict:
     """Write the report for ``results`` (query-results schema, indexers/query.py) to ``out``.
@@ -89,10 +121,7 @@ def write_report(results: pa.Table, items: pa.Table, out: str | os.PathLike, top
     ``items`` is the index's item table (for each detection's source uri). Returns counts.
     """
     out = Path(out)
-    folder = out.with_name(out.stem + "_files")
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    folder = _thumbnail_folder(out.with_name(out.stem + "_files"))
     shown = results.filter(pc.or_(pc.is_null(results["rank"]), pc.less_equal(results["rank"], top_n)))
     rows = shown.to_pylist()
     uri_of = dict(zip(items["detection_id"].to_pylist(), items["source_uri"].to_pylist()))
@@ -114,6 +143,8 @@ def write_report(results: pa.Table, items: pa.Table, out: str | os.PathLike, top
             wanted[(uri, row["member"])].append((f"g-{row['detection_id']}.jpg", _box(row)))
     thumbs = _read_images(wanted, max_pixels)
     for name, thumb in thumbs.items():
+        if (folder / name).is_symlink():  # planted since: never write through a link
+            raise ReportFolderError(f"{folder / name} is a symbolic link reidx did not create: remove it")
         thumb.save(folder / name, quality=88)
     present = set(thumbs)
     rerank = next((r["rerank"] for r in rows if r.get("rerank") not in (None, "none")), None)

@@ -58,7 +58,8 @@ def letterbox(frames: Sequence[np.ndarray], size: int,
     for i, frame in enumerate(frames):
         height, width = frame.shape[:2]
         ratio = min(size / height, size / width)
-        new_h, new_w = int(height * ratio), int(width * ratio)
+        # at least 1 pixel each side: a 1×5000 strip would otherwise resize to height 0 and kill the job
+        new_h, new_w = max(1, int(height * ratio)), max(1, int(width * ratio))
         # (1, 3, H, W) view of the HWC array: channels-last strides, which interpolate runs fastest
         x = torch.from_numpy(np.require(frame, np.uint8, ["C", "W"])).to(device).permute(2, 0, 1)[None].float()
         if (new_h, new_w) != (height, width):

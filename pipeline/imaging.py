@@ -18,6 +18,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # 50 megapixels covers 8K video frames and large stills; a bigger image is refused, not decoded.
 DEFAULT_MAX_PIXELS = 50_000_000
+# What camera archives hold ("JPEG" also opens MPO, the multi-picture JPEG many cameras write).
+# Pillow would open dozens more, among them EPS, whose decoding runs Ghostscript: never for archive bytes.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF", "GIF")
 
 
 class ImageDecodeError(ValueError):
@@ -48,7 +51,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageDecodeError(f"{width}x{height} exceeds the {max_pixels:,}-pixel cap")
@@ -58,7 +61,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except ImageDecodeError:
         raise
     except UnidentifiedImageError:
-        raise ImageDecodeError("not an image (unrecognised format)") from None
+        raise ImageDecodeError(f"not an image in an accepted format ({', '.join(ACCEPTED_FORMATS)}); "
+                               f"convert it to one of them to index it") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"decompression bomb refused: {exc}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as exc:

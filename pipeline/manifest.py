@@ -14,9 +14,20 @@ A manifest is a TOML file with one ``[[source]]`` table per archive::
     labels = { person_id = '^(-?\\d+)_' }   # optional, for evaluation sets
     include = ["*.jpg"]                 # optional fnmatch patterns on the member path
     exclude = ["*/thumbs/*"]            # optional
+    max_member_bytes = 268435456        # optional, also top-level for every source: larger files are refused
+    timeout_s = 30                      # optional, also top-level: URL sources, seconds per network operation
 
-Regexes are searched in the member path (POSIX, relative to the source); the first group is
-the value. Every error names the file, the source and the key.
+Regexes are searched in the member path (POSIX, relative to the source); each has exactly one
+(group), the value (write other groups as ``(?:...)``). Every error names the file, the source
+and the key.
+
+Labels are checked twice. When the manifest loads, person_id's group may capture only digits
+and a sign (so ``(\\w+)`` fails at once, not in the workers after the night started). Per image,
+a captured number that still is no int64 (``99999999999999999999_c1...``) makes that image fail
+with a reason starting ``label:`` — not null: a gallery that declares labels is used to measure
+accuracy, and an unlabelled image there would silently count as a distractor. The night goes on
+and the ledger and summary name the image. A name the regex does not match has no label (null),
+as before.
 """
 
 from __future__ import annotations
@@ -29,7 +40,19 @@ from datetime import datetime
 from pathlib import Path
 
 KINDS = ("crops", "frames")
-SOURCE_KEYS = {"name", "uri", "kind", "camera", "timestamp", "labels", "include", "exclude"}
+# A member is read into a worker's memory whole, so its size is capped before reading: a 1.5 MB
+# zip held a 1.5 GiB member of zeros and the worker was killed. 256 MiB is far above any real
+# image (an uncompressed 24-bit BMP at the 50-megapixel decode cap is 150 MB; camera JPEGs are a
+# few MB) and still small enough for a worker to hold while it decodes.
+DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
+# A URL source's server that accepts a connection and never answers held the night for minutes:
+# each network operation (connect, a listing step, one read) gets this long, then that source or
+# member fails with a recorded reason. 30 s is far above a healthy server's answer time.
+DEFAULT_TIMEOUT_S = 30.0
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # person_id is an int64 column of the shards
+SOURCE_KEYS = {"name", "uri", "kind", "camera", "timestamp", "labels", "include", "exclude", "max_member_bytes",
+               "timeout_s"}
+DEFAULT_KEYS = {"max_member_bytes", "timeout_s"}  # also allowed at the top level, as every source's default
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -52,6 +75,8 @@ class Source:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     manifest: str = ""
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    timeout_s: float = DEFAULT_TIMEOUT_S
 
     def camera_of(self, member: str) -> str | None:
         if self.camera_constant is not None:
@@ -61,16 +86,36 @@ class Source:
 
     def timestamp_of(self, member: str) -> datetime | None:
         match = self.timestamp_regex.search(member) if self.timestamp_regex else None
-        if not match:
+        if not match or match.group(1) is None:
             return None
         try:
             return datetime.strptime(match.group(1), self.timestamp_format)
-        except ValueError:
+        except (ValueError, OverflowError):
             return None
 
-    def person_id_of(self, member: str) -> int | None:
+    def _person_id(self, member: str) -> tuple[int | None, str | None]:
+        """(label, None), (None, None) when the name carries none, or (None, reason "label: ...")."""
         match = self.person_id_regex.search(member) if self.person_id_regex else None
-        return int(match.group(1)) if match else None
+        if not match or match.group(1) is None:
+            return None, None
+        text = match.group(1)
+        try:
+            value = int(text)
+        except ValueError:
+            return None, (f"label: person_id {text[:40]!r} of this name is not an integer; "
+                          f"fix labels.person_id in {self.manifest or 'the manifest'}")
+        if not INT64_MIN <= value <= INT64_MAX:
+            return None, (f"label: person_id {text[:40]} does not fit in 64 bits; rename the file or "
+                          f"fix labels.person_id in {self.manifest or 'the manifest'}")
+        return value, None
+
+    def person_id_of(self, member: str) -> int | None:
+        """The label, or None (no label, or one that is no int64: see :meth:`label_error`); never raises."""
+        return self._person_id(member)[0]
+
+    def label_error(self, member: str) -> str | None:
+        """Why this member's label cannot be stored (the image is then recorded as failed), or None."""
+        return self._person_id(member)[1]
 
 
 @dataclass(frozen=True)
@@ -79,16 +124,88 @@ class Manifest:
     sources: tuple[Source, ...] = field(default_factory=tuple)
 
 
-def _regex(value, where: str) -> re.Pattern:
+def _regex(value, where: str, digits: bool = False) -> re.Pattern:
     if not isinstance(value, str):
         raise ManifestError(f"{where}: must be a regular expression string, got {type(value).__name__}")
     try:
         pattern = re.compile(value)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:
         raise ManifestError(f"{where}: invalid regular expression {value!r}: {exc}") from None
     if pattern.groups < 1:
         raise ManifestError(f"{where}: regular expression {value!r} needs a (group) capturing the value")
+    if pattern.groups > 1:  # only the first would be used: say so instead of guessing
+        raise ManifestError(f"{where}: regular expression {value!r} has {pattern.groups} (groups); keep the one "
+                            f"capturing the value and write the others as (?:...)")
+    if digits and _group_captures_only_digits(pattern) is False:
+        raise ManifestError(f"{where}: the (group) of {value!r} may capture only digits and a sign, "
+                            f"e.g. '^(-?\\d+)_'")
     return pattern
+
+
+_DIGIT_CHARS = set("0123456789+-")
+
+
+def _group_captures_only_digits(pattern: re.Pattern) -> bool | None:
+    """Whether every character group 1 can capture is a digit or a sign; None where it cannot be told.
+
+    Walks the parsed regex (the standard library's own parser): literals, classes, ranges,
+    repeats, alternations and nested groups are followed; anything else (``.``, ``\\w``, negated
+    classes, back-references) can capture a non-digit.
+    """
+    try:
+        try:
+            from re import _constants as sre, _parser as parser
+        except ImportError:  # Python < 3.11
+            import sre_constants as sre
+            import sre_parse as parser
+        parsed = parser.parse(pattern.pattern, pattern.flags)
+    except Exception:  # noqa: BLE001 - an internal API: when it changes, the per-image check still holds
+        return None
+
+    def char_ok(code: int) -> bool:
+        return chr(code) in _DIGIT_CHARS or chr(code).isdigit()
+
+    def items_ok(items) -> bool:
+        for op, av in items:
+            if op is sre.LITERAL:
+                ok = char_ok(av)
+            elif op is sre.IN:
+                ok = all((o is sre.LITERAL and char_ok(a)) or (o is sre.RANGE and all(map(char_ok, range(a[0], a[1] + 1))))
+                         or (o is sre.CATEGORY and a is sre.CATEGORY_DIGIT) for o, a in av)
+            elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, getattr(sre, "POSSESSIVE_REPEAT", None)):
+                ok = items_ok(av[2])
+            elif op is sre.SUBPATTERN:
+                ok = items_ok(av[-1])
+            elif op is sre.BRANCH:
+                ok = all(items_ok(branch) for branch in av[1])
+            elif op is getattr(sre, "ATOMIC_GROUP", None):
+                ok = items_ok(av)
+            elif op in (sre.AT, sre.ASSERT, sre.ASSERT_NOT):
+                ok = True  # anchors and look-arounds capture nothing
+            else:
+                ok = False
+            if not ok:
+                return False
+        return True
+
+    def find_group(items):
+        for op, av in items:
+            if op is sre.SUBPATTERN and av[0] == 1:
+                return av[-1]
+            children = ([av[2]] if op in (sre.MAX_REPEAT, sre.MIN_REPEAT, getattr(sre, "POSSESSIVE_REPEAT", None))
+                        else [av[-1]] if op in (sre.SUBPATTERN, sre.ASSERT, sre.ASSERT_NOT)
+                        else av[1] if op is sre.BRANCH else [av] if op is getattr(sre, "ATOMIC_GROUP", None) else [])
+            for child in children:
+                found = find_group(child)
+                if found is not None:
+                    return found
+        return None
+
+    try:
+        group = find_group(parsed)
+        return None if group is None else items_ok(group)
+    except Exception:  # noqa: BLE001 - see above
+        return None
 
 
 def _table(value, where: str, keys: set[str], required: set[str]) -> dict:
@@ -111,6 +228,15 @@ def _patterns(value, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _positive(value, where: str, key: str) -> int | float:
+    """max_member_bytes: a positive whole number; timeout_s: a positive number of seconds."""
+    kinds = (int, float) if key == "timeout_s" else (int,)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not 0 < value < float("inf"):
+        what = "number of seconds" if key == "timeout_s" else "whole number"
+        raise ManifestError(f"{where}: must be a positive {what}, got {value!r}")
+    return float(value) if key == "timeout_s" else value
+
+
 def _resolve_uri(uri: str, base: Path) -> str:
     if "://" in uri:
         return uri
@@ -118,7 +244,7 @@ def _resolve_uri(uri: str, base: Path) -> str:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
-def _source(raw, index: int, file: str, base: Path) -> Source:
+def _source(raw, index: int, file: str, base: Path, defaults: dict) -> Source:
     where = f"{file}: source[{index}]"
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: must be a table ([[source]])")
@@ -153,10 +279,15 @@ def _source(raw, index: int, file: str, base: Path) -> Source:
         fields["timestamp_format"] = spec["format"]
     if "labels" in raw:
         spec = _table(raw["labels"], f"{where}: key 'labels'", {"person_id"}, {"person_id"})
-        fields["person_id_regex"] = _regex(spec["person_id"], f"{where}: key 'labels.person_id'")
+        fields["person_id_regex"] = _regex(spec["person_id"], f"{where}: key 'labels.person_id'", digits=True)
     for key in ("include", "exclude"):
         if key in raw:
             fields[key] = _patterns(raw[key], f"{where}: key '{key}'")
+    for key in DEFAULT_KEYS:
+        if key in raw:
+            fields[key] = _positive(raw[key], f"{where}: key '{key}'", key)
+        elif key in defaults:
+            fields[key] = defaults[key]
     return Source(name=name, uri=_resolve_uri(raw["uri"], base), kind=raw["kind"], manifest=file, **fields)
 
 
@@ -172,15 +303,17 @@ def load_manifest(path: str | os.PathLike) -> Manifest:
         raise ManifestError(f"{file}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ManifestError(f"{file}: not valid TOML: {exc}") from None
-    unknown = set(data) - {"version", "source"}
+    unknown = set(data) - {"version", "source"} - DEFAULT_KEYS
     if unknown:
-        raise ManifestError(f"{file}: unknown top-level key(s) {sorted(unknown)}; expected 'version' and [[source]]")
+        raise ManifestError(f"{file}: unknown top-level key(s) {sorted(unknown)}; expected 'version', "
+                            f"[[source]] and the defaults {sorted(DEFAULT_KEYS)}")
+    defaults = {key: _positive(data[key], f"{file}: key '{key}'", key) for key in DEFAULT_KEYS if key in data}
     if data.get("version", 1) != 1:
         raise ManifestError(f"{file}: key 'version': this reidx reads version 1, got {data['version']!r}")
     raw_sources = data.get("source")
     if not isinstance(raw_sources, list) or not raw_sources:
         raise ManifestError(f"{file}: no [[source]] tables; a manifest lists at least one source")
-    sources = tuple(_source(raw, i, file, path.parent.resolve()) for i, raw in enumerate(raw_sources))
+    sources = tuple(_source(raw, i, file, path.parent.resolve(), defaults) for i, raw in enumerate(raw_sources))
     seen: set[str] = set()
     for source in sources:
         if source.name in seen:

@@ -95,6 +95,7 @@ def persons_of_members(source: Source, members: list[str], spec: ModelSpec) -> P
         key = image_key(source.name, member)
         record = {"image_key": key, "source": source.name, "member": member}
         persons.records.append(record)
+        error = error or source.label_error(member)  # a label that is no int64 fails this image, not the night
         if error is None:
             try:
                 image = decode_image(data, max_pixels=spec.max_pixels)

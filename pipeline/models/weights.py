@@ -136,6 +136,7 @@ def resolve_weights(spec: str | os.PathLike, suffix: str = ".pth") -> ResolvedWe
     spec = os.fspath(spec)
     if Path(spec).expanduser().is_file():
         path = Path(spec).expanduser().resolve()
+        check_weights_format(path)
         return ResolvedWeights(path, sha256_of(path), None)
     candidates = [spec] if suffix == ".pth" else [spec + suffix, spec]
     known = next((KNOWN_MODELS[c] for c in candidates if c in KNOWN_MODELS), None)
@@ -155,6 +156,8 @@ def resolve_weights(spec: str | os.PathLike, suffix: str = ".pth") -> ResolvedWe
                     f"(sha256 {digest}, expected {known.sha256}); the file is corrupt or a "
                     f"different model. Download it again from {known.url}"
                 )
+            if not known.sha256:  # unverified: at least make sure it is the kind of file its name says
+                check_weights_format(candidate)
             return ResolvedWeights(candidate.resolve(), digest, known)
     looked = "\n".join(f"  - {d / known.filename}" for d in dirs)
     raise WeightsError(
@@ -162,6 +165,68 @@ def resolve_weights(spec: str | os.PathLike, suffix: str = ".pth") -> ResolvedWe
         f"Download {known.filename} from {known.url} into one of these folders "
         f"(set ${MODEL_DIR_ENV} to add a folder), or pass a file path."
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
+
+
+def _check_torch_format(path: str | os.PathLike) -> None:
+    """Refuse a file that is neither of torch.save's formats before torch.load sees it.
+
+    torch.load on text or random bytes fails with KeyError: 101, IndexError or a misleading
+    unpickling error; the first bytes tell: a zip archive (torch >= 1.6) or a pickle stream
+    (protocol 2-5, the legacy format).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as exc:
+        raise WeightsError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return
+    raise WeightsError(f"{path} is not a readable torch checkpoint (neither torch.save's zip format nor a "
+                       f"pickle); give a file saved with torch.save(model.state_dict(), path)")
+
+
+def load_onnx_model(path: str | os.PathLike, load_external_data: bool = True):
+    """``onnx.load`` that turns a file which is not an ONNX model into one :class:`WeightsError`.
+
+    onnx.load on random bytes raises protobuf's DecodeError, and bytes that happen to parse give
+    an empty model that fails later with an IndexError: both are "not an ONNX model" here.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise ImportError("ONNX files need the extra: pip install 'reidx[onnx]'") from None
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=load_external_data)
+    except OSError as exc:
+        raise WeightsError(f"{path} cannot be read: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise WeightsError(f"{path} is not an ONNX model ({_first_line(exc)}); give a .onnx file "
+                           f"exported with torch.onnx.export or a published export") from None
+    if not (model.graph.node and model.graph.input and model.graph.output):
+        raise WeightsError(f"{path} is not an ONNX model (it holds no graph); give a .onnx file "
+                           f"exported with torch.onnx.export or a published export")
+    return model
+
+
+def check_weights_format(path: str | os.PathLike) -> None:
+    """Fail early, with one clear :class:`WeightsError`, when a file is not what its suffix says.
+
+    ``.onnx`` must parse as an ONNX model (checked when the onnx package is installed; without
+    it the ONNX loaders say which extra to install); anything else must be a torch checkpoint.
+    Checked where every loader resolves its weights, so no loader ever sees foreign bytes.
+    """
+    if Path(path).suffix.lower() == ".onnx":
+        try:
+            load_onnx_model(path, load_external_data=False)
+        except ImportError:
+            pass
+    else:
+        _check_torch_format(path)
 
 
 def load_state_dict(path: str | os.PathLike) -> dict:
@@ -172,17 +237,25 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     """
     import torch  # here, not at the top: commands that only resolve weights start fast
 
+    _check_torch_format(path)
     try:
         obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # Only "Unsupported global" means real pickled objects; any other unpickling failure is
+        # a damaged or foreign file, and calling it "pickled objects" would send the user astray.
+        lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
+        if not lines:
+            raise WeightsError(f"{path} is not a readable torch checkpoint ({_first_line(exc)}); "
+                               f"give a file saved with torch.save(model.state_dict(), path)") from None
         raise WeightsError(
             f"{path} holds pickled Python objects (for example a whole model saved with "
             f"torch.save(model)), which reidx refuses to load because unpickling can run "
             f"arbitrary code. Re-save only the tensors: torch.save(model.state_dict(), path). "
-            f"({str(exc).splitlines()[0]})"
+            f"({lines[0][:200]})"
         ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise WeightsError(f"{path} is not a readable torch checkpoint: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - torch.load on foreign bytes raises KeyError, IndexError, ...
+        raise WeightsError(f"{path} is not a readable torch checkpoint ({_first_line(exc)}); "
+                           f"give a file saved with torch.save(model.state_dict(), path)") from None
 
     for nested in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(nested), dict):
