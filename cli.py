@@ -7,14 +7,19 @@ JSON object on stdout whose keys follow one naming (``images``, ``images_failed`
 ``failures``, ``wall_s``, …). Progress and warnings go to stderr.
 
 Exit status: 0 done; 1 a user error (one ``Error: ...`` line on stderr; ``REIDX_DEBUG=1`` shows
-the traceback); 2 with ``--strict``, when some inputs failed; 130 interrupted. Only click is
-imported at start-up: ``reidx --help`` and argument errors answer at once.
+the traceback); 2 some inputs failed; 3 a source failed (missing, unmounted, unreadable); 130
+interrupted (Ctrl-C or SIGTERM; what was committed is kept). Only click is imported at
+start-up: ``reidx --help`` and argument errors answer at once. Outside a terminal, long commands
+log progress lines and a final ``summary {json}`` line through the ``reidx`` logger (stderr,
+and ``--log-file``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import sys
 import time
 
@@ -23,7 +28,8 @@ import click
 DEFAULT_WEIGHTS = "osnet_x0_25_msmt17"
 DEFAULT_DETECTOR = "yolox_nano.onnx"
 DEFAULT_MAX_PIXELS = 50_000_000  # = reidx.pipeline.imaging.DEFAULT_MAX_PIXELS (checked by a test; no import here)
-EXIT_USER_ERROR, EXIT_INPUTS_FAILED, EXIT_INTERRUPTED = 1, 2, 130
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 130
+LOG = logging.getLogger("reidx")
 
 
 def _user_error_types() -> tuple[type, ...]:
@@ -35,6 +41,14 @@ def _user_error_types() -> tuple[type, ...]:
     return WeightsError, DatasetError, ValueError, ImportError, FileNotFoundError, GalleryLockedError
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM during a command; ``summary`` is what a job had committed, when it says."""
+
+    def __init__(self, summary: dict | None = None):
+        super().__init__("interrupted")
+        self.summary = summary
+
+
 class ReidxGroup(click.Group):
     """Every error is one ``Error:`` line and exit status 1 — usage errors too (click's default is 2,
     which reidx keeps for "some inputs failed")."""
@@ -44,6 +58,8 @@ class ReidxGroup(click.Group):
             return super().invoke(ctx)
         except click.ClickException:
             raise
+        except KeyboardInterrupt as exc:  # before click turns it into Abort and prints a blank line
+            raise Interrupted(getattr(exc, "summary", None)) from None
         except Exception as exc:
             if os.environ.get("REIDX_DEBUG") or not isinstance(exc, _user_error_types()):
                 raise
@@ -51,6 +67,8 @@ class ReidxGroup(click.Group):
 
     def main(self, args=None, prog_name=None, **extra):
         extra.pop("standalone_mode", None)
+        _setup_logging()
+        previous = signal.signal(signal.SIGTERM, _terminate)  # a service manager's stop: as Ctrl-C
         try:
             code = super().main(args=args, prog_name=prog_name or "reidx", standalone_mode=False, **extra)
         except click.ClickException as exc:
@@ -59,11 +77,43 @@ class ReidxGroup(click.Group):
                 hint = f" (see '{exc.ctx.command_path} --help')"
             click.echo(f"Error: {exc.format_message()}{hint}", err=True)
             sys.exit(EXIT_USER_ERROR)
-        except (click.Abort, KeyboardInterrupt):
-            click.echo("Interrupted: everything committed so far is kept; rerun the same command to resume.",
-                       err=True)
+        except (Interrupted, click.Abort, KeyboardInterrupt) as exc:
+            done = getattr(exc, "summary", None)
+            committed = (f"{done['images_new']} images ({done['persons']} persons) were committed; "
+                         if done else "everything committed so far is kept; ")
+            click.echo(f"Interrupted: {committed}rerun the same command to resume.", err=True)
             sys.exit(EXIT_INTERRUPTED)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _setup_logging() -> None:
+    """Progress and summary lines go to stderr when no one watches a terminal (cron, systemd, CI)."""
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+    if not sys.stderr.isatty() and not any(getattr(h, "reidx_stderr", False) for h in LOG.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s reidx %(message)s", "%Y-%m-%dT%H:%M:%S"))
+        handler.reidx_stderr = True
+        LOG.addHandler(handler)
+
+
+def _log_file(ctx, param, value):
+    if value:
+        handler = logging.FileHandler(value, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S"))
+        LOG.addHandler(handler)
+    return value
+
+
+def _summary_line(command: str, report: dict) -> None:
+    """One line a monitor can parse: ``summary {"command": …, …}``."""
+    LOG.info("summary %s", json.dumps({"command": command, **report}))
 
 
 def _options(*options):
@@ -96,7 +146,8 @@ precision_option = click.option("--precision", type=click.Choice(["fp32", "bf16"
 max_pixels_option = click.option("--max-pixels", type=click.IntRange(1), default=DEFAULT_MAX_PIXELS,
                                  show_default=True, help="Images larger than this are refused before decoding.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-strict_option = click.option("--strict", is_flag=True, help="Exit 2 when any image or source failed.")
+strict_option = click.option("--strict", is_flag=True,
+                             help="Exit 2 also for images that failed on earlier nights and still fail.")
 gpu_option = click.option("--gpu", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                           help="Faiss on the GPU: auto uses one when Faiss reports it (faiss-gpu, reidx[gpu]).")
 
@@ -131,8 +182,18 @@ index_job_options = _options(
     click.option("--workers", type=click.IntRange(1),
                  help="Local worker processes, one thread each [default: one per core, measured best]."),
     click.option("--scheduler", help="Address of an existing Dask scheduler (default: a local cluster)."),
+    click.option("--retry-failed", is_flag=True,
+                 help="Process again every image that failed before (failed images whose bytes changed are "
+                      "always retried)."),
+    click.option("--allow-uri-change", is_flag=True,
+                 help="Accept a source whose uri differs from the one its name was first indexed from "
+                      "(the same data moved); otherwise that is an error."),
     strict_option,
 )
+log_file_option = click.option("--log-file", type=click.Path(dir_okay=False), callback=_log_file, expose_value=False,
+                               is_eager=True, help="Also append progress and summary lines to this file.")
+log_every_option = click.option("--log-every", "log_every_s", type=click.FloatRange(0), default=30.0,
+                                show_default=True, help="Seconds between progress lines when stderr is no terminal.")
 # `reidx build-index` and the index half of `reidx nightly`
 index_build_options = _options(
     click.option("--type", "index_type", type=click.Choice(["auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq"]),
@@ -270,24 +331,34 @@ def _index_text(r: dict):
     yield f"persons {r['persons']}, {r['wall_s']} s, {r['images_per_s']} images/s"
 
 
-def _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler) -> dict:
+def _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler,
+               retry_failed, allow_uri_change, log_every_s) -> dict:
     from reidx.pipeline.job import run_index
 
     if scheduler and workers:
         raise click.UsageError("--scheduler and --workers exclude each other")
     return run_index(list(manifests), gallery, weights=weights, backend=backend, device=device, workers=workers,
-                     scheduler=scheduler, batch_size=task_size, max_pixels=max_pixels, progress=_progress(), log=_log)
+                     scheduler=scheduler, batch_size=task_size, max_pixels=max_pixels, progress=_progress(), log=_log,
+                     retry_failed=retry_failed, allow_uri_change=allow_uri_change, log_every_s=log_every_s)
 
 
-def _failed(summary: dict) -> bool:
-    return bool(summary["images_failed"] or summary["sources_failed"])
+def _night_status(summary: dict, strict: bool) -> int:
+    from reidx.pipeline.job import exit_code
+
+    code = exit_code(summary, strict)
+    for name, reason in summary["sources_failed"].items():
+        click.echo(f"Error: source {name} failed: {reason}", err=True)
+    return code
 
 
 @main.command()
 @click.argument("manifests", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @index_job_options
+@log_file_option
+@log_every_option
 @json_option
-def index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler, strict, as_json):
+def index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler, retry_failed,
+          allow_uri_change, strict, log_every_s, as_json):
     """Index the images of MANIFEST(s) into a gallery: the nightly job.
 
     Lists every source, skips images the gallery's ledger already holds, and runs batches on
@@ -295,10 +366,11 @@ def index(manifests, gallery, weights, backend, device, max_pixels, task_size, w
     and rerun: the rerun finishes the job with no image lost or counted twice. Failures (corrupt
     images, unsafe archive members, missing sources) are recorded with their reason; see `reidx ledger`.
     """
-    summary = _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler)
+    summary = _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler,
+                         retry_failed, allow_uri_change, log_every_s)
     _emit(summary, as_json, _index_text)
-    if strict and _failed(summary):
-        sys.exit(EXIT_INPUTS_FAILED)
+    _summary_line("index", summary)
+    sys.exit(_night_status(summary, strict))
 
 
 @main.command()
@@ -324,6 +396,48 @@ def ledger(gallery, failed, as_json):
               "images_failed": statuses.count("failed"), "persons": int(pc.sum(table["num_persons"]).as_py() or 0)}
     _emit(report, as_json, lambda r: [f"{r['images']} images: {r['images_ok']} ok, {r['images_failed']} failed; "
                                       f"{r['persons']} persons"])
+
+
+@main.command()
+@click.argument("gallery", type=click.Path(exists=True, file_okay=False))
+@click.option("--repair", is_flag=True,
+              help="Send the images of damaged shards back to work (next `reidx index`), move damaged files to "
+                   "GALLERY/quarantine/, drop a damaged live index (next `reidx build-index` rebuilds).")
+@json_option
+def verify(gallery, repair, as_json):
+    """Check GALLERY: every committed shard against its recorded checksum and rows (and its
+    embeddings finite and unit length), every ledger part readable, the live index's files.
+
+    Exit status 0 when all is well (or was repaired), 2 when damage was found and left as it is.
+    """
+    from reidx.pipeline.gallery import index_dir
+    from reidx.pipeline.integrity import is_clean, repair_gallery, verify_gallery
+    from reidx.pipeline.lock import GalleryLock
+
+    started = time.perf_counter()
+    with GalleryLock(gallery), GalleryLock(index_dir(gallery)):  # no job writes while we look or mend
+        report = verify_gallery(gallery)
+        clean = is_clean(report)
+        if repair and not clean:
+            report["repaired"] = repair_gallery(gallery, report)
+    report.update(clean=clean, wall_s=round(time.perf_counter() - started, 2))
+
+    def text(r):
+        yield f"{r['shards_checked']} committed shards checked: {len(r['damaged_shards'])} damaged"
+        for name, problem in r["damaged_shards"].items():
+            yield f"  shard {name}: {problem}"
+        for part in r["ledger_parts_unreadable"]:
+            yield f"  ledger part {part['part']}: unreadable: {part['reason']}"
+        if r["index"] and r["index"]["problem"]:
+            yield f"  index {r['index']['version']}: {r['index']['problem']}"
+        if "repaired" in r:
+            done = r["repaired"]
+            yield (f"repaired: {done['images_requeued']} images requeued, {len(done['quarantined'])} files moved to "
+                   f"quarantine/" + (f", index {done['index_removed']} removed" if done["index_removed"] else ""))
+        elif not r["clean"]:
+            yield f"run `reidx verify {gallery} --repair` to mend"
+    _emit(report, as_json, text)
+    sys.exit(0 if clean or repair else 2)
 
 
 @main.command()
@@ -406,6 +520,7 @@ def _build_index(gallery, index_type, nlist, gpu, knn_k, rebuild) -> dict:
 @main.command("build-index")
 @click.argument("gallery", type=click.Path(exists=True, file_okay=False))
 @index_build_options
+@log_file_option
 @json_option
 def build_index_command(gallery, index_type, nlist, gpu, knn_k, rebuild, as_json):
     """Build or update GALLERY's Faiss index (and its kNN graph) from its committed shards.
@@ -415,28 +530,37 @@ def build_index_command(gallery, index_type, nlist, gpu, knn_k, rebuild, as_json
     rerun adds only new shards; it retrains when the gallery has doubled since training. The new
     version replaces the old one atomically: running queries are never disturbed.
     """
-    _emit(_build_index(gallery, index_type, nlist, gpu, knn_k, rebuild), as_json, _build_text)
+    summary = _build_index(gallery, index_type, nlist, gpu, knn_k, rebuild)
+    _emit(summary, as_json, _build_text)
+    _summary_line("build-index", summary)
 
 
 @main.command()
 @click.argument("manifests", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @index_job_options
 @index_build_options
+@log_file_option
+@log_every_option
 @json_option
-def nightly(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler, strict,
-            index_type, nlist, gpu, knn_k, rebuild, as_json):
+def nightly(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler, retry_failed,
+            allow_uri_change, strict, index_type, nlist, gpu, knn_k, rebuild, log_every_s, as_json):
     """The nightly run: `reidx index` the manifests, then `reidx build-index` the gallery.
 
-    Takes every option of both. Both steps are incremental and safe to rerun after a crash;
-    with --strict the index is still built before the exit status says that inputs failed.
+    Takes every option of both. Both steps are incremental and safe to rerun after a crash. The
+    index is built whenever the gallery holds committed shards, even when some inputs or sources
+    failed; the exit status then says so (2 or 3).
     """
+    from reidx.pipeline.ledger import committed_shards
+
     started = time.perf_counter()
-    indexed = _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler)
-    built = _build_index(gallery, index_type, nlist, gpu, knn_k, rebuild)
+    indexed = _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler,
+                         retry_failed, allow_uri_change, log_every_s)
+    built = _build_index(gallery, index_type, nlist, gpu, knn_k, rebuild) if committed_shards(gallery) else None
     report = {"index": indexed, "build_index": built, "wall_s": round(time.perf_counter() - started, 2)}
-    _emit(report, as_json, lambda r: [*_index_text(r["index"]), *_build_text(r["build_index"])])
-    if strict and _failed(indexed):
-        sys.exit(EXIT_INPUTS_FAILED)
+    _emit(report, as_json, lambda r: [*_index_text(r["index"]),
+                                      *(_build_text(built) if built else ["no committed detections yet: no index"])])
+    _summary_line("nightly", report)
+    sys.exit(_night_status(indexed, strict))
 
 
 @main.command()

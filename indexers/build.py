@@ -23,6 +23,7 @@ from reidx.indexers.faiss_ops import (DEFAULT_KNN, RETRAIN_GROWTH, TARGET_RECALL
 from reidx.indexers.knn_graph import knn_graph, merge_new_neighbours, read_knn
 from reidx.indexers.versions import IndexMeta, current_version, index_root, publish, version_name
 from reidx.pipeline.gallery import SHARDS_DIR, is_gallery
+from reidx.pipeline.integrity import damaged_shards, version_problem
 from reidx.pipeline.ledger import committed_shards
 from reidx.pipeline.lock import GalleryLock
 from reidx.pipeline.shards import read_shards
@@ -59,8 +60,13 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
         if not shards:
             raise IndexBuildError(f"{gallery} holds no committed shards yet: nothing to index")
         previous = None if rebuild else current_version(gallery)
+        damage = version_problem(previous) if previous else None
+        if damage:
+            log(f"the live index {previous.name} is damaged ({damage}): building afresh")
+            previous = None
         old_meta = IndexMeta(**json.loads((previous / "meta.json").read_text())) if previous else None
         new_shards = [s for s in shards if not old_meta or s not in set(old_meta.shards)]
+        refuse_damaged(gallery, new_shards if old_meta else shards)
         new_items, new_vectors = read_shards(gallery, new_shards)
         total = (old_meta.count if old_meta else 0) + new_items.num_rows
         kind = choose_type(index_type, total)
@@ -127,6 +133,15 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
         publish(gallery, to_cpu(index, on_gpu), items, (knn_ids, knn_dist), meta)
     added = int(new_items.num_rows) if mode == "incremental" else meta.count
     return _summary(gallery, meta, mode, reason, added, on_gpu, started)
+
+
+def refuse_damaged(gallery: Path, shards: list[str]) -> None:
+    """Never index a shard that differs from what was committed (checksum, rows, finite unit vectors)."""
+    damaged = damaged_shards(gallery, shards)
+    if damaged:
+        name, problem = next(iter(damaged.items()))
+        raise IndexBuildError(f"{len(damaged)} committed shard(s) are damaged, e.g. {name}: {problem}; run "
+                              f"`reidx verify {gallery} --repair` (their images are indexed again next night)")
 
 
 def _summary(gallery: Path, meta: IndexMeta, mode: str, reason: str | None, added: int, on_gpu: bool,

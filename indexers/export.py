@@ -21,6 +21,7 @@ import pyarrow.dataset as ds
 
 from reidx.pipeline.atomic import write_parquet_atomic
 from reidx.pipeline.gallery import shards_dir
+from reidx.pipeline.integrity import damaged_shards
 from reidx.pipeline.ledger import committed_shards
 
 
@@ -35,6 +36,11 @@ def export_detections(gallery: str | os.PathLike, out: str | os.PathLike, where:
     shards = [str(shards_dir(gallery) / name) for name in committed_shards(gallery)]
     if not shards:
         raise ValueError(f"{gallery} holds no committed shards: nothing to export")
+    damaged = damaged_shards(gallery)
+    if damaged:
+        name, problem = next(iter(damaged.items()))
+        raise ValueError(f"{len(damaged)} committed shard(s) are damaged, e.g. {name}: {problem}; run "
+                         f"`reidx verify {gallery} --repair` first")
     detections = ds.dataset(shards, format="parquet")
     available = detections.schema.names
     if columns is None:

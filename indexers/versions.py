@@ -37,8 +37,13 @@ from reidx.indexers.faiss_ops import resolve_gpu, search, set_nprobe, to_gpu
 from reidx.indexers.knn_graph import knn_table, read_knn
 from reidx.pipeline.atomic import fsync_dir, write_parquet_atomic, write_text_atomic
 from reidx.pipeline.gallery import index_dir
+from reidx.pipeline.integrity import file_records
 
 CURRENT = "CURRENT"
+
+
+class IndexDamagedError(ValueError):
+    """The live index version's files are damaged (the message says what to run)."""
 
 
 @dataclass
@@ -59,6 +64,7 @@ class IndexMeta:
     shards: list[str] = field(default_factory=list)
     built_at: str = ""
     build: dict = field(default_factory=dict)  # how this version was made: full|incremental, seconds, gpu
+    files: dict = field(default_factory=dict)  # {file: {size, sha256}}: `reidx verify` and builds check them
 
 
 def index_root(gallery: str | os.PathLike) -> Path:
@@ -84,10 +90,10 @@ def publish(gallery: Path, index: faiss.Index, items: pa.Table, knn: tuple[np.nd
     faiss.write_index(index, str(tmp / "index.faiss"))
     write_parquet_atomic(items, tmp / "items.parquet")
     write_parquet_atomic(knn_table(*knn), tmp / "knn.parquet")
-    write_text_atomic(tmp / "meta.json", json.dumps(asdict(meta), indent=2))
-    faiss_path = tmp / "index.faiss"
-    with open(faiss_path, "rb") as f:
+    with open(tmp / "index.faiss", "rb") as f:
         os.fsync(f.fileno())
+    meta.files = file_records(tmp, ["index.faiss", "items.parquet", "knn.parquet"])
+    write_text_atomic(tmp / "meta.json", json.dumps(asdict(meta), indent=2))
     os.replace(tmp, folder)
     fsync_dir(root)
     previous = current_version(gallery)
@@ -140,9 +146,11 @@ def load_index(gallery: str | os.PathLike, gpu: str = "auto") -> GalleryIndex:
             index = faiss.read_index(str(folder / "index.faiss"))
             items = pq.read_table(folder / "items.parquet")
             break
-        except (FileNotFoundError, RuntimeError):
-            if attempt:
-                raise
+        except (FileNotFoundError, RuntimeError, ValueError) as exc:
+            if attempt:  # not a build's swap: the live version itself is damaged
+                raise IndexDamagedError(f"{gallery}'s index version {folder.name} cannot be read "
+                                        f"({str(exc).splitlines()[0][:200]}): run `reidx verify {gallery} --repair`, "
+                                        f"then `reidx build-index {gallery}`") from None
     on_gpu = resolve_gpu(gpu)
     if on_gpu:
         index = to_gpu(index, meta.type)

@@ -68,3 +68,23 @@ def check_or_write_config(gallery: str | os.PathLike, weights: str) -> dict:
               "detector": DEFAULT_DETECTOR}
     write_text_atomic(Path(gallery) / CONFIG_FILE, json.dumps(config, indent=2))
     return config
+
+
+def register_sources(gallery: str | os.PathLike, sources: dict[str, str], allow_uri_change: bool = False) -> None:
+    """Remember each source name's uri in the config; a known name with another uri is an error.
+
+    Images are keyed by ``<source name>/<member>``: if a name silently pointed elsewhere, the new
+    archive's images would be skipped as "already indexed" (same keys) or mixed with the old ones.
+    ``allow_uri_change`` accepts a moved source (say, a remounted share) on purpose.
+    """
+    config = read_config(gallery)
+    known = dict(config.get("sources", {}))
+    changed = {name: (known[name], uri) for name, uri in sources.items() if name in known and known[name] != uri}
+    if changed and not allow_uri_change:
+        name, (old, new) = next(iter(changed.items()))
+        raise ValueError(f"source {name!r} was indexed from {old}, the manifest now says {new}: give the new "
+                         f"archive another source name, or pass --allow-uri-change if it is the same data moved")
+    if changed or set(sources) - set(known):
+        known.update(sources)
+        config["sources"] = known
+        write_text_atomic(Path(gallery) / CONFIG_FILE, json.dumps(config, indent=2))

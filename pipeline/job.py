@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections import Counter
 from pathlib import Path
 
-from reidx.pipeline.gallery import check_or_write_config
+from reidx.pipeline.gallery import check_or_write_config, ledger_dir, register_sources, shards_dir
 from reidx.pipeline.imaging import DEFAULT_MAX_PIXELS
-from reidx.pipeline.ledger import append, ledger_rows, processed_keys, recover
+from reidx.pipeline.ledger import append, failed_keys_count, latest, ledger_rows, processed_keys, recover
 from reidx.pipeline.lock import GalleryLock
-from reidx.pipeline.manifest import load_manifest
+from reidx.pipeline.manifest import ManifestError, load_manifest
 from reidx.pipeline.persons import ModelSpec
+from reidx.pipeline.progress import Progress
+from reidx.pipeline.shards import image_key
 from reidx.pipeline.sources import SourceError, list_source
 from reidx.pipeline.worker import process_batch
+
+EXIT_INPUTS_FAILED, EXIT_SOURCE_FAILED = 2, 3
 
 
 def default_workers() -> int:
@@ -34,80 +39,80 @@ def default_workers() -> int:
 
 
 def _client(scheduler: str | None, workers: int):
+    """A client of the given scheduler, or of a local cluster of worker processes.
+
+    The local workers are started with SIGINT ignored (they inherit it): Ctrl-C in a terminal
+    reaches the whole process group, and only the driver should answer it — by closing the
+    cluster — instead of every worker printing a traceback.
+    """
     from dask.distributed import Client, LocalCluster
 
     if scheduler:
         return Client(scheduler), None
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           silence_logs=logging.ERROR)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               silence_logs=logging.ERROR)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     return Client(cluster), cluster
+
+
+class JobInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the job; ``summary`` says what was committed before it (all kept)."""
+
+    def __init__(self, summary: dict):
+        super().__init__("interrupted")
+        self.summary = summary
+
+
+def exit_code(summary: dict, strict: bool = False) -> int:
+    """The night's status for a monitor: 0 all good, 2 some inputs failed, 3 a source failed.
+
+    ``strict`` also counts images whose latest ledger outcome is a failure from an earlier night."""
+    if summary["sources_failed"]:
+        return EXIT_SOURCE_FAILED
+    if summary["images_failed"] or (strict and summary.get("images_failed_in_ledger")):
+        return EXIT_INPUTS_FAILED
+    return 0
 
 
 def run_index(manifests: list[str | os.PathLike], gallery: str | os.PathLike, *, weights: str, backend: str = "auto",
               device: str = "auto", workers: int | None = None, scheduler: str | None = None,
-              batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False, log=print) -> dict:
-    """Index the manifests' images into ``gallery``; returns the run summary (JSON-able)."""
-    from dask.distributed import as_completed
-    from tqdm import tqdm
+              batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False, log=print,
+              allow_uri_change: bool = False, retry_failed: bool = False, log_every_s: float = 30.0) -> dict:
+    """Index the manifests' images into ``gallery``; returns the run summary (JSON-able).
 
+    Raises :class:`JobInterrupted` on Ctrl-C/SIGTERM after closing the cluster (the lock is released).
+    """
     started = time.perf_counter()
     gallery = Path(gallery)
-    loaded = [load_manifest(m) for m in manifests]
+    sources = unique_sources([load_manifest(m) for m in manifests])
     gallery.mkdir(parents=True, exist_ok=True)
     with GalleryLock(gallery) as lock:
         if lock.took_over:
-            log(f"took over a stale lock left by {lock.took_over}")
+            log(f"the previous job ({lock.took_over}) died holding the gallery; recovering")
         recovered = recover(gallery)
         config = check_or_write_config(gallery, weights)
-        done = processed_keys(gallery)
+        register_sources(gallery, {s.name: s.uri for s in sources}, allow_uri_change)
+        for folder in (shards_dir(gallery), ledger_dir(gallery)):
+            folder.mkdir(exist_ok=True)  # a gallery exists from its first night, even one whose sources all failed
         summary = {"gallery": str(gallery), "embedder": config["embedder"], "images": 0, "images_new": 0,
-                   "images_skipped": 0, "images_failed": 0, "failed_by_reason": Counter(), "persons": 0,
-                   "sources_failed": {}, "recovered": recovered, "stage_seconds": Counter()}
-        tasks, refused = [], []
-        for source in (s for m in loaded for s in m.sources):
-            try:
-                listing = list_source(source)
-            except SourceError as exc:
-                summary["sources_failed"][source.name] = str(exc)
-                refused.append({"image_key": f"{source.name}/", "source": source.name, "member": "",
-                                "status": "failed", "reason": str(exc)})
-                continue
-            summary["images"] += len(listing.members) + len(listing.rejected)
-            for member, reason in listing.rejected:
-                key = f"{source.name}/{member}"
-                if key not in done:
-                    refused.append({"image_key": key, "source": source.name, "member": member, "status": "failed",
-                                    "reason": reason})
-            todo = [m for m in listing.members if f"{source.name}/{m}" not in done]
-            summary["images_skipped"] += len(listing.members) - len(todo)
-            tasks += [(source, todo[i:i + batch_size]) for i in range(0, len(todo), batch_size)]
-        _commit(gallery, refused, summary)
-
+                   "images_skipped": 0, "images_failed": 0, "images_retried": 0, "failed_by_reason": Counter(),
+                   "persons": 0, "sources_failed": {}, "recovered": recovered, "stage_seconds": Counter()}
+        summary["images_requeued"] = requeue_missing_shards(gallery, log)
+        done = processed_keys(gallery, retry_failed)
+        fingerprints: dict[str, str] = {}
+        tasks = _plan(gallery, sources, done, batch_size, summary, fingerprints)
         total = sum(len(members) for _, members in tasks)
         if total:
             workers = workers or default_workers()
             spec = ModelSpec(weights, backend, device, threads=max(1, (os.cpu_count() or 1) // workers),
                              max_pixels=max_pixels)
-            client, cluster = _client(scheduler, workers)
-            try:
-                if client.dashboard_link:
-                    log(f"Dask dashboard: {client.dashboard_link}")
-                futures = [client.submit(process_batch, str(gallery), source, members, spec, pure=False)
-                           for source, members in tasks]
-                bar = tqdm(total=total, unit="img", desc="index", disable=not progress)
-                for future in as_completed(futures):
-                    result = future.result()
-                    records = result["records"]
-                    _commit(gallery, records, summary)
-                    summary["stage_seconds"].update(result["seconds"])
-                    bar.update(len(records))
-                    bar.set_postfix(persons=summary["persons"], failed=summary["images_failed"])
-                bar.close()
-            finally:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
+            _run_tasks(gallery, tasks, spec, scheduler, workers, summary, total, progress, log, log_every_s,
+                       fingerprints)
             recover(gallery)  # shards of tasks that a killed worker wrote but never reported
+        summary["images_failed_in_ledger"] = failed_keys_count(gallery)
     wall = time.perf_counter() - started
     summary["failed_by_reason"] = dict(summary["failed_by_reason"])
     summary["stage_seconds"] = {k: round(v, 2) for k, v in summary["stage_seconds"].items()}
@@ -116,10 +121,110 @@ def run_index(manifests: list[str | os.PathLike], gallery: str | os.PathLike, *,
     return summary
 
 
-def _commit(gallery: Path, records: list[dict], summary: dict) -> None:
+def unique_sources(manifests: list) -> list:
+    """All sources of a run; a name used twice (in one or several manifests) is an error, not two sources."""
+    sources, seen = [], {}
+    for manifest in manifests:
+        for source in manifest.sources:
+            if source.name in seen:
+                raise ManifestError(f"{manifest.path}: source name {source.name!r} is also used in {seen[source.name]}; "
+                                    f"source names must be unique in a gallery")
+            seen[source.name] = manifest.path
+            sources.append(source)
+    return sources
+
+
+def requeue_missing_shards(gallery: Path, log) -> int:
+    """Images whose shard vanished from disk go back to work (with a ledger row saying why), never skipped."""
+    table = latest(gallery)
+    rows = [{"image_key": key, "source": source, "member": member, "status": "requeued",
+             "reason": f"shard {shard} missing from disk"}
+            for key, source, member, status, shard in zip(*(table[c].to_pylist() for c in
+                                                            ("image_key", "source", "member", "status", "shard")))
+            if status == "ok" and shard and not (shards_dir(gallery) / shard).exists()]
+    if rows:
+        append(gallery, ledger_rows(rows))
+        log(f"{len(rows)} images are indexed again: their shards are missing from disk")
+    return len(rows)
+
+
+def _todo(source, listing, done: dict, summary: dict) -> list[str]:
+    """Members to process: new ones, and failures whose bytes changed since (fingerprint)."""
+    fingerprints = getattr(listing, "fingerprints", {})
+    todo = []
+    for member in listing.members:
+        key = image_key(source.name, member)
+        if key not in done:
+            todo.append(member)
+        elif done[key] is not None and done[key] != fingerprints.get(member, done[key]):
+            todo.append(member)  # it failed, and its bytes changed since (replaced, finished uploading)
+            summary["images_retried"] += 1
+    return todo
+
+
+def _plan(gallery: Path, sources: list, done: dict, batch_size: int, summary: dict, fingerprints: dict) -> list:
+    """List every source, commit the refusals, return the (source, members) tasks still to do.
+
+    ``fingerprints`` receives each listed image's fingerprint by image key, for its ledger row."""
+    tasks, refused = [], []
+    for source in sources:
+        try:
+            listing = list_source(source)
+            if not listing.members and not listing.rejected:
+                raise SourceError(f"source {source.name} ({source.uri}) lists no images: is it mounted?")
+        except SourceError as exc:
+            summary["sources_failed"][source.name] = str(exc)
+            refused.append({"image_key": f"{source.name}/", "source": source.name, "member": "",
+                            "status": "failed", "reason": str(exc)})
+            continue
+        summary["images"] += len(listing.members) + len(listing.rejected)
+        for member, fingerprint in getattr(listing, "fingerprints", {}).items():
+            fingerprints[image_key(source.name, member)] = fingerprint
+        for member, reason in listing.rejected:
+            key = image_key(source.name, member)
+            if key not in done:
+                refused.append({"image_key": key, "source": source.name, "member": member, "status": "failed",
+                                "reason": reason})
+        todo = _todo(source, listing, done, summary)
+        summary["images_skipped"] += len(listing.members) - len(todo)
+        tasks += [(source, todo[i:i + batch_size]) for i in range(0, len(todo), batch_size)]
+    _commit(gallery, refused, summary, fingerprints)
+    return tasks
+
+
+def _run_tasks(gallery: Path, tasks: list, spec: ModelSpec, scheduler: str | None, workers: int, summary: dict,
+               total: int, progress: bool, log, log_every_s: float, fingerprints: dict) -> None:
+    """Send the tasks to Dask workers; commit each task's ledger rows as its shard is reported written."""
+    from dask.distributed import as_completed
+
+    client, cluster = _client(scheduler, workers)
+    meter = Progress(total, "index", bar=progress, every_s=log_every_s)
+    try:
+        if client.dashboard_link:
+            log(f"Dask dashboard: {client.dashboard_link}")
+        futures = [client.submit(process_batch, str(gallery), source, members, spec, pure=False)
+                   for source, members in tasks]
+        for future in as_completed(futures):
+            result = future.result()
+            _commit(gallery, result["records"], summary, fingerprints)
+            summary["stage_seconds"].update(result["seconds"])
+            meter.update(len(result["records"]), persons=summary["persons"], failed=summary["images_failed"])
+        meter.close()
+    except KeyboardInterrupt:
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)  # no shutdown tracebacks from Dask
+        raise JobInterrupted(summary) from None
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _commit(gallery: Path, records: list[dict], summary: dict, fingerprints: dict) -> None:
     """Append ledger rows (the commit point) and count them into the summary."""
     if not records:
         return
+    for record in records:
+        record.setdefault("fingerprint", fingerprints.get(record["image_key"]))
     append(gallery, ledger_rows(records))
     for record in records:
         if not record["member"]:

@@ -1,17 +1,25 @@
 """The ledger: which images a gallery has processed, with what outcome — the job's commit record.
 
-``GALLERY/ledger/part-*.parquet``, append-only, each part written atomically. Schema (v1):
+``GALLERY/ledger/part-*.parquet``, append-only, each part written atomically. Schema (v2):
 
 | column        | type                 | meaning                                              |
 |---------------|----------------------|------------------------------------------------------|
 | image_key     | string               | ``<source>/<member>`` (see :mod:`pipeline.shards`)    |
 | source        | string               | manifest source name                                  |
 | member        | string               | member path inside the source                         |
-| status        | string               | ``ok`` or ``failed``                                  |
+| status        | string               | ``ok``, ``failed`` or ``requeued`` (verify --repair)   |
 | reason        | string, null         | why it failed (decode error, unsafe member, ...)      |
 | num_persons   | int32                | persons written for this image (0 if none / failed)   |
 | shard         | string, null         | shard file holding its rows (null when none)          |
 | processed_at  | timestamp[ms, UTC]   | when the driver committed it                          |
+| shard_sha256  | string, null         | sha256 of the shard file as written (verified on read) |
+| shard_rows    | int32, null          | rows in that shard                                    |
+| fingerprint   | string, null         | the image's bytes as listed (size, mtime / crc): a    |
+|               |                      | failed image is retried when it changes               |
+
+Version 1 parts (no shard_sha256, shard_rows, fingerprint) read with those columns null.
+An image's *latest* row is its state: ``requeued`` (its shard was found damaged) and a failure
+whose fingerprint changed send it back to work on the next night.
 
 Commit protocol (exactly once across crashes): a worker writes a shard durably first; only then
 does the driver append the ledger part naming the shard and its images. A crash between the
@@ -43,9 +51,20 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("num_persons", pa.int32(), nullable=False),
         pa.field("shard", pa.string()),
         pa.field("processed_at", pa.timestamp("ms", tz="UTC"), nullable=False),
+        pa.field("shard_sha256", pa.string()),
+        pa.field("shard_rows", pa.int32()),
+        pa.field("fingerprint", pa.string()),
     ],
-    metadata={"reidx.schema": "ledger", "reidx.schema_version": "1"},
+    metadata={"reidx.schema": "ledger", "reidx.schema_version": "2"},
 )
+
+
+def _as_current(table: pa.Table) -> pa.Table:
+    """A ledger part of any version in the current schema (columns added later read as null)."""
+    for field in LEDGER_SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(LEDGER_SCHEMA.names).cast(LEDGER_SCHEMA)
 
 
 def ledger_rows(records: list[dict]) -> pa.Table:
@@ -68,7 +87,7 @@ def read_ledger(gallery: str | os.PathLike) -> pa.Table:
     parts = sorted(ledger_dir(gallery).glob("part-*.parquet"))
     if not parts:
         return LEDGER_SCHEMA.empty_table()
-    return pa.concat_tables([pq.read_table(p).cast(LEDGER_SCHEMA) for p in parts])
+    return pa.concat_tables([_as_current(pq.read_table(p)) for p in parts])
 
 
 def latest(gallery: str | os.PathLike) -> pa.Table:
@@ -87,8 +106,36 @@ def committed_shards(gallery: str | os.PathLike) -> list[str]:
     return sorted(n for n in names if (shards_dir(gallery) / n).exists())
 
 
-def processed_keys(gallery: str | os.PathLike) -> set[str]:
-    return set(read_ledger(gallery)["image_key"].to_pylist())
+def failed_keys_count(gallery: str | os.PathLike) -> int:
+    """Images whose latest outcome is a failure (what ``--strict`` reports, earlier nights included)."""
+    table = latest(gallery)
+    members = table["member"].to_pylist()
+    return sum(1 for status, member in zip(table["status"].to_pylist(), members) if status == "failed" and member)
+
+
+def processed_keys(gallery: str | os.PathLike, retry_failed: bool = False) -> dict[str, str | None]:
+    """Images the next night skips, each with the fingerprint it was processed at.
+
+    An image is done when its latest row is ``ok`` or ``failed``; ``requeued`` images (damaged
+    shard) are not, and with ``retry_failed`` neither are failures. The caller also retries a
+    failure whose bytes changed since (its fingerprint differs).
+    """
+    table = latest(gallery)
+    done = {}
+    for key, status, fingerprint in zip(table["image_key"].to_pylist(), table["status"].to_pylist(),
+                                        table["fingerprint"].to_pylist()):
+        if status == "ok" or (status == "failed" and not retry_failed):
+            done[key] = fingerprint if status == "failed" else None
+    return done
+
+
+def shard_digests(gallery: str | os.PathLike) -> dict[str, tuple[str | None, int | None]]:
+    """The live shards — named by some image's latest ``ok`` row — with their recorded (sha256, rows);
+    (None, None) where a version-1 ledger recorded none. A shard whose images were requeued is not live."""
+    table = latest(gallery)
+    return {name: (sha, rows) for name, status, sha, rows in zip(
+        table["shard"].to_pylist(), table["status"].to_pylist(), table["shard_sha256"].to_pylist(),
+        table["shard_rows"].to_pylist()) if name and status == "ok"}
 
 
 def recover(gallery: str | os.PathLike) -> dict:

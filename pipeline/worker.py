@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import time
 
+from reidx.pipeline.gallery import shards_dir
+from reidx.pipeline.integrity import file_sha256
 from reidx.pipeline.manifest import Source
 from reidx.pipeline.persons import ModelSpec, persons_of_members
 from reidx.pipeline.shards import write_shard
@@ -23,8 +25,10 @@ def process_batch(gallery: str, source: Source, members: list[str], spec: ModelS
     if persons.table is not None:
         clock = time.perf_counter()
         shard = write_shard(persons.table, gallery)
+        # the bytes as committed: readers and `reidx verify` check the file against them
+        digest = file_sha256(shards_dir(gallery) / shard)
         persons.seconds["write"] += time.perf_counter() - clock
         for record in persons.records:
             if record.get("num_persons"):
-                record["shard"] = shard
+                record.update(shard=shard, shard_sha256=digest, shard_rows=persons.table.num_rows)
     return {"records": persons.records, "seconds": persons.seconds}

@@ -207,7 +207,8 @@ kind = "crops"
     before = set(tmp_path.rglob("*"))
     gallery = tmp_path / "g"
     result = reidx("index", str(manifest), "--out", str(gallery), "--max-pixels", "4000000", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 3, result.stderr  # a source failed (its reason on stderr and in --json)
+    assert "Error: source gone failed:" in result.stderr
     summary = json.loads(result.stdout)
     assert set(tmp_path.rglob("*")) - before <= set(gallery.rglob("*")) | {gallery}  # nothing outside GALLERY
     reasons = dict(zip(read_ledger(gallery)["image_key"].to_pylist(), read_ledger(gallery)["reason"].to_pylist()))
@@ -225,7 +226,7 @@ kind = "crops"
     assert (rotated["frame_width"], rotated["frame_height"]) == (image.height, image.width)  # displayed orientation
     assert summary["images_failed"] == 6 and summary["persons"] == 6
     strict = reidx("index", str(manifest), "--out", str(gallery), "--strict")
-    assert strict.returncode == 2
+    assert strict.returncode == 3
     listed = reidx("ledger", str(gallery), "--failed", "--json")
     assert len(json.loads(listed.stdout)["failures"]) == 7  # 6 images + the missing source
 
