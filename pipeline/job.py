@@ -150,7 +150,7 @@ def requeue_missing_shards(gallery: Path, log) -> int:
 
 def _todo(source, listing, done: dict, summary: dict) -> list[str]:
     """Members to process: new ones, and failures whose bytes changed since (fingerprint)."""
-    fingerprints = getattr(listing, "fingerprints", {})
+    fingerprints = listing.fingerprints
     todo = []
     for member in listing.members:
         key = image_key(source.name, member)
@@ -178,7 +178,7 @@ def _plan(gallery: Path, sources: list, done: dict, batch_size: int, summary: di
                             "status": "failed", "reason": str(exc)})
             continue
         summary["images"] += len(listing.members) + len(listing.rejected)
-        for member, fingerprint in getattr(listing, "fingerprints", {}).items():
+        for member, fingerprint in listing.fingerprints.items():
             fingerprints[image_key(source.name, member)] = fingerprint
         for member, reason in listing.rejected:
             key = image_key(source.name, member)

@@ -65,10 +65,16 @@ class SourceError(OSError):
 
 @dataclass
 class Listing:
-    """What a source holds: readable image members (sorted) and members refused with a reason."""
+    """What a source holds: readable image members (sorted) and members refused with a reason.
+
+    ``fingerprints`` (member → text) says cheaply whether a member's bytes changed since a night
+    that saw them, without reading them: size and mtime for files, size and mtime for tar members,
+    size and CRC for zip members (URL members have none). A failed image is retried when it changes.
+    """
 
     members: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
 
 def archive_type(uri: str) -> str | None:
@@ -314,15 +320,16 @@ def _zip_member_reason(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-def _add_archive_entries(listing: Listing, entries: list[tuple[str, str | None]]) -> None:
-    """Archive entries (name, refusal reason or None) into the listing, each name once.
+def _add_archive_entries(listing: Listing, entries: list[tuple[str, str | None, str]]) -> None:
+    """Archive entries (name, refusal reason or None, fingerprint) into the listing, each name once.
 
     A name stored twice (zip and tar allow it) is refused in every copy: the copies may differ,
     and nobody can tell which one is the right image; indexing both gave one detection_id twice.
     """
-    copies = Counter(name for name, _ in entries)
+    copies = Counter(name for name, _, _ in entries)
     refused: set[str] = set()
-    for name, reason in entries:
+    for name, reason, fingerprint in entries:
+        listing.fingerprints[name] = fingerprint
         if copies[name] > 1:
             if name not in refused:  # one ledger record for all copies
                 refused.add(name)
@@ -354,14 +361,15 @@ def _errors(source: Source) -> tuple:
 
 
 def _list_tar(source: Source, listing: Listing) -> None:
-    entries: list[tuple[str, str | None]] = []
+    entries: list[tuple[str, str | None, str]] = []
     last = None
     try:
         with _open_binary(source.uri, source) as raw, tarfile.open(fileobj=raw, mode="r:*") as tar:
             for info in tar:
                 last = info.name
                 if not info.isdir() and _wanted(source, info.name):
-                    entries.append((info.name, _tar_member_reason(info) or _too_large(info.size, source)))
+                    entries.append((info.name, _tar_member_reason(info) or _too_large(info.size, source),
+                                    f"tar:{info.size}:{info.mtime}"))
             broken = _tar_end_reason(tar)
     except FileNotFoundError:
         raise
@@ -386,7 +394,8 @@ def list_source(source: Source) -> Listing:
         elif kind == "zip":
             with _open_binary(source.uri, source) as raw, zipfile.ZipFile(raw) as archive:
                 _add_archive_entries(listing, [(info.filename, _zip_member_reason(info)
-                                                or _too_large(info.file_size, source))
+                                                or _too_large(info.file_size, source),
+                                                f"zip:{info.file_size}:{info.CRC:08x}")
                                                for info in archive.infolist()
                                                if not info.is_dir() and _wanted(source, info.filename)])
         elif "://" in source.uri:
@@ -401,6 +410,11 @@ def list_source(source: Source) -> Listing:
                     continue
                 reason = _link_reason(path, real_root) if walks else None
                 (listing.rejected.append((member, reason)) if reason else listing.members.append(member))
+                try:
+                    stat_result = path.stat()
+                    listing.fingerprints[member] = f"file:{stat_result.st_size}:{stat_result.st_mtime_ns}"
+                except OSError:
+                    pass  # vanished or unreadable: reading it records why
     except SourceError:
         raise
     except FileNotFoundError:
