@@ -600,13 +600,13 @@ def query(gallery, queries, out, report, report_top, top_k, detect, largest, rer
 
       reidx query out/gallery crops/ --out results.parquet --report results.html
     """
-    from reidx.indexers.query import run_query
-    from reidx.indexers.rerank import params_from_options
-
     if largest and not detect:
         raise click.UsageError("--largest needs --detect")
     if report is not None and not report.lower().endswith((".html", ".htm")):
         raise click.UsageError(f"--report {report!r} must end with .html")
+    from reidx.indexers.query import run_query
+    from reidx.indexers.rerank import params_from_options
+
     params = params_from_options(rerank, preset=rerank_preset, k1=k1, k2=k2, lambda_value=lambda_value)
     summary = run_query(gallery, list(queries), out, top_k=top_k, detect=detect, largest=largest, rerank=rerank,
                         rerank_params=params, candidates=candidates, nprobe=nprobe, weights=weights,
