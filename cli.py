@@ -333,10 +333,10 @@ def _index_text(r: dict):
 
 def _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler,
                retry_failed, allow_uri_change, log_every_s) -> dict:
-    from reidx.pipeline.job import run_index
-
     if scheduler and workers:
         raise click.UsageError("--scheduler and --workers exclude each other")
+    from reidx.pipeline.job import run_index
+
     return run_index(list(manifests), gallery, weights=weights, backend=backend, device=device, workers=workers,
                      scheduler=scheduler, batch_size=task_size, max_pixels=max_pixels, progress=_progress(), log=_log,
                      retry_failed=retry_failed, allow_uri_change=allow_uri_change, log_every_s=log_every_s)
