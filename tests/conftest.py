@@ -30,6 +30,18 @@ SCENES = SHARED / "data" / "scenes"
 MODELS = SHARED / "models"
 
 
+def crops_manifest(path: Path, uri, extra: str = "") -> Path:
+    """A manifest with one crops source named "crops" at ``uri``, labelled by Market-1501 naming."""
+    path.write_text(f"""[[source]]
+name = "crops"
+uri = "{uri}"
+kind = "crops"
+camera = {{ regex = '_c(\\d+)' }}
+labels = {{ person_id = '^(-?\\d+)_c' }}
+{extra}""")
+    return path
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     return SHARED

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CON_REID, MODELS, REPO, SCENES
+from conftest import CON_REID, MODELS, REPO, SCENES, crops_manifest
 
 QUERY = sorted((CON_REID / "query").iterdir())
 
@@ -189,17 +189,6 @@ def test_a_failed_write_of_the_holder_leaves_no_lock_that_blocks_later_nights(tm
 
 
 # --- case 9: reidx export --where -------------------------------------------------------------
-
-def crops_manifest(path, uri, extra=""):
-    path.write_text(f"""[[source]]
-name = "crops"
-uri = "{uri}"
-kind = "crops"
-camera = {{ regex = '_c(\\d+)' }}
-labels = {{ person_id = '^(-?\\d+)_c' }}
-{extra}""")
-    return path
-
 
 @pytest.fixture(scope="module")
 def small_gallery(tmp_path_factory):

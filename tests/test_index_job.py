@@ -18,7 +18,7 @@ from PIL import Image
 from reidx.pipeline.labels import parse_market_name
 from reidx.pipeline.embedding_table import embeddings_to_numpy
 from reidx.pipeline.ledger import read_ledger
-from conftest import CON_REID, MODELS, REPO
+from conftest import CON_REID, MODELS, REPO, crops_manifest
 
 QUERY = sorted((CON_REID / "query").iterdir())
 
@@ -30,18 +30,6 @@ def reidx(*args, wait=True, **kwargs):
         return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True, **kwargs)
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, **kwargs)
-
-
-def crops_manifest(tmp_path, folder, name="night.toml"):
-    path = tmp_path / name
-    path.write_text(f"""[[source]]
-name = "crops"
-uri = "{folder}"
-kind = "crops"
-camera = {{ regex = '_c(\\d+)' }}
-labels = {{ person_id = '^(-?\\d+)_c' }}
-""")
-    return path
 
 
 def committed_rows(gallery):
@@ -69,7 +57,7 @@ def crop_folder(tmp_path_factory):
 def reference_gallery(tmp_path_factory, crop_folder):
     """An uninterrupted run, the yardstick for the crash tests."""
     root = tmp_path_factory.mktemp("reference")
-    result = reidx("index", str(crops_manifest(root, crop_folder)), "--out", str(root / "g"), "--task-size", "10",
+    result = reidx("index", str(crops_manifest(root / "night.toml", crop_folder)), "--out", str(root / "g"), "--task-size", "10",
                    "--json")
     assert result.returncode == 0, result.stderr
     return root / "g", json.loads(result.stdout)
@@ -86,7 +74,7 @@ def test_index_rows_labels_rerun_and_embeddings_equal_embed(reference_gallery, c
     assert (row["x1"], row["y1"], row["x2"], row["y2"]) == (0, 0, row["frame_width"], row["frame_height"])
     assert row["embedder"] == "osnet_x0_25_msmt17" and row["embedder_sha256"].startswith("6f57607fed9f")
 
-    manifest = crops_manifest(tmp_path, crop_folder)
+    manifest = crops_manifest(tmp_path / "night.toml", crop_folder)
     rerun = reidx("index", str(manifest), "--out", str(gallery), "--json")
     assert rerun.returncode == 0 and json.loads(rerun.stdout)["images_new"] == 0
     assert pq.read_table(gallery / "shards").num_rows == 120
@@ -117,7 +105,7 @@ def kill_group(process):
 def test_driver_killed_then_rerun_gives_exactly_the_uninterrupted_rows(kill_point, reference_gallery, crop_folder,
                                                                        tmp_path):
     gallery = tmp_path / "g"
-    manifest = crops_manifest(tmp_path, crop_folder)
+    manifest = crops_manifest(tmp_path / "night.toml", crop_folder)
     run = reidx("index", str(manifest), "--out", str(gallery), "--task-size", "10", wait=False)
     if kill_point == "first_shard_written":
         reached = wait_for(lambda: any((gallery / "shards").glob("part-*.parquet")))
@@ -140,7 +128,7 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(reference_gallery, c
     import psutil
 
     gallery = tmp_path / "g"
-    run = reidx("index", str(crops_manifest(tmp_path, crop_folder)), "--out", str(gallery), "--task-size", "10",
+    run = reidx("index", str(crops_manifest(tmp_path / "night.toml", crop_folder)), "--out", str(gallery), "--task-size", "10",
                 "--json", wait=False)
     assert wait_for(lambda: any((gallery / "shards").glob("part-*.parquet")))
     # worker processes are the driver's spawned children (their nannies live in the driver)
@@ -155,7 +143,7 @@ def test_worker_killed_mid_run_loses_and_duplicates_nothing(reference_gallery, c
 
 def test_second_job_on_the_same_gallery_exits_at_once(crop_folder, tmp_path):
     gallery = tmp_path / "g"
-    manifest = crops_manifest(tmp_path, crop_folder)
+    manifest = crops_manifest(tmp_path / "night.toml", crop_folder)
     first = reidx("index", str(manifest), "--out", str(gallery), "--task-size", "10", wait=False)
     try:
         assert wait_for(lambda: (gallery / ".lock").exists())
@@ -290,7 +278,7 @@ def test_job_runs_on_an_existing_scheduler(crop_folder, tmp_path):
 
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=logging.ERROR) as cluster:
-        result = reidx("index", str(crops_manifest(tmp_path, crop_folder)), "--out", str(tmp_path / "g"),
+        result = reidx("index", str(crops_manifest(tmp_path / "night.toml", crop_folder)), "--out", str(tmp_path / "g"),
                        "--scheduler", cluster.scheduler_address, "--json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["images_new"] == 120
