@@ -355,7 +355,7 @@ def test_label_too_large_for_int64_fails_that_image_and_not_the_night(tmp_path):
     gallery = tmp_path / "g"
     result = reidx("index", str(crops_manifest(tmp_path / "night.toml", folder)), "--out", str(gallery),
                    "--workers", "1", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr  # the image with the bad label failed: exit 2 (case 16)
     summary = json.loads(result.stdout)
     assert summary["images_failed"] == 1 and summary["failed_by_reason"] == {"label": 1} and summary["persons"] == 3
     ledger = {r["member"]: r for r in read_ledger(gallery).to_pylist()}
@@ -385,7 +385,7 @@ def test_zip_with_a_member_name_twice_indexes_neither_copy(tmp_path):
     gallery = tmp_path / "g"
     result = reidx("index", str(crops_manifest(tmp_path / "night.toml", archive)), "--out", str(gallery),
                    "--workers", "1", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr  # both copies were refused: exit 2 (case 16)
     ledger = read_ledger(gallery).to_pylist()
     assert sorted(r["member"] for r in ledger) == sorted(f"cam1/{p.name}" for p in QUERY[:3])  # each name once
     (refused,) = [r for r in ledger if r["member"] == twice]
