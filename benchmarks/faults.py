@@ -140,7 +140,8 @@ def state_of(gallery: Path) -> dict:
 
     named = {s for s in read_ledger(gallery)["shard"].to_pylist() if s}
     files = {p.name for p in (gallery / "shards").glob("part-*.parquet")}
-    ids = [i for p in sorted(files) for i in pq.read_table(p, columns=["detection_id"])["detection_id"].to_pylist()]
+    ids = [i for p in sorted(files)
+           for i in pq.read_table(gallery / "shards" / p, columns=["detection_id"])["detection_id"].to_pylist()]
     table = latest(gallery)
     outcomes = {k: (s if s != "failed" else "failed:" + (r or "").split(":")[0])
                 for k, s, r in zip(*(table[c].to_pylist() for c in ("image_key", "status", "reason")))}
