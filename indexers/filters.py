@@ -189,7 +189,8 @@ def _selector_search(index: faiss.Index, vectors: np.ndarray, k: int, mask: np.n
 
 def _widening_search(gallery_index, vectors: np.ndarray, k: int, mask: np.ndarray | None,
                      nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Ask for more than k, keep the allowed, double the depth for queries still short of k."""
+    """Ask for more than k, keep the allowed, double the depth for queries still short of k (and,
+    for IVF, nprobe once the probed lists run out: a deeper list cannot reach other lists)."""
     total = gallery_index.count
     allowed = int(mask.sum()) if mask is not None else total
     k = min(k, allowed)
@@ -197,10 +198,12 @@ def _widening_search(gallery_index, vectors: np.ndarray, k: int, mask: np.ndarra
     ids = np.full((len(vectors), k), -1, np.int64)
     if k == 0:
         return distances, ids
+    nlist = getattr(gallery_index.meta, "nlist", None)
+    probes = nprobe or gallery_index.meta.nprobe
     depth = min(total, int(np.ceil(k * total / allowed * 1.2)) + 8)
     todo = np.arange(len(vectors))
     while len(todo):
-        dist, found = gallery_index.search(vectors[todo], depth, nprobe=nprobe)
+        dist, found = gallery_index.search(vectors[todo], depth, nprobe=probes)
         ok = found >= 0
         if mask is not None:
             ok &= mask[np.maximum(found, 0)]
@@ -208,9 +211,14 @@ def _widening_search(gallery_index, vectors: np.ndarray, k: int, mask: np.ndarra
             keep = np.flatnonzero(ok[row])[:k]
             ids[query, :len(keep)], distances[query, :len(keep)] = found[row, keep], dist[row, keep]
         short = ok.sum(axis=1) < k
-        if not short.any() or depth >= total:
+        ran_out = nlist and probes and probes < nlist and (found[short] < 0).any()
+        if not short.any() or (depth >= total and not ran_out):
             break
-        todo, depth = todo[short], min(total, depth * 2)
+        todo = todo[short]
+        if ran_out:
+            probes = min(nlist, probes * 2)
+        else:
+            depth = min(total, depth * 2)
     return distances, ids
 
 

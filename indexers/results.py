@@ -24,15 +24,16 @@ status             string                 ok | no_person (nothing detected) | fa
 reason             string, null           why the image failed
 rank               int32, null            1 = best; null on status rows
 detection_id       string, null           the gallery detection (see docs/schemas.md)
-image_key, source, member, camera, timestamp, x1, y1, x2, y2, score, person_id
-                                          the gallery detection's shard columns
+image_key, source, member, camera, timestamp, x1, y1, x2, y2, score, person_id, frame_index,
+track_id                                  the gallery detection's shard columns
 cosine_distance    float32, null          1 − q·g
 rerank_distance    float32, null          the re-ranked distance (null without re-ranking)
 rerank             string                 the re-ranking method (``none`` without)
 =================  =====================  ====================================================
 
 Rows are ordered by query, then rank; ranks follow ``rerank_distance`` when re-ranking ran.
-Version 1 (before groups and filters) lacked ``query_group``, ``query_members``, ``query_cameras``.
+Version 1 (before groups and filters) lacked ``query_group``, ``query_members``, ``query_cameras``,
+``frame_index`` and ``track_id``.
 Key-value metadata adds ``reidx.filter`` (the search filter as JSON) and ``reidx.group``
 (``group_by`` and ``fusion``), set by indexers/query.py.
 """
@@ -51,7 +52,7 @@ from reidx.pipeline.labels import JUNK
 
 RESULT_SCHEMA_VERSION = "2"
 GALLERY_COLUMNS = ["detection_id", "image_key", "source", "member", "camera", "timestamp",
-                   "x1", "y1", "x2", "y2", "score", "person_id"]
+                   "x1", "y1", "x2", "y2", "score", "person_id", "frame_index", "track_id"]
 
 
 def result_schema() -> pa.Schema:
@@ -62,7 +63,8 @@ def result_schema() -> pa.Schema:
               ("status", pa.string()), ("reason", pa.string()), ("rank", pa.int32()), ("detection_id", pa.string()),
               ("image_key", pa.string()), ("source", pa.string()), ("member", pa.string()),
               ("camera", pa.string()), ("timestamp", pa.timestamp("ms")), ("x1", f32), ("y1", f32), ("x2", f32),
-              ("y2", f32), ("score", f32), ("person_id", pa.int64()), ("cosine_distance", f32),
+              ("y2", f32), ("score", f32), ("person_id", pa.int64()), ("frame_index", pa.int32()),
+              ("track_id", pa.string()), ("cosine_distance", f32),
               ("rerank_distance", f32), ("rerank", pa.string())]
     return pa.schema(fields, metadata={"reidx.schema": "query-results", "reidx.schema_version": RESULT_SCHEMA_VERSION})
 
@@ -110,8 +112,8 @@ def ranked_rows(persons, gallery_index: GalleryIndex, distances: np.ndarray, ids
         columns["status"] = ["ok"] * len(q_rows)
         columns["reason"] = [None] * len(q_rows)
         columns["rank"] = ranks.tolist()
-        for name in GALLERY_COLUMNS:
-            columns[name] = gallery[name].to_pylist()
+        for name in GALLERY_COLUMNS:  # indexes of version-1 shards have no frame_index/track_id
+            columns[name] = gallery[name].to_pylist() if name in gallery.column_names else [None] * len(q_rows)
         columns["cosine_distance"] = distances[valid].tolist()
         columns["rerank_distance"] = rerank_distances[valid].tolist() if rerank_distances is not None else \
             [None] * len(q_rows)
