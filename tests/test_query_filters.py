@@ -14,6 +14,7 @@ the exact correspondence (docs/query.md):
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -229,3 +230,66 @@ def test_multi_query_fusion(con_reid_gallery, msmt17_split):
             d = (1 - gallery_vectors @ query.features[rows].T).min(axis=1)
         assert np.allclose(np.sort(d)[:k], first["cosine_distance"], atol=1e-5)
         assert first["rank"] == list(range(1, k + 1))
+
+
+def test_trajectory_segments_from_hand_made_rows(tmp_path):
+    """Accepted hits (rank ≤ N and distance ≤ τ) → segments in time order: a return to a camera is a
+    new segment, tracks are collected, the best crop is the closest, untimed sightings come last."""
+    from reidx.indexers.results import result_schema
+    from reidx.indexers.trajectory import trajectory_path, write_trajectories
+
+    def row(rank, camera, minute, distance, track=None, qid="q1"):
+        return {"query_id": qid, "query_path": "/q.jpg", "status": "ok", "rank": rank, "detection_id": f"d{rank}",
+                "image_key": f"cam{camera}/f{rank}.jpg", "source": f"cam{camera}", "member": f"f{rank}.jpg",
+                "camera": str(camera), "timestamp": None if minute is None else T0 + timedelta(minutes=minute),
+                "x1": 1.0, "y1": 2.0, "x2": 30.0, "y2": 90.0, "cosine_distance": distance, "track_id": track,
+                "rerank": "none", "query_members": 1, "query_cameras": ["9"]}
+
+    rows = [row(1, 3, 10, 0.02, "v3#1"), row(2, 1, 2, 0.05, "v1#4"), row(3, 1, 1, 0.07, "v1#4"),
+            row(4, 3, 12, 0.06, "v3#2"), row(5, 1, 20, 0.04), row(6, 2, 5, 0.30),  # 6: too far
+            row(7, 2, None, 0.03), row(8, 1, 30, 0.01), row(1, 5, 1, 0.01, qid="q2")]
+    results = pa.Table.from_pylist(rows, schema=result_schema())
+    out = trajectory_path(tmp_path / "r.parquet")
+    assert out.name == "r.trajectory.parquet"
+    summary = write_trajectories(results, out, rank_max=7, distance_max=0.08)  # 8: rank too low
+    table = pq.read_table(out)
+    path = [r for r in table.to_pylist() if r["query_id"] == "q1"]
+    assert [(p["step"], p["camera"], p["sightings"]) for p in path] == [(1, "1", 2), (2, "3", 2), (3, "1", 1),
+                                                                        (4, "2", 1)]
+    assert path[0]["first_seen"] == T0 + timedelta(minutes=1) and path[0]["last_seen"] == T0 + timedelta(minutes=2)
+    assert path[0]["duration_s"] == 60 and path[0]["track_ids"] == ["v1#4"] and path[0]["detection_ids"] == ["d3", "d2"]
+    assert path[1]["best_detection_id"] == "d1" and path[1]["track_ids"] == ["v3#1", "v3#2"]
+    assert path[3]["first_seen"] is None and path[3]["best_rank"] == 7  # untimed: after the timed path
+    assert summary == {"out": str(out), "queries": 2, "segments": 5, "sightings": 7, "rank_max": 7,
+                       "distance_max": 0.08}
+    assert json.loads(table.schema.metadata[b"reidx.acceptance"]) == {"rank_max": 7, "distance_max": 0.08}
+
+
+def test_cli_query_with_filters_groups_and_trajectory(timed_gallery, tmp_path):
+    """`reidx query` end to end: four crops of one person as one query (best-of), a time window,
+    two cameras, a minimum score, not its own images; k rows that all pass, and a trajectory."""
+    from click.testing import CliRunner
+
+    from reidx.cli import main
+
+    images = sorted((CON_REID / "query").glob("0001_*"))
+    out = tmp_path / "q.parquet"
+    since, until = "2024-05-01T08:00", "2024-05-04T08:00"
+    result = CliRunner().invoke(main, ["query", str(timed_gallery), *map(str, images), "--out", str(out),
+                                       "--top-k", "15", "--group-by", "person_id", "--fuse", "min",
+                                       "--since", since, "--until", until, "--camera", "1", "--camera", "4",
+                                       "--min-score", "0.5", "--exclude-self", "--trajectory", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["query_persons"] == 4 and summary["query_groups"] == 1 and summary["rows"] == 15
+    assert summary["filter"] == {"since": "2024-05-01T08:00:00", "until": "2024-05-04T08:00:00",
+                                 "cameras": ["1", "4"], "exclude_self": True, "min_score": 0.5}
+    rows = pq.read_table(out).to_pylist()
+    assert all(r["camera"] in ("1", "4") and r["score"] >= 0.5 and r["timestamp"] is not None and
+               datetime.fromisoformat(since) <= r["timestamp"] <= datetime.fromisoformat(until) for r in rows)
+    assert {r["query_members"] for r in rows} == {4} and rows[0]["query_group"] == "person_id=1"
+    assert json.loads(pq.read_schema(out).metadata[b"reidx.group"]) == {"group_by": ["person_id"], "fusion": "min"}
+    assert Path(summary["trajectory"]["out"]).is_file()
+    bad = CliRunner().invoke(main, ["query", str(timed_gallery), str(images[0]), "--out", str(out),
+                                    "--since", "yesterday"])
+    assert bad.exit_code != 0 and "--since 'yesterday'" in bad.output
