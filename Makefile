@@ -8,7 +8,7 @@ export REIDX_MODEL_DIR ?= $(SHARED)/models
 export REIDX_SHARED ?= $(SHARED)
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv clean
+.PHONY: demo test venv chromium clean
 
 # torch is pinned first so a CPU machine takes the CPU wheel and never pulls CUDA packages;
 # the project's own range (torch>=2.3) is then already satisfied.
@@ -34,7 +34,13 @@ demo: venv
 	$(BIN)/reidx query out/demo-gallery $(SHARED)/data/scenes/queries --top-k 20 \
 	    --out out/demo-results.parquet --report out/demo-report.html
 
-test: venv
+# tests/test_report_browser.py opens the report in a real headless Chromium (Debian's package;
+# installed here when missing, as root — CI runs as root; elsewhere install it or set $$CHROMIUM).
+chromium:
+	[ -n "$$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: venv chromium
 	$(BIN)/python -m pytest -q
 
 clean:

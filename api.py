@@ -121,16 +121,46 @@ class Gallery:
         return table.add_column(0, "query", pa.array(rows, pa.int64())).add_column(1, "rank", pa.array(ranks, pa.int32()))
 
     def query(self, images: Sequence[str], *, top_k: int = 100, detect: bool = False, rerank: str = "none",
-              rerank_preset: str = "safe", **options):
+              rerank_preset: str = "safe", group_by: str | Sequence[str] | None = None, fusion: str = "mean",
+              since=None, until=None, cameras: Sequence[str] = (), exclude_same_camera: bool = False,
+              exclude_self: bool = False, min_score: float | None = None, **options):
         """Every person in ``images`` (files, folders, globs, manifests) searched and optionally re-ranked →
-        Arrow table in the query-results schema (``reidx query``)."""
+        Arrow table in the query-results schema (``reidx query``).
+
+        ``group_by`` (``"person_id"``, ``"folder"``, ``"input"``, ``"camera"`` or several) searches
+        several images of one person as one query, fused by ``fusion`` (``mean`` or ``min``).
+        ``since``/``until`` (datetime or ISO text), ``cameras``, ``exclude_same_camera``,
+        ``exclude_self``, ``min_score`` filter the gallery inside the search (docs/query.md).
+        """
+        from datetime import datetime
+
+        from reidx.indexers.filters import SearchFilter, parse_time
         from reidx.indexers.query import query_gallery
+        from reidx.indexers.query_groups import parse_group_by
         from reidx.indexers.rerank import params_from_options
 
+        def when(value, option):
+            return value if value is None or isinstance(value, datetime) else parse_time(str(value), option)
+
+        keys = parse_group_by(group_by if group_by is None or isinstance(group_by, str) else ",".join(group_by))
+        search_filter = SearchFilter(since=when(since, "since"), until=when(until, "until"), cameras=tuple(cameras),
+                                     exclude_same_camera=exclude_same_camera, exclude_self=exclude_self,
+                                     min_score=min_score)
         params = params_from_options(rerank, preset=rerank_preset)
         table, _ = query_gallery(self.index, [str(i) for i in images], top_k=top_k, detect=detect, rerank=rerank,
-                                 rerank_params=params, **options)
+                                 rerank_params=params, search_filter=search_filter, group_by=keys, fusion=fusion,
+                                 **options)
         return table
+
+
+def trajectories(results, rank_max: int | None = None, distance_max: float | None = None):
+    """Query results (``Gallery.query``) → each query's sightings as a time-ordered path (Arrow table,
+    schema in docs/schemas.md); sightings: rank ≤ ``rank_max`` and distance ≤ ``distance_max``
+    (defaults measured on Con-ReID, docs/query.md)."""
+    from reidx.indexers.trajectory import DEFAULT_DISTANCE_MAX, DEFAULT_RANK_MAX
+    from reidx.indexers.trajectory import trajectories as paths
+
+    return paths(results, rank_max or DEFAULT_RANK_MAX, DEFAULT_DISTANCE_MAX if distance_max is None else distance_max)
 
 
 def evaluate(query: Sequence[str], gallery: Sequence[str], weights: str = DEFAULT_WEIGHTS, rerank: str = "none",

@@ -1,0 +1,198 @@
+"""Issue 13 (item 6): the investigators' report, opened in a real headless Chromium.
+
+A gallery is indexed by the nightly job from the 16 real campus frames (people found by the
+detector, boxes real) plus a few Con-ReID crops (a crop source: no frame to show). The frames are
+copied under names that carry a time (frame number / 25 fps, Market-1501's rate) so the timeline
+has real times to place; the two Market query crops of person 0001 are the queries. Then
+``reidx query --report --trajectory`` runs through the CLI and the page is checked:
+
+* statically: no script, no external URL (self-contained), every picture it names exists;
+* in Chromium (``--dump-dom`` of a copy with a checking script appended; the report itself has
+  none): the page loads without an error event, every ``<img>`` resolved (``naturalWidth`` > 0),
+  no two text line boxes overlap (``Range.getClientRects`` of every text node, SVG text
+  included), no text overlaps a picture, no two cards/figures overlap, every sighting dot's
+  link points at a card that exists;
+* a screenshot (``--screenshot``) has the window's size and is not blank.
+
+Chromium is Debian's ``chromium`` package: ``make test`` installs it when missing (as root, as
+CI runs); without it this test fails and says so — it never skips.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import CON_REID, SCENES
+
+WINDOW = (1280, 1800)
+
+CHECK = r"""
+<script>
+(function () {
+  const errors = [];
+  window.addEventListener('error', e => errors.push(String(e.message || (e.target && (e.target.src || e.target.href)))), true);
+  function rectsOf(node) {
+    const range = document.createRange(); range.selectNodeContents(node);
+    return Array.from(range.getClientRects()).filter(r => r.width > 0.5 && r.height > 0.5);
+  }
+  function hit(a, b, slack) {
+    return a.left < b.right - slack && b.left < a.right - slack && a.top < b.bottom - slack && b.top < a.bottom - slack;
+  }
+  function describe(el) { return (el.tagName || '#text') + (el.id ? '#' + el.id : '') + (el.className && el.className.baseVal === undefined ? '.' + el.className : ''); }
+  window.addEventListener('load', function () {
+    const texts = [];
+    const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+    for (let n = walker.nextNode(); n; n = walker.nextNode()) {
+      if (!n.textContent.trim() || n.parentElement.closest('title, style, script, #reidx-check')) continue;
+      for (const r of rectsOf(n)) texts.push({r: r, text: n.textContent.trim().slice(0, 40), owner: n});
+    }
+    const overlaps = [];
+    for (let i = 0; i < texts.length; i++)
+      for (let j = i + 1; j < texts.length; j++)
+        if (texts[i].owner !== texts[j].owner && hit(texts[i].r, texts[j].r, 1))
+          overlaps.push([texts[i].text, texts[j].text]);
+    const images = Array.from(document.images);
+    const broken = images.filter(im => !(im.complete && im.naturalWidth > 0)).map(im => im.getAttribute('src'));
+    const onImage = [];
+    for (const t of texts) for (const im of images) if (hit(t.r, im.getBoundingClientRect(), 1)) onImage.push([t.text, im.getAttribute('src')]);
+    const boxes = Array.from(document.querySelectorAll('figure, article.sighting, .qhead, svg.timeline, nav.index, header'));
+    const boxOverlaps = [];
+    for (let i = 0; i < boxes.length; i++)
+      for (let j = i + 1; j < boxes.length; j++)
+        if (!boxes[i].contains(boxes[j]) && !boxes[j].contains(boxes[i]) &&
+            hit(boxes[i].getBoundingClientRect(), boxes[j].getBoundingClientRect(), 1))
+          boxOverlaps.push([describe(boxes[i]), describe(boxes[j])]);
+    const targets = Array.from(document.querySelectorAll('a[href^="#"]')).map(a => a.getAttribute('href').slice(1));
+    const deadLinks = targets.filter(id => id && !document.getElementById(id));
+    const pre = document.createElement('pre'); pre.id = 'reidx-check';
+    pre.textContent = JSON.stringify({errors, broken, overlaps: overlaps.slice(0, 20), overlapCount: overlaps.length,
+      onImage: onImage.slice(0, 20), boxOverlaps: boxOverlaps.slice(0, 20), deadLinks, images: images.length,
+      texts: texts.length, dots: document.querySelectorAll('svg.timeline circle').length,
+      sightings: document.querySelectorAll('article.sighting').length,
+      frames: document.querySelectorAll('img.frame').length, width: document.documentElement.scrollWidth,
+      viewport: window.innerWidth});
+    document.body.appendChild(pre);
+  });
+})();
+</script>
+"""
+
+
+def chromium() -> str:
+    for name in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    pytest.fail("no Chromium found: `make test` installs Debian's `chromium` (apt-get install -y chromium), "
+                "or point $CHROMIUM at one")
+
+
+def run_chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    command = [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+               "--hide-scrollbars", "--no-first-run", "--disable-extensions", f"--user-data-dir={profile}",
+               "--force-device-scale-factor=1", f"--window-size={WINDOW[0]},{WINDOW[1]}", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def timed_frames(folder: Path) -> None:
+    """The campus frames under names carrying their time: frame number / 25 fps after a start."""
+    folder.mkdir()
+    for frame in sorted((SCENES / "frames").glob("*.jpg")):
+        camera, number = re.match(r"c(\d+)s\d+_(\d+)", frame.stem).groups()
+        millis = int(number) * 40  # 25 fps
+        stamp = f"20140501T08{millis // 60000:02d}{millis // 1000 % 60:02d}.{millis % 1000:03d}"
+        (folder / f"{frame.stem}@{stamp}.jpg").write_bytes(frame.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from reidx.cli import main
+    from reidx.pipeline.job import run_index
+    from reidx.indexers.build import build_index
+
+    root = tmp_path_factory.mktemp("browser")
+    timed_frames(root / "frames")
+    manifest = root / "scenes.toml"
+    manifest.write_text(f"""version = 1
+[[source]]
+name = "campus"
+uri = "{root / 'frames'}"
+kind = "frames"
+camera = {{ regex = '^c(\\d+)s' }}
+timestamp = {{ regex = '@(\\d{{8}}T\\d{{6}}\\.\\d{{3}})', format = "%Y%m%dT%H%M%S.%f" }}
+
+[[source]]
+name = "crops"
+uri = "{CON_REID / 'bounding_box_test'}"
+kind = "crops"
+include = ["0004_c[12]*"]
+camera = {{ regex = '_c(\\d+)' }}
+""")
+    gallery = root / "gallery"
+    indexed = run_index([str(manifest)], gallery, weights="osnet_x0_25_msmt17", workers=1)
+    assert indexed["images_failed"] == 0 and indexed["persons"] > 40
+    build_index(gallery, knn_k=10)
+    out, page = root / "results.parquet", root / "report.html"
+    result = CliRunner().invoke(main, ["query", str(gallery), str(SCENES / "queries"), "--out", str(out),
+                                       "--top-k", "30", "--report", str(page), "--report-top", "8",
+                                       "--trajectory", "--accept-distance", "0.3", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    return {"page": page, "summary": summary, "results": out, "root": root}
+
+
+def test_report_is_self_contained_and_its_trajectory_written(report):
+    text = report["page"].read_text()
+    assert "<script" not in text.lower() and "url(" not in text
+    sources = re.findall(r'(?:src|href)="([^"]+)"', text) + re.findall(r"(?:src|href)='([^']+)'", text)
+    assert sources and all(s.startswith(("#", "file://", "report_files/")) for s in sources), sources
+    assert all((report["root"] / s).is_file() for s in sources if s.startswith("report_files/"))
+    summary = report["summary"]
+    assert summary["report"]["missing_thumbnails"] == 0 and summary["report"]["frames"] > 0
+    trajectory = pq.read_table(summary["trajectory"]["out"])
+    assert summary["trajectory"]["out"].endswith("results.trajectory.parquet")
+    assert trajectory.schema.metadata[b"reidx.schema"] == b"trajectory"
+    for query in set(trajectory["query_id"].to_pylist()):
+        path = [p for p in trajectory.to_pylist() if p["query_id"] == query]
+        assert [p["step"] for p in path] == list(range(1, len(path) + 1))
+        timed = [p for p in path if p["first_seen"] is not None]
+        assert all(a["last_seen"] <= b["first_seen"] for a, b in zip(timed, timed[1:]))
+        assert all(a["camera"] != b["camera"] for a, b in zip(timed, timed[1:]))
+        assert all(p["sightings"] == len(p["detection_ids"]) for p in path)
+
+
+def test_report_in_headless_chromium(report, tmp_path):
+    page = report["page"]
+    check = page.with_name("check.html")  # beside the report: same relative picture paths
+    check.write_text(page.read_text().replace("</body>", CHECK + "</body>"))
+    dom = run_chromium("--virtual-time-budget=15000", "--dump-dom", check.as_uri(), profile=tmp_path / "p1").stdout
+    found = re.search(r'<pre id="reidx-check">(.*?)</pre>', dom, re.S)
+    assert found, dom[-2000:]
+    import html
+
+    result = json.loads(html.unescape(found.group(1)))
+    assert result["errors"] == [] and result["broken"] == [], result
+    assert result["overlapCount"] == 0, result["overlaps"]
+    assert result["onImage"] == [] and result["boxOverlaps"] == [] and result["deadLinks"] == [], result
+    assert result["images"] >= 10 and result["dots"] > 0 and result["sightings"] > 0 and result["frames"] > 0
+    assert result["width"] <= result["viewport"]  # nothing sticks out sideways
+    shot = tmp_path / "report.png"
+    run_chromium(f"--screenshot={shot}", page.as_uri(), profile=tmp_path / "p2")
+    image = Image.open(shot)
+    assert image.size == WINDOW
+    pixels = np.asarray(image.convert("RGB"), np.float32)
+    assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3)[::97], axis=0)) > 200  # not blank
+    if os.environ.get("REIDX_SCREENSHOT"):
+        shutil.copy(shot, os.environ["REIDX_SCREENSHOT"])
