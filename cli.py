@@ -398,6 +398,37 @@ def ledger(gallery, failed, as_json):
                                       f"{r['persons']} persons"])
 
 
+# the person detector's options (reidx detect, evaluate-detections); defaults measured: docs/detection.md
+detector_options = _options(
+    click.option("--detector", default=DEFAULT_DETECTOR, show_default=True,
+                 help="Detector weights: a known name (yolox_nano.onnx, yolox_nano … yolox_x) or a .onnx/.pth path."),
+    backend_option,
+    click.option("--input-size", type=click.IntRange(32), default=None,
+                 help="Square canvas side, a multiple of 32 [default: 576 for Nano, measured best with tiles "
+                      "on full-HD frames; 416 Tiny, 640 others]. Larger finds smaller people, slower."),
+    click.option("--tiles", default="2x1", show_default=True,
+                 help="Also detect in COLUMNSxROWS overlapping windows of frames at least twice the canvas "
+                      "(swapped for portrait frames), or 'off': finds people 50-110 px tall in full HD, ~3x slower."),
+    click.option("--antialias/--no-antialias", default=True, show_default=True,
+                 help="Antialiased resize to the canvas; --no-antialias is the official YOLOX demo's resize."),
+    click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+                 help="Keep boxes with objectness x person probability at least this."),
+    click.option("--nms-iou", type=click.FloatRange(0, 1), default=0.45, show_default=True,
+                 help="A box overlapping a better one by more than this IoU is dropped."),
+    click.option("--containment", type=click.FloatRange(0, 1), default=0.8, show_default=True,
+                 help="A box with more than this share of its area inside a better box of similar width "
+                      "(a part of the same person) is dropped; 1 turns it off."),
+    click.option("--min-height", type=click.FloatRange(0), default=0.0, show_default=True,
+                 help="Drop boxes shorter than this, in frame pixels."),
+    click.option("--max-detections", type=click.IntRange(1), default=100, show_default=True, help="Per frame."),
+    device_option,
+    click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+                 help="bf16 autocast (torch backend) moves boxes and flips near-threshold ones; not for production."),
+    batch_size_option(8, "Frames"),
+    max_pixels_option,
+)
+
+
 @main.command()
 @click.argument("gallery", type=click.Path(exists=True, file_okay=False))
 @click.option("--repair", is_flag=True,
@@ -447,28 +478,9 @@ def verify(gallery, repair, as_json):
               help="Also save each person crop here as <frame>_<k>.jpg (the pixels the embedder sees).")
 @click.option("--draw", "draw_dir", type=click.Path(file_okay=False),
               help="Also save each frame with its boxes drawn here, for looking.")
-@click.option("--detector", default=DEFAULT_DETECTOR, show_default=True,
-              help="Detector weights: a known name (yolox_nano.onnx, yolox_nano … yolox_x) or a .onnx/.pth path.")
-@backend_option
-@click.option("--input-size", type=click.IntRange(32), default=None,
-              help="Square canvas side, a multiple of 32 [default: 416 for Nano/Tiny and the ONNX export, "
-                   "640 others]. Larger finds smaller people, slower: in full-HD frames Nano at 416 misses many "
-                   "people under ~110 px tall (smallest found ~70 px); at 640 it finds them down to ~55 px.")
-@click.option("--score-threshold", type=click.FloatRange(0, 1), default=0.3, show_default=True,
-              help="Keep boxes with objectness × person probability at least this.")
-@click.option("--nms-iou", type=click.FloatRange(0, 1), default=0.45, show_default=True,
-              help="A box overlapping a better one by more than this IoU is dropped.")
-@click.option("--min-height", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="Drop boxes shorter than this, in frame pixels.")
-@click.option("--max-detections", type=click.IntRange(1), default=100, show_default=True, help="Per frame, best first.")
-@device_option
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
-              help="bf16 autocast (torch backend) moves boxes and flips near-threshold ones; not for production.")
-@batch_size_option(8, "Frames")
-@max_pixels_option
+@detector_options
 @json_option
-def detect(images, out, crops_dir, draw_dir, detector, backend, input_size, score_threshold, nms_iou, min_height,
-           max_detections, device, precision, batch_size, max_pixels, as_json):
+def detect(images, out, crops_dir, draw_dir, batch_size, max_pixels, as_json, **detector_args):
     """Detect people in full frames (files, folders, globs) into a Parquet table.
 
     One row per person: path, detection (index in the frame, best first), frame_width,
@@ -478,16 +490,14 @@ def detect(images, out, crops_dir, draw_dir, detector, backend, input_size, scor
       reidx detect frames/ --out detections.parquet --draw boxes/
     """
     from reidx.pipeline.datasets import list_images
-    from reidx.pipeline.detect import Detector, PostProcess
+    from reidx.pipeline.detect import build_detector
     from reidx.pipeline.detect_output import detect_to_parquet
 
     started = time.perf_counter()
     paths = list_images(list(images))
     if not paths:
         raise click.ClickException("no images found in the inputs")
-    options = PostProcess(score_threshold, nms_iou, min_height, max_detections)
-    model = Detector(detector, backend=backend, device=device, input_size=input_size, options=options,
-                     precision=precision)
+    model = build_detector(**detector_args)
     report = detect_to_parquet(model, paths, out, crops_dir, draw_dir, batch_size, progress=_progress(),
                                max_pixels=max_pixels)
     report["wall_s"] = round(time.perf_counter() - started, 2)
@@ -496,6 +506,38 @@ def detect(images, out, crops_dir, draw_dir, detector, backend, input_size, scor
             _log(f"skipped {failure['path']}: {failure['reason']}")
     _emit(report, as_json, lambda r: [f"{r['persons']} people in {r['images'] - r['images_failed']}/{r['images']} "
                                       f"frames with {r['detector']} at {r['input_size']} → {out}"])
+
+
+@main.command("evaluate-detections")
+@click.argument("ground_truth", type=click.Path(exists=True, dir_okay=False))
+@click.option("--detections", type=click.Path(exists=True, dir_okay=False), help="A table of reidx detect to score.")
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Folder of the labelled frames.")
+@click.option("--split", default="all", show_default=True,
+              help="Frames to score: all, or a split named in the ground truth file (e.g. tune, confirm).")
+@click.option("--iou", "iou_threshold", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="IoU a detection needs with a person to find them.")
+@detector_options
+@json_option
+def evaluate_detections_command(ground_truth, detections, images, split, iou_threshold, batch_size, max_pixels,
+                                as_json, **detector_args):
+    """Detection AP of a detections table (--detections) or of the detector (options as for
+    detect) run on the frames in --images, against hand-drawn boxes (JSON; docs/detection.md):
+
+    \b
+      reidx evaluate-detections tests/data/scene_person_boxes.json --images ../shared/data/scenes/frames
+    """
+    from reidx.indexers.detection_metrics import evaluation_report
+    from reidx.pipeline.detect import build_detector
+
+    if (detections is None) == (images is None):
+        raise click.UsageError("give either --detections (a table to score) or --images (frames to detect in)")
+    started = time.perf_counter()
+    model = None if images is None else build_detector(**detector_args)
+    report = evaluation_report(ground_truth, detections, images, split, iou_threshold, model, batch_size, max_pixels)
+    report["wall_s"] = round(time.perf_counter() - started, 2)
+    _emit(report, as_json, lambda r: [f"AP{round(100 * iou_threshold)} {r['AP']:.2f}%, recall {r['recall']:.2f}%, "
+                                      f"precision {r['precision']:.2f}% ({r['true_positives']} of {r['num_gt']} "
+                                      f"people found, {r['false_positives']} false boxes) on {r['images']} frames"])
 
 
 # --- retrieval: index, query, export ---------------------------------------------------------------

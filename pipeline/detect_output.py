@@ -15,7 +15,8 @@ score         float32  objectness × person probability
 
 Parquet metadata: ``reidx.schema=detections``, ``reidx.schema_version``, ``reidx.detector``,
 ``reidx.weights_sha256``, ``reidx.backend``, ``reidx.input_size``, ``reidx.precision``,
-``reidx.postprocess`` (JSON options), ``reidx.num_frames`` and ``reidx.failed`` (JSON: path →
+``reidx.antialias``, ``reidx.tiles`` (``2x1`` or ``off``), ``reidx.postprocess`` (JSON options),
+``reidx.num_frames`` and ``reidx.failed`` (JSON: path →
 why the frame could not be decoded; such frames have no rows).
 """
 
@@ -55,6 +56,7 @@ def detections_table(frames: Sequence[FrameDetections], info: DetectorInfo, opti
         "reidx.schema": "detections", "reidx.schema_version": DETECTIONS_SCHEMA_VERSION,
         "reidx.detector": info.name, "reidx.weights_sha256": info.weights_sha256, "reidx.backend": info.backend,
         "reidx.input_size": str(info.input_size), "reidx.precision": info.precision,
+        "reidx.antialias": str(info.antialias).lower(), "reidx.tiles": "x".join(map(str, info.tiles or ())) or "off",
         "reidx.postprocess": json.dumps(asdict(options)), "reidx.num_frames": str(len(frames)),
         "reidx.failed": json.dumps({str(f.path): f.error for f in frames if f.error is not None}),
     }
@@ -107,4 +109,5 @@ def detect_to_parquet(detector: Detector, paths: Sequence, out: str | os.PathLik
     failures = [{"path": str(f.path), "reason": f.error} for f in frames if f.error is not None]
     return {"out": str(out), "images": len(frames), "images_failed": len(failures), "failures": failures,
             "persons": int(sum(len(f.boxes) for f in frames)), "detector": detector.info.id,
-            "backend": detector.info.backend, "input_size": detector.info.input_size}
+            "backend": detector.info.backend, "input_size": detector.info.input_size,
+            "tiles": "x".join(map(str, detector.info.tiles or ())) or "off"}

@@ -79,7 +79,8 @@ def test_onnx_import_equals_onnxruntime_on_the_same_tensor(frames):
     plain = load_yolox_onnx(ONNX)  # BatchNorm folded, eager convolutions
     with torch.no_grad():
         assert np.abs(plain(x).numpy() - reference).max() < 1e-3
-    fast = Detector("yolox_nano.onnx", backend="torch")  # our torch path: channels-last, fused conv+SiLU where available
+    # our torch path: channels-last, fused conv+SiLU where available (auto picks onnxruntime on CPU)
+    fast = Detector("yolox_nano.onnx", backend="torch")
     assert fast.info.backend == "torch" and np.abs(fast.raw(x).numpy() - reference).max() < 1e-3
     runtime = Detector("yolox_nano.onnx", backend="auto", device="cpu")
     assert runtime.info.backend == "onnx" and np.abs(runtime.raw(x).numpy() - reference).max() < 1e-3
