@@ -110,7 +110,7 @@ def run_index(manifests: list[str | os.PathLike], gallery: str | os.PathLike, *,
                    "images_skipped": 0, "images_failed": 0, "images_retried": 0, "failed_by_reason": Counter(),
                    "persons": 0, "sources_failed": {}, "recovered": recovered, "stage_seconds": Counter(),
                    "videos": 0, "videos_skipped": 0, "video_segments_new": 0, "video_segments_failed": 0,
-                   "video_frames": 0}
+                   "video_frames": 0, "video_segments_reopened": 0}
         summary["images_requeued"] = requeue_missing_shards(gallery, log)
         done = processed_keys(gallery, retry_failed)
         fingerprints: dict[str, str] = {}
@@ -273,6 +273,7 @@ def _run_tasks(gallery: Path, tasks: list, spec: ModelSpec, scheduler: str | Non
                 meter.update(len(result["records"]), persons=summary["persons"], failed=summary["images_failed"])
                 continue
             summary["video_frames"] += result["frames"]
+            summary["video_segments_reopened"] += result["reopened"]  # decoded from the video's start again
             for record in result["records"]:
                 entries[record["image_key"]] = {c: record.get(c) for c in
                                                 ("status", "frame_stop", "video_end", "tracks_state", "fingerprint")}

@@ -55,7 +55,7 @@ def process_video_segment(gallery: str, source: Source, member: str, first_frame
     """One segment of a video: shard and tracker state written durably first, both named in its records.
 
     ``tracks_state``: the state file its predecessor committed (None for a video's first segment).
-    Returns ``{"records", "seconds", "frames", "worker"}``.
+    Returns ``{"records", "seconds", "frames", "reopened", "worker"}``.
     """
     from reidx.pipeline.video_persons import persons_of_video_segment, read_tracks_state, write_tracks_state
 
@@ -67,7 +67,7 @@ def process_video_segment(gallery: str, source: Source, member: str, first_frame
                   "reason": f"tracker state {tracks_state} of the previous segment unreadable: {exc}",
                   "fingerprint": fingerprint, "frame_start": first_frame, "frame_stop": first_frame,
                   "video_end": True, "video": True}
-        return {"records": [record], "seconds": {}, "frames": 0, "worker": _worker_address()}
+        return {"records": [record], "seconds": {}, "frames": 0, "reopened": False, "worker": _worker_address()}
     persons = persons_of_video_segment(source, member, first_frame, state, spec, fingerprint)
     if persons.table is not None:
         _write(gallery, persons.table, persons.records[:1], persons.seconds)
@@ -77,4 +77,4 @@ def process_video_segment(gallery: str, source: Source, member: str, first_frame
                                                                 persons.tracker_state)
         persons.seconds["write"] += time.perf_counter() - clock
     return {"records": persons.records, "seconds": persons.seconds, "frames": persons.frames,
-            "worker": _worker_address()}
+            "reopened": persons.reopened, "worker": _worker_address()}

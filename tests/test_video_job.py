@@ -258,6 +258,7 @@ def test_sampling_segments_timestamps_and_archives(reference):
     assert capped["image_key"] == f"cam-capped/{NAME}@0" and capped["status"] == "failed"
     assert capped["reason"].startswith("member too large")
     assert summary["video_segments_new"] == 2 * len(SEGMENTS) + 1 and summary["video_frames"] == 24
+    assert summary["video_segments_reopened"] == 0  # each segment found its video open where the last one ended
 
 
 def test_killed_mid_video_resumes_at_its_segment_with_the_same_tracks(encoded, reference):
@@ -285,6 +286,7 @@ def test_killed_mid_video_resumes_at_its_segment_with_the_same_tracks(encoded, r
     summary = index(manifest, gallery)
     assert summary["recovered"]["orphan_shards"] >= 1 and summary["recovered"]["orphan_tracks_states"] >= 1
     assert summary["video_segments_new"] == len(SEGMENTS) - len(committed)
+    assert summary["video_segments_reopened"] == 1  # the first segment after the kill decodes from the start
     keys = read_ledger(gallery)["image_key"].to_pylist()
     assert sorted(keys) == sorted(f"cam/{NAME}@{s}" for s in SEGMENTS)  # each segment committed exactly once
     got = {r["detection_id"]: r for r in rows(gallery, "cam")}
@@ -347,3 +349,25 @@ def load_manifest_source():
     from reidx.pipeline.manifest import Source
 
     return Source(name="v", uri="/nowhere", kind="video")
+
+
+def test_a_worker_decodes_a_video_once_across_its_segments(encoded, reference, monkeypatch):
+    # The reader of a finished segment stays open where the next one starts: the whole video is
+    # opened (and decoded) once, and gives the rows the nightly job gave.
+    from reidx.pipeline import video_persons
+    from reidx.pipeline.persons import ModelSpec
+
+    opened, real = [], video_persons._open
+    monkeypatch.setattr(video_persons, "_open", lambda *args: opened.append(args[2]) or real(*args))
+    source = load_manifest(cam_manifest(encoded, encoded / "one.toml", sources=("cam",))).sources[0]
+    frame, state, starts, found = 0, None, [], []
+    while True:
+        persons = video_persons.persons_of_video_segment(source, NAME, frame, state, ModelSpec("osnet_x0_25_msmt17"))
+        starts.append(frame)
+        found += persons.table.to_pylist() if persons.table is not None else []
+        if persons.records[0]["video_end"]:
+            break
+        frame, state = persons.records[0]["frame_stop"], json.loads(json.dumps(persons.tracker_state))
+    assert starts == SEGMENTS and opened == [0]
+    expected = {r["detection_id"]: (r["track_id"], r["frame_index"]) for r in rows(reference[0], "cam")}
+    assert {r["detection_id"]: (r["track_id"], r["frame_index"]) for r in found} == expected
