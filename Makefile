@@ -22,15 +22,20 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 # The main job on the demo data: evaluate the embedder on the Con-ReID split, run the nightly
-# job (index the demo manifests into out/demo-gallery, then build its Faiss index; a rerun adds
-# nothing), then ask where the two demo query crops appear: ranked Parquet + HTML report.
+# job (index the demo manifests -- crops, full frames and the street video -- into
+# out/demo-gallery, then build its Faiss index; a rerun adds nothing), export the video's
+# detections with their frame, time and track, then ask where the two demo query crops appear:
+# ranked Parquet + HTML report.
 demo: venv
 	$(BIN)/reidx evaluate \
 	    --query $(SHARED)/data/con-reid/query \
 	    --gallery $(SHARED)/data/con-reid/bounding_box_test \
 	    --weights osnet_x0_25_msmt17
-	$(BIN)/reidx nightly data_manifests/con-reid.toml data_manifests/scenes.toml --out out/demo-gallery
+	$(BIN)/reidx nightly data_manifests/con-reid.toml data_manifests/scenes.toml data_manifests/video.toml \
+	    --out out/demo-gallery
 	$(BIN)/reidx ledger out/demo-gallery
+	$(BIN)/reidx export out/demo-gallery --where "track_id IS NOT NULL" \
+	    --columns member,frame_index,timestamp,track_id,x1,y1,x2,y2,score --out out/demo-video-tracks.parquet
 	$(BIN)/reidx query out/demo-gallery $(SHARED)/data/scenes/queries --top-k 20 \
 	    --out out/demo-results.parquet --report out/demo-report.html
 

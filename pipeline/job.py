@@ -6,6 +6,12 @@ lists every source, skips images the ledger already holds, and sends batches to 
 its shard durably and returns one ledger record per image; the driver commits those records
 only then. So a kill of the driver or of a worker at any moment loses nothing and duplicates
 nothing: rerunning the command finishes the job.
+
+Videos (``kind = "video"`` sources) go by segments, one ledger entry each
+(:mod:`reidx.pipeline.video_job`): the driver sends a video's first segment not yet done, commits
+it when its shard and tracker state are written, then sends the next one to the same worker
+(which kept the video open there). At most one video per worker is in flight, so open videos
+stay few; image batches fill the rest.
 """
 
 from __future__ import annotations
@@ -25,8 +31,10 @@ from reidx.pipeline.manifest import ManifestError, load_manifest
 from reidx.pipeline.persons import ModelSpec
 from reidx.pipeline.progress import Progress
 from reidx.pipeline.shards import image_key
-from reidx.pipeline.sources import SourceError, list_source
-from reidx.pipeline.worker import process_batch
+from reidx.pipeline.sources import ARCHIVE_REST, SourceError, list_source
+from reidx.pipeline.video_job import VideoChain, video_entries
+from reidx.pipeline.video_persons import segment_key
+from reidx.pipeline.worker import process_batch, process_video_segment
 
 EXIT_INPUTS_FAILED, EXIT_SOURCE_FAILED = 2, 3
 
@@ -72,7 +80,8 @@ def exit_code(summary: dict, strict: bool = False) -> int:
     ``strict`` also counts images whose latest ledger outcome is a failure from an earlier night."""
     if summary["sources_failed"]:
         return EXIT_SOURCE_FAILED
-    if summary["images_failed"] or (strict and summary.get("images_failed_in_ledger")):
+    if summary["images_failed"] or summary.get("video_segments_failed") or (
+            strict and summary.get("images_failed_in_ledger")):
         return EXIT_INPUTS_FAILED
     return 0
 
@@ -99,18 +108,20 @@ def run_index(manifests: list[str | os.PathLike], gallery: str | os.PathLike, *,
             folder.mkdir(exist_ok=True)  # a gallery exists from its first night, even one whose sources all failed
         summary = {"gallery": str(gallery), "embedder": config["embedder"], "images": 0, "images_new": 0,
                    "images_skipped": 0, "images_failed": 0, "images_retried": 0, "failed_by_reason": Counter(),
-                   "persons": 0, "sources_failed": {}, "recovered": recovered, "stage_seconds": Counter()}
+                   "persons": 0, "sources_failed": {}, "recovered": recovered, "stage_seconds": Counter(),
+                   "videos": 0, "videos_skipped": 0, "video_segments_new": 0, "video_segments_failed": 0,
+                   "video_frames": 0, "video_segments_reopened": 0}
         summary["images_requeued"] = requeue_missing_shards(gallery, log)
         done = processed_keys(gallery, retry_failed)
         fingerprints: dict[str, str] = {}
-        tasks = _plan(gallery, sources, done, batch_size, summary, fingerprints)
-        total = sum(len(members) for _, members in tasks)
+        tasks, chains = _plan(gallery, sources, done, batch_size, summary, fingerprints, retry_failed)
+        total = sum(len(members) for _, members in tasks) + len(chains)
         if total:
             workers = workers or default_workers()
             spec = ModelSpec(weights, backend, device, threads=max(1, (os.cpu_count() or 1) // workers),
                              max_pixels=max_pixels)
             _run_tasks(gallery, tasks, spec, scheduler, workers, summary, total, progress, log, log_every_s,
-                       fingerprints)
+                       fingerprints, chains, retry_failed)
             recover(gallery)  # shards of tasks that a killed worker wrote but never reported
         summary["images_failed_in_ledger"] = failed_keys_count(gallery)
     wall = time.perf_counter() - started
@@ -162,11 +173,14 @@ def _todo(source, listing, done: dict, summary: dict) -> list[str]:
     return todo
 
 
-def _plan(gallery: Path, sources: list, done: dict, batch_size: int, summary: dict, fingerprints: dict) -> list:
-    """List every source, commit the refusals, return the (source, members) tasks still to do.
+def _plan(gallery: Path, sources: list, done: dict, batch_size: int, summary: dict, fingerprints: dict,
+          retry_failed: bool = False) -> tuple[list, list]:
+    """List every source, commit the refusals, return the (source, members) image tasks still to do
+    and the videos with a segment to do, each as a (:class:`VideoChain`, its next segment).
 
     ``fingerprints`` receives each listed image's fingerprint by image key, for its ledger row."""
-    tasks, refused = [], []
+    tasks, refused, chains = [], [], []
+    entries = video_entries(latest(gallery)) if any(s.kind == "video" for s in sources) else {}
     for source in sources:
         try:
             listing = list_source(source)
@@ -176,6 +190,9 @@ def _plan(gallery: Path, sources: list, done: dict, batch_size: int, summary: di
             summary["sources_failed"][source.name] = str(exc)
             refused.append({"image_key": f"{source.name}/", "source": source.name, "member": "",
                             "status": "failed", "reason": str(exc)})
+            continue
+        if source.kind == "video":
+            refused += _plan_videos(source, listing, done, entries, summary, chains, retry_failed)
             continue
         summary["images"] += len(listing.members) + len(listing.rejected)
         for member, fingerprint in listing.fingerprints.items():
@@ -189,12 +206,39 @@ def _plan(gallery: Path, sources: list, done: dict, batch_size: int, summary: di
         summary["images_skipped"] += len(listing.members) - len(todo)
         tasks += [(source, todo[i:i + batch_size]) for i in range(0, len(todo), batch_size)]
     _commit(gallery, refused, summary, fingerprints)
-    return tasks
+    return tasks, chains
+
+
+def _plan_videos(source, listing, done: dict, entries: dict, summary: dict, chains: list, retry_failed: bool) -> list:
+    """A video source's videos with work left (into ``chains``); returns the refusals to record.
+
+    A refused video (unsafe or oversized archive member) is recorded as its first segment failing."""
+    refused = []
+    summary["videos"] += len(listing.members) + len(listing.rejected)
+    for member, reason in listing.rejected:
+        key = image_key(source.name, member)
+        key = key if member == ARCHIVE_REST else segment_key(key, 0)
+        if key not in done:
+            refused.append({"image_key": key, "source": source.name, "member": member, "status": "failed",
+                            "reason": reason, "fingerprint": listing.fingerprints.get(member), "frame_start": 0,
+                            "frame_stop": 0, "video_end": True, "video": True})
+    for member in listing.members:
+        chain = VideoChain(source, member, listing.fingerprints.get(member))
+        segment = chain.next_segment(entries, retry_failed)
+        if segment is None:
+            summary["videos_skipped"] += 1
+        else:
+            chains.append((chain, segment))
+    return refused
 
 
 def _run_tasks(gallery: Path, tasks: list, spec: ModelSpec, scheduler: str | None, workers: int, summary: dict,
-               total: int, progress: bool, log, log_every_s: float, fingerprints: dict) -> None:
-    """Send the tasks to Dask workers; commit each task's ledger rows as its shard is reported written."""
+               total: int, progress: bool, log, log_every_s: float, fingerprints: dict, chains: list = (),
+               retry_failed: bool = False) -> None:
+    """Send the tasks to Dask workers; commit each task's ledger rows as its shard is reported written.
+
+    Videos go segment by segment, at most one per worker at a time: a segment's commit sends the
+    video's next segment to the worker that ran it (loosely: another one if that worker is gone)."""
     from dask.distributed import as_completed
 
     client, cluster = _client(scheduler, workers)
@@ -204,11 +248,42 @@ def _run_tasks(gallery: Path, tasks: list, spec: ModelSpec, scheduler: str | Non
             log(f"Dask dashboard: {client.dashboard_link}")
         futures = [client.submit(process_batch, str(gallery), source, members, spec, pure=False)
                    for source, members in tasks]
-        for future in as_completed(futures):
+        videos = {}  # video segment future -> its chain
+        waiting = list(reversed(chains))
+        entries = video_entries(latest(gallery)) if chains else {}
+        slots = workers if scheduler is None else max(1, len(client.scheduler_info().get("workers", {})))
+
+        def send(chain, segment, worker=None) -> None:
+            first, state = segment
+            restrict = {"workers": [worker], "allow_other_workers": True} if worker else {}
+            future = client.submit(process_video_segment, str(gallery), chain.source, chain.member, first, state,
+                                   chain.fingerprint, spec, pure=False, priority=1, **restrict)
+            videos[future] = chain
+            pending.add(future)
+
+        pending = as_completed(futures)
+        while waiting and len(videos) < slots:
+            send(*waiting.pop())
+        for future in pending:
             result = future.result()
             _commit(gallery, result["records"], summary, fingerprints)
             summary["stage_seconds"].update(result["seconds"])
-            meter.update(len(result["records"]), persons=summary["persons"], failed=summary["images_failed"])
+            chain = videos.pop(future, None)
+            if chain is None:
+                meter.update(len(result["records"]), persons=summary["persons"], failed=summary["images_failed"])
+                continue
+            summary["video_frames"] += result["frames"]
+            summary["video_segments_reopened"] += result["reopened"]  # decoded from the video's start again
+            for record in result["records"]:
+                entries[record["image_key"]] = {c: record.get(c) for c in
+                                                ("status", "frame_stop", "video_end", "tracks_state", "fingerprint")}
+            segment = chain.next_segment(entries, retry_failed)
+            if segment is not None:
+                send(chain, segment, result["worker"])
+                continue
+            meter.update(1, persons=summary["persons"], failed=summary["images_failed"])
+            if waiting:
+                send(*waiting.pop())
         meter.close()
     except KeyboardInterrupt:
         logging.getLogger("distributed").setLevel(logging.CRITICAL)  # no shutdown tracebacks from Dask
@@ -227,6 +302,13 @@ def _commit(gallery: Path, records: list[dict], summary: dict, fingerprints: dic
         record.setdefault("fingerprint", fingerprints.get(record["image_key"]))
     append(gallery, ledger_rows(records))
     for record in records:
+        if record.get("video"):  # a video segment (or a refused video)
+            summary["video_segments_new"] += 1
+            summary["persons"] += record.get("num_persons") or 0
+            if record["status"] == "failed":
+                summary["video_segments_failed"] += 1  # counted by kind, without the frame where it broke
+                summary["failed_by_reason"][record["reason"].split(" at frame")[0].split(":")[0]] += 1
+            continue
         if not record["member"]:
             continue  # a whole-source failure, counted in sources_failed
         summary["images_new"] += 1

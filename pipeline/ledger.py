@@ -1,6 +1,6 @@
 """The ledger: which images a gallery has processed, with what outcome — the job's commit record.
 
-``GALLERY/ledger/part-*.parquet``, append-only, each part written atomically. Schema (v2):
+``GALLERY/ledger/part-*.parquet``, append-only, each part written atomically. Schema (v3):
 
 | column        | type                 | meaning                                              |
 |---------------|----------------------|------------------------------------------------------|
@@ -16,8 +16,16 @@
 | shard_rows    | int32, null          | rows in that shard                                    |
 | fingerprint   | string, null         | the image's bytes as listed (size, mtime / crc): a    |
 |               |                      | failed image is retried when it changes               |
+| frame_start   | int32, null          | video segments: first decoded frame index             |
+| frame_stop    | int32, null          | video segments: the next segment starts at this frame |
+| video_end     | bool, null           | video segments: the video ends (or broke) here        |
+| tracks_state  | string, null         | video segments: tracker state after it, a file under  |
+|               |                      | ``GALLERY/tracks/``                                   |
 
-Version 1 parts (no shard_sha256, shard_rows, fingerprint) read with those columns null.
+A video is one entry per *segment*, keyed ``<source>/<member>@<frame_start>`` (docs/video.md):
+the next segment of a video starts at its predecessor's ``frame_stop`` with the tracker state
+its predecessor committed. Version 1 parts (no shard_sha256, shard_rows, fingerprint) and
+version 2 parts (no video columns) read with those columns null.
 An image's *latest* row is its state: ``requeued`` (its shard was found damaged) and a failure
 whose fingerprint changed send it back to work on the next night.
 
@@ -25,6 +33,8 @@ Commit protocol (exactly once across crashes): a worker writes a shard durably f
 does the driver append the ledger part naming the shard and its images. A crash between the
 two leaves a shard no ledger row names: :func:`recover` deletes it (and temporary files), and
 its images — absent from the ledger — are processed again. Images the ledger holds are skipped.
+A video segment's tracker state file is written (atomically, under a fresh name) with its shard
+and committed by the same ledger row; :func:`recover` removes state files no row names.
 """
 
 from __future__ import annotations
@@ -54,9 +64,18 @@ LEDGER_SCHEMA = pa.schema(
         pa.field("shard_sha256", pa.string()),
         pa.field("shard_rows", pa.int32()),
         pa.field("fingerprint", pa.string()),
+        pa.field("frame_start", pa.int32()),
+        pa.field("frame_stop", pa.int32()),
+        pa.field("video_end", pa.bool_()),
+        pa.field("tracks_state", pa.string()),
     ],
-    metadata={"reidx.schema": "ledger", "reidx.schema_version": "2"},
+    metadata={"reidx.schema": "ledger", "reidx.schema_version": "3"},
 )
+TRACKS_DIR = "tracks"  # GALLERY/tracks/: video tracker states (the layout's other folders: pipeline/gallery.py)
+
+
+def tracks_dir(gallery: str | os.PathLike) -> Path:
+    return Path(gallery) / TRACKS_DIR
 
 
 def _as_current(table: pa.Table) -> pa.Table:
@@ -145,13 +164,20 @@ def recover(gallery: str | os.PathLike) -> dict:
     """
     gallery = Path(gallery)
     removed = {"temporary_files": 0, "orphan_shards": 0}
-    for folder in (shards_dir(gallery), ledger_dir(gallery)):
+    for folder in (shards_dir(gallery), ledger_dir(gallery), tracks_dir(gallery)):
         for tmp in folder.glob(".*.tmp") if folder.is_dir() else []:
             tmp.unlink(missing_ok=True)
             removed["temporary_files"] += 1
-    committed = {s for s in read_ledger(gallery)["shard"].to_pylist() if s}
+    ledger = read_ledger(gallery)
+    committed = {s for s in ledger["shard"].to_pylist() if s}
     for shard in shard_files(gallery):
         if shard.name not in committed:
             shard.unlink(missing_ok=True)
             removed["orphan_shards"] += 1
+    states = {s for s in ledger["tracks_state"].to_pylist() if s}
+    orphans = [p for p in tracks_dir(gallery).glob("*.json") if p.name not in states] if tracks_dir(gallery).is_dir() else []
+    for state in orphans:  # written by a segment that was never committed
+        state.unlink(missing_ok=True)
+    if orphans:
+        removed["orphan_tracks_states"] = len(orphans)
     return removed

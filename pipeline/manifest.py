@@ -8,7 +8,8 @@ A manifest is a TOML file with one ``[[source]]`` table per archive::
     name = "con-reid-query"            # unique in the manifest; part of every image key
     uri = "../shared/data/con-reid/query"  # folder, glob, .tar/.tar.gz/.tgz/.zip, or fsspec URL;
                                         # relative paths are relative to the manifest file
-    kind = "crops"                      # "crops": each image is one person; "frames": detect people
+    kind = "crops"                      # "crops": each image is one person; "frames": detect people;
+                                        # "video": MP4/MKV/AVI/MPEG-TS files, frames detected and tracked
     camera = { regex = '_c(\\d+)' }     # or a constant: camera = "gate-3" / camera = 3
     timestamp = { regex = '(\\d{8}T\\d{6})', format = "%Y%m%dT%H%M%S" }   # optional
     labels = { person_id = '^(-?\\d+)_' }   # optional, for evaluation sets
@@ -16,6 +17,17 @@ A manifest is a TOML file with one ``[[source]]`` table per archive::
     exclude = ["*/thumbs/*"]            # optional
     max_member_bytes = 268435456        # optional, also top-level for every source: larger files are refused
     timeout_s = 30                      # optional, also top-level: URL sources, seconds per network operation
+
+Video sources (``kind = "video"``, docs/video.md) take four more keys, refused on other kinds::
+
+    fps = 3                             # sample N frames per second of presentation time, or
+    every = 5                           # every k-th decoded frame; neither: every frame
+    segment_s = 60                      # seconds of video per ledger entry (resume point), default 60
+    index = "detections"                # or "tracks": one vector per track and segment
+
+and their ``timestamp`` is the video's *start* time (a frame's time adds its presentation time):
+the regex/format above on the file name, or a TOML date-time constant such as
+``timestamp = 2024-05-01T07:30:00`` (with an offset, ``...+02:00``, it is stored in UTC).
 
 Regexes are searched in the member path (POSIX, relative to the source); each has exactly one
 (group), the value (write other groups as ``(?:...)``). Every error names the file, the source
@@ -36,10 +48,12 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime, time, timezone
 from pathlib import Path
 
-KINDS = ("crops", "frames")
+KINDS = ("crops", "frames", "video")
+VIDEO_INDEX = ("detections", "tracks")  # what a video source stores per person: each detection, or each track
+DEFAULT_SEGMENT_S = 60.0  # video seconds per ledger entry: a crash loses at most this much work per video
 # A member is read into a worker's memory whole, so its size is capped before reading: a 1.5 MB
 # zip held a 1.5 GiB member of zeros and the worker was killed. 256 MiB is far above any real
 # image (an uncompressed 24-bit BMP at the 50-megapixel decode cap is 150 MB; camera JPEGs are a
@@ -50,8 +64,9 @@ DEFAULT_MAX_MEMBER_BYTES = 256 * 1024 * 1024
 # member fails with a recorded reason. 30 s is far above a healthy server's answer time.
 DEFAULT_TIMEOUT_S = 30.0
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # person_id is an int64 column of the shards
+VIDEO_KEYS = {"fps", "every", "segment_s", "index"}  # kind = "video" only
 SOURCE_KEYS = {"name", "uri", "kind", "camera", "timestamp", "labels", "include", "exclude", "max_member_bytes",
-               "timeout_s"}
+               "timeout_s"} | VIDEO_KEYS
 DEFAULT_KEYS = {"max_member_bytes", "timeout_s"}  # also allowed at the top level, as every source's default
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -77,6 +92,11 @@ class Source:
     manifest: str = ""
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     timeout_s: float = DEFAULT_TIMEOUT_S
+    timestamp_constant: datetime | None = None  # video sources: the start time of every video
+    fps: float | None = None  # video sampling: frames per second of presentation time ...
+    every: int | None = None  # ... or every k-th decoded frame (neither: all frames)
+    segment_s: float = DEFAULT_SEGMENT_S
+    video_index: str = "detections"
 
     def camera_of(self, member: str) -> str | None:
         if self.camera_constant is not None:
@@ -85,6 +105,9 @@ class Source:
         return match.group(1) if match else None
 
     def timestamp_of(self, member: str) -> datetime | None:
+        """The image's time; for a video its start time (frames add their presentation time)."""
+        if self.timestamp_constant is not None:
+            return self.timestamp_constant
         match = self.timestamp_regex.search(member) if self.timestamp_regex else None
         if not match or match.group(1) is None:
             return None
@@ -271,7 +294,9 @@ def _source(raw, index: int, file: str, base: Path, defaults: dict) -> Source:
     elif camera is not None:
         spec = _table(camera, f"{where}: key 'camera'", {"regex"}, {"regex"})
         fields["camera_regex"] = _regex(spec["regex"], f"{where}: key 'camera.regex'")
-    if "timestamp" in raw:
+    if isinstance(raw.get("timestamp"), (datetime, date, time)):
+        fields["timestamp_constant"] = _start_time(raw["timestamp"], raw["kind"], f"{where}: key 'timestamp'")
+    elif "timestamp" in raw:
         spec = _table(raw["timestamp"], f"{where}: key 'timestamp'", {"regex", "format"}, {"regex", "format"})
         fields["timestamp_regex"] = _regex(spec["regex"], f"{where}: key 'timestamp.regex'")
         if not isinstance(spec["format"], str) or "%" not in spec["format"]:
@@ -288,7 +313,48 @@ def _source(raw, index: int, file: str, base: Path, defaults: dict) -> Source:
             fields[key] = _positive(raw[key], f"{where}: key '{key}'", key)
         elif key in defaults:
             fields[key] = defaults[key]
+    fields.update(_video_fields(raw, where))
     return Source(name=name, uri=_resolve_uri(raw["uri"], base), kind=raw["kind"], manifest=file, **fields)
+
+
+def _start_time(value, kind: str, where: str) -> datetime:
+    """A constant timestamp: a video's start (UTC when it has an offset); a constant for stills would be wrong."""
+    if kind != "video":
+        raise ManifestError(f"{where}: a constant timestamp is only for kind = \"video\" (the videos' start time); "
+                            f"for images give {{ regex = ..., format = ... }} on the file name")
+    if not isinstance(value, datetime):
+        raise ManifestError(f"{where}: must be a date and time such as 2024-05-01T07:30:00, got {value!r}")
+    if value.tzinfo is not None:
+        value = value.astimezone(timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def _video_fields(raw: dict, where: str) -> dict:
+    """fps / every / segment_s / index, validated; an error on any other kind of source."""
+    given = sorted(VIDEO_KEYS & set(raw))
+    if raw["kind"] != "video":
+        if given:
+            raise ManifestError(f"{where}: key(s) {given} are only for kind = \"video\" sources")
+        return {}
+    if "fps" in raw and "every" in raw:
+        raise ManifestError(f"{where}: give 'fps' (frames per second) or 'every' (every k-th frame), not both")
+    fields: dict = {}
+    for key in ("fps", "segment_s"):
+        if key in raw:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ManifestError(f"{where}: key '{key}' must be a positive number of "
+                                    f"{'frames per second' if key == 'fps' else 'seconds'}, got {value!r}")
+            fields[key] = float(value)
+    if "every" in raw:
+        if isinstance(raw["every"], bool) or not isinstance(raw["every"], int) or raw["every"] < 1:
+            raise ManifestError(f"{where}: key 'every' must be a whole number >= 1, got {raw['every']!r}")
+        fields["every"] = raw["every"]
+    if "index" in raw:
+        if raw["index"] not in VIDEO_INDEX:
+            raise ManifestError(f"{where}: key 'index' must be one of {list(VIDEO_INDEX)}, got {raw['index']!r}")
+        fields["video_index"] = raw["index"]
+    return fields
 
 
 def load_manifest(path: str | os.PathLike) -> Manifest:

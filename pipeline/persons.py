@@ -1,6 +1,7 @@
 """The persons of a batch of images: read → decode → detect (frames) → crop → embed.
 
-The one composition of the pipeline's stages, called by the nightly job's Dask workers
+The one composition of the pipeline's stages for images (videos: :mod:`reidx.pipeline.video_persons`,
+which reuses the models, :func:`person_boxes` and :func:`shard_table` from here), called by the nightly job's Dask workers
 (:mod:`reidx.pipeline.worker`, which writes the result as a shard) and by ``reidx query`` (which
 searches it), so a query crop and a gallery crop of the same image give the same vector.
 Models are loaded once per process and cached here — never pickled into a task graph — so a
@@ -121,24 +122,31 @@ def persons_of_members(source: Source, members: list[str], spec: ModelSpec) -> P
         embeddings = np.concatenate([embedder.embed(np.stack(crops[i:i + BATCH_SIZE]))
                                      for i in range(0, len(crops), BATCH_SIZE)])
         seconds["embed"] += time.perf_counter() - clock
-        detector = detector_for(spec).info if source.kind == "frames" else None
+        detector = detector_for(spec).info if source.kind != "crops" else None
         persons.table = shard_table(source, rows, embeddings, embedder.info, detector)
     return persons
 
 
-def shard_table(source: Source, rows: list[tuple], embeddings: np.ndarray, info, detector=None) -> pa.Table:
-    """Rows of (detection_id, image_key, member, frame w, h, x1, y1, x2, y2, score) + embeddings → shard schema."""
+def shard_table(source: Source, rows: list[tuple], embeddings: np.ndarray, info, detector=None, *,
+                timestamps: list | None = None, frame_indices: list | None = None,
+                track_ids: list | None = None) -> pa.Table:
+    """Rows of (detection_id, image_key, member, frame w, h, x1, y1, x2, y2, score) + embeddings → shard schema.
+
+    Video rows also give each row's ``timestamps`` (start time + presentation time; the source's
+    ``timestamp_of(member)`` otherwise), ``frame_indices`` and ``track_ids``; null otherwise."""
     n = len(rows)
     ids, keys, members, widths, heights, x1, y1, x2, y2, scores = (list(c) for c in zip(*rows))
     columns = {
         "detection_id": ids, "image_key": keys, "source": [source.name] * n, "source_uri": [source.uri] * n,
         "member": members, "camera": [source.camera_of(m) for m in members],
-        "timestamp": [source.timestamp_of(m) for m in members], "frame_width": widths, "frame_height": heights,
+        "timestamp": timestamps if timestamps is not None else [source.timestamp_of(m) for m in members],
+        "frame_width": widths, "frame_height": heights,
         "x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": scores, "embedding": embedding_array(embeddings),
         "embedder": [info.name] * n, "embedder_sha256": [info.weights_sha256] * n,
         "detector": [detector.name if detector else None] * n,
         "detector_sha256": [detector.weights_sha256 if detector else None] * n,
         "person_id": [source.person_id_of(m) for m in members],
-        "frame_index": [None] * n, "track_id": [None] * n,
+        "frame_index": frame_indices if frame_indices is not None else [None] * n,
+        "track_id": track_ids if track_ids is not None else [None] * n,
     }
     return pa.table(columns, schema=shard_schema(info.dim))

@@ -11,6 +11,9 @@ pattern's fixed leading folder); ``(source name, member)`` is an image's stable 
 Folder and glob sources likewise never follow a symbolic link out of the source root (a link
 to /etc/passwd was read): such members are listed as rejected, and checked again when read.
 
+Video sources list video files (``VIDEO_SUFFIXES``) instead of images; how a video is then read
+(streamed from a file or URL, whole from an archive) is :mod:`reidx.pipeline.video_persons`.
+
 A member is read into memory whole, so its size is capped first (``max_member_bytes`` in the
 manifest, 256 MiB by default): the size an archive header declares (zip ``file_size``, tar
 ``size``) is checked when listing and reading, and reading itself stops one byte past the cap
@@ -50,6 +53,7 @@ from typing import Iterator
 
 from reidx.pipeline.datasets import IMAGE_SUFFIXES
 from reidx.pipeline.manifest import DEFAULT_TIMEOUT_S, Source
+from reidx.pipeline.video import VIDEO_SUFFIXES
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
 ARCHIVE_REST = "(rest of archive)"  # pseudo-member recording where a tar listing broke (no image suffix: no clash)
@@ -125,7 +129,9 @@ def _read_capped(f, source: Source) -> tuple[bytes | None, str | None]:
 
 
 def _wanted(source: Source, member: str) -> bool:
-    if PurePosixPath(member).suffix.lower() not in IMAGE_SUFFIXES:
+    """An image member (a video member for video sources) that the include/exclude patterns keep."""
+    suffixes = VIDEO_SUFFIXES if source.kind == "video" else IMAGE_SUFFIXES
+    if PurePosixPath(member).suffix.lower() not in suffixes:
         return False
     if source.include and not any(fnmatch.fnmatch(member, p) for p in source.include):
         return False

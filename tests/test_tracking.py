@@ -159,7 +159,8 @@ def clip():
     """The 8 frames, times, boxes and embeddings of the street clip, computed once."""
     import av
 
-    from reidx.pipeline.detect import Detector, PostProcess, crop_boxes
+    from reidx.pipeline.boxes import crop_boxes
+    from reidx.pipeline.detect import Detector, PostProcess
     from reidx.pipeline.embed import build_embedder, resize_crop
 
     with av.open(str(VIDEO)) as container:
@@ -194,7 +195,7 @@ def save_for_eyes(clip, tid, members):
     out = os.environ.get("REIDX_TRACK_CHECK")
     if not out:
         return
-    from reidx.pipeline.detect import crop_boxes
+    from reidx.pipeline.boxes import crop_boxes
 
     Path(out).mkdir(parents=True, exist_ok=True)
     sheet = Image.new("RGB", (130 * len(members), 260))
