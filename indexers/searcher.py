@@ -16,6 +16,7 @@ from reidx.indexers.faiss_ops import search, set_nprobe
 from reidx.indexers.ivf_ondisk import open_ivf
 from reidx.indexers.vector_store import VectorStore
 
+REFINE_MIN_SHORTLIST = 100  # small k (graph rows of 6) still re-rank a useful shortlist
 _CACHE: dict[tuple, "Searcher"] = {}
 _CACHE_SIZE = 4
 
@@ -37,6 +38,8 @@ class Searcher:
             self._mapped = open_ivf([self.folder / f for f in layout["ivf_files"]])
             self.index = self._mapped.index
         self.nprobe = layout.get("nprobe")
+        quantizer = None if self._mapped is None else faiss.extract_index_ivf(self.index).quantizer
+        self.flat_quantizer = quantizer is not None and isinstance(faiss.downcast_index(quantizer), faiss.IndexFlat)
         self.refine_factor = layout.get("refine_factor") or 0
         segments = layout.get("vector_segments") or []
         self.store = VectorStore(self.folder, segments) if segments else None
@@ -48,10 +51,33 @@ class Searcher:
     def search(self, vectors: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         set_nprobe(self.index, nprobe or self.nprobe)
         vectors = np.ascontiguousarray(vectors, np.float32)
-        if not self.refine_factor or self.store is None:
-            return search(self.index, vectors, k)
-        _, shortlist = search(self.index, vectors, k * self.refine_factor)
+        with _thread_independent(self.flat_quantizer):
+            if not self.refine_factor or self.store is None:
+                return search(self.index, vectors, k)
+            _, shortlist = search(self.index, vectors, max(k * self.refine_factor, REFINE_MIN_SHORTLIST))
         return refine(self.store, vectors, shortlist, k)
+
+
+class _thread_independent:
+    """Coarse distances without BLAS while searching an IVF index with a flat quantizer.
+
+    Faiss computes a batch's query-centroid products with BLAS, whose last bits depend on its
+    thread count; IVF distances include that product, so a Dask worker (1 thread) and the driver
+    (all cores) ordered near-ties differently (3 graph rows in 24,000, at 1e-7). Faiss' own SIMD
+    path is per query and thread-independent: every process then returns the same results.
+    """
+
+    def __init__(self, active: bool):
+        self.active = active
+
+    def __enter__(self):
+        if self.active:
+            self.saved = faiss.cvar.distance_compute_blas_threshold
+            faiss.cvar.distance_compute_blas_threshold = 1 << 30
+
+    def __exit__(self, *exc):
+        if self.active:
+            faiss.cvar.distance_compute_blas_threshold = self.saved
 
 
 def refine(store: VectorStore, queries: np.ndarray, shortlist: np.ndarray, k: int,
