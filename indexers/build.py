@@ -27,7 +27,6 @@ from reidx.indexers.vector_store import VectorStore, link_or_copy
 from reidx.indexers.versions import (IndexMeta, current_version, index_root, publish_folder, read_meta,
                                      remove_leftovers, staging_folder, version_name)
 from reidx.pipeline.gallery import SHARDS_DIR, is_gallery
-from reidx.pipeline.ledger import committed_shards
 from reidx.pipeline.lock import GalleryLock
 from reidx.pipeline.shards import shard_row_counts, shards_dir
 
@@ -62,7 +61,7 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
     budget = parse_bytes(memory_budget) or default_memory_budget()
     with GalleryLock(index_root(gallery)):
         remove_leftovers(gallery)
-        shards = committed_shards(gallery)
+        shards = _committed_shards(gallery)
         if not shards:
             raise IndexBuildError(f"{gallery} holds no committed shards yet: nothing to index")
         previous = None if rebuild else current_version(gallery)
@@ -226,6 +225,21 @@ def _layer_files(name: str) -> list[str]:
     from reidx.indexers.knn_store import layer_files
 
     return layer_files(name)
+
+
+def _committed_shards(gallery: Path) -> list[str]:
+    """``ledger.committed_shards`` read one ledger part and one column at a time: the ledger has a
+    row per image (tens of millions), the build needs only the distinct shard names."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from reidx.pipeline.gallery import ledger_dir
+
+    names: set[str] = set()
+    for part in sorted(ledger_dir(gallery).glob("part-*.parquet")):
+        column = pq.read_table(part, columns=["shard"])["shard"]
+        names |= {s for s in pc.unique(column).to_pylist() if s}
+    return sorted(n for n in names if (shards_dir(gallery) / n).exists())
 
 
 def _quantizer(nlist: int | None) -> str:

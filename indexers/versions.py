@@ -178,6 +178,12 @@ class GalleryIndex:
         if self.searcher is not None and not self.on_gpu:
             return self.searcher.search(vectors, k, nprobe)
         set_nprobe(self.index, nprobe or self.meta.nprobe, self.on_gpu)
+        if self.searcher is not None and self.searcher.refine_factor:  # GPU ivf-pq: re-rank from disk too
+            from reidx.indexers.searcher import REFINE_MIN_SHORTLIST, refine
+
+            vectors = np.ascontiguousarray(vectors, np.float32)
+            _, shortlist = search(self.index, vectors, max(k * self.searcher.refine_factor, REFINE_MIN_SHORTLIST))
+            return refine(self.searcher.store, vectors, shortlist, k)
         return search(self.index, vectors, k)
 
     def knn(self) -> tuple[np.ndarray, np.ndarray]:
