@@ -41,6 +41,12 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The driver only generates data: one BLAS thread (on the shared 2 cores OpenBLAS' threads made
+# generating a 50k-row shard take 33 s instead of 6 s). The measured children get the default.
+_CHILD = "--child" in sys.argv
+if not _CHILD and "OPENBLAS_NUM_THREADS" not in os.environ:
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    os.environ["REIDX_SCALE_SET_BLAS"] = "1"
 
 import numpy as np  # noqa: E402
 
@@ -207,8 +213,11 @@ def child_graph(args) -> dict:
 def run_child(kind: str, args, extra: list[str]) -> dict:
     """Run a measured step in a child process; returns its JSON plus polled memory peaks."""
     command = [sys.executable, __file__, "--child", kind, *extra]
+    env = dict(os.environ)
+    if env.pop("REIDX_SCALE_SET_BLAS", None):
+        env.pop("OPENBLAS_NUM_THREADS", None)
     started = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     peaks = {"RssAnon": 0, "RssFile": 0}
 
     def poll():

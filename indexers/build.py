@@ -22,6 +22,7 @@ from reidx.indexers.faiss_ops import (DEFAULT_KNN, REFINE_FACTOR, RETRAIN_GROWTH
                                       HNSW_QUANTIZER_MIN_NLIST, IndexBuildError, choose_type, default_memory_budget,
                                       default_nlist, expected_bytes, parse_bytes, resolve_gpu, training_size)
 from reidx.indexers.ivf_ondisk import merge_parts
+from reidx.indexers.knn_store import layer_files
 from reidx.indexers.searcher import Searcher
 from reidx.indexers.vector_store import VectorStore, link_or_copy
 from reidx.indexers.versions import (IndexMeta, current_version, index_root, publish_folder, read_meta,
@@ -149,7 +150,7 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
         link_or_copy(previous / name, tmp / name)
     groups = steps.plan_groups(gallery, new_shards, ctx["task_rows"])
     ingested = steps.ingest(executor, gallery, groups, old.count, tmp, 0, seed)
-    if _embedder_of(ingested, (old.embedder, old.embedder_sha256)) != (old.embedder, old.embedder_sha256):
+    if _embedder_of(ingested) != (old.embedder, old.embedder_sha256):
         raise IndexBuildError("the new shards come from another embedder than the index; one index holds one "
                               "embedder's vectors")
     new_segments = [r["first_id"] for r in ingested]
@@ -192,7 +193,7 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
             log(f"graph recall@{old.knn_k} {knn_recall} < {floor:.3f}: recomputing every row")
             layout["nprobe"] = nprobe
             for name in layers:
-                for f in _layer_files(name):
+                for f in layer_files(name):
                     (tmp / f).unlink()
             layers = steps.graph_ranges(executor, tmp, layout, old.knn_k, 0, total, f"g{generation}r",
                                               ctx["task_rows"])
@@ -219,12 +220,6 @@ def _calibrate(folder: Path, layout: dict, store: VectorStore, nlist: int | None
         log(f"warning: recall@100 is {r100:.3f} even at nprobe={nprobe} ({layout['type']} loses accuracy in "
             f"its compression); use ivf-flat or ivf-sq8 for higher recall")
     return nprobe, r10, r100, ids, truth_ids
-
-
-def _layer_files(name: str) -> list[str]:
-    from reidx.indexers.knn_store import layer_files
-
-    return layer_files(name)
 
 
 def _committed_shards(gallery: Path) -> list[str]:
@@ -259,7 +254,7 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _embedder_of(ingested: list[dict], expected: tuple[str, str] | None = None) -> tuple[str, str]:
+def _embedder_of(ingested: list[dict]) -> tuple[str, str]:
     pairs = {tuple(p) for r in ingested for p in r["embedders"]}
     if len(pairs) != 1:
         raise IndexBuildError(f"the shards hold embeddings of {len(pairs)} embedders ({sorted(pairs)}); "
