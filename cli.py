@@ -198,13 +198,23 @@ log_every_option = click.option("--log-every", "log_every_s", type=click.FloatRa
 index_build_options = _options(
     click.option("--type", "index_type", type=click.Choice(["auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq"]),
                  default="auto", show_default=True,
-                 help="auto: exact (flat) up to 100,000 detections, ivf-sq8 above (nlist ≈ 4·√N). ivf-sq8: 4× "
-                      "less memory than ivf-flat; ivf-pq: 32× less, much lower recall."),
+                 help="auto: the memory budget decides — exact (flat) up to 100,000 detections, then ivf-sq8, "
+                      "then ivf-pq (re-ranked from the vectors on disk) when ivf-sq8 would not fit (nlist ≈ 4·√N). "
+                      "ivf-sq8: 4× less memory than ivf-flat; ivf-pq: 32× less."),
     click.option("--nlist", type=click.IntRange(1), help="IVF lists [default: ≈ 4·√N, ≥ 39 vectors per list]."),
+    click.option("--memory-budget", help="Memory the index may take, e.g. 4G or 512M; chooses --type auto "
+                                         "[default: a quarter of this machine's RAM]."),
     gpu_option,
     click.option("--knn", "knn_k", type=click.IntRange(0), default=30, show_default=True,
                  help="Store each gallery item's k nearest gallery neighbours (for re-ranking); 0: none."),
     click.option("--rebuild", is_flag=True, help="Retrain from scratch instead of adding new shards."),
+)
+# `reidx build-index` only: `reidx nightly` has these from index_job_options and passes them on
+index_build_cluster_options = _options(
+    click.option("--workers", type=click.IntRange(1),
+                 help="Build on a local Dask cluster of this many worker processes [default: in this process]."),
+    click.option("--scheduler", help="Address of an existing Dask scheduler to build on (workers must see the "
+                                     "gallery at the same path)."),
 )
 
 
@@ -553,26 +563,33 @@ def _build_text(r: dict):
     yield line + f", {r['wall_s']} s" + (f" — {r['reason']}" if r.get("reason") else "")
 
 
-def _build_index(gallery, index_type, nlist, gpu, knn_k, rebuild) -> dict:
+def _build_index(gallery, index_type, nlist, gpu, knn_k, rebuild, memory_budget=None, workers=None,
+                 scheduler=None) -> dict:
+    if scheduler and workers:
+        raise click.UsageError("--scheduler and --workers exclude each other")
     from reidx.indexers.build import build_index
 
-    return build_index(gallery, index_type=index_type, nlist=nlist, gpu=gpu, knn_k=knn_k, rebuild=rebuild, log=_log)
+    return build_index(gallery, index_type=index_type, nlist=nlist, gpu=gpu, knn_k=knn_k, rebuild=rebuild,
+                       memory_budget=memory_budget, workers=workers, scheduler=scheduler, log=_log)
 
 
 @main.command("build-index")
 @click.argument("gallery", type=click.Path(exists=True, file_okay=False))
 @index_build_options
+@index_build_cluster_options
 @log_file_option
 @json_option
-def build_index_command(gallery, index_type, nlist, gpu, knn_k, rebuild, as_json):
+def build_index_command(gallery, index_type, nlist, memory_budget, gpu, knn_k, rebuild, workers, scheduler, as_json):
     """Build or update GALLERY's Faiss index (and its kNN graph) from its committed shards.
 
     Cosine similarity (inner product on unit vectors). IVF indexes are trained on a sample and
     get a default nprobe measured to give recall@100 ≥ 0.95 on the gallery's own vectors. A
-    rerun adds only new shards; it retrains when the gallery has doubled since training. The new
-    version replaces the old one atomically: running queries are never disturbed.
+    rerun adds only new shards (O(new): a delta file, their kNN rows, reverse edges into old
+    rows); it retrains when the gallery has doubled since training. Out of core: vectors stream
+    from the shards, inverted lists stay on disk (memory-mapped). The new version replaces the
+    old one atomically: running queries are never disturbed.
     """
-    summary = _build_index(gallery, index_type, nlist, gpu, knn_k, rebuild)
+    summary = _build_index(gallery, index_type, nlist, gpu, knn_k, rebuild, memory_budget, workers, scheduler)
     _emit(summary, as_json, _build_text)
     _summary_line("build-index", summary)
 
@@ -585,7 +602,7 @@ def build_index_command(gallery, index_type, nlist, gpu, knn_k, rebuild, as_json
 @log_every_option
 @json_option
 def nightly(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler, retry_failed,
-            allow_uri_change, strict, index_type, nlist, gpu, knn_k, rebuild, log_every_s, as_json):
+            allow_uri_change, strict, index_type, nlist, memory_budget, gpu, knn_k, rebuild, log_every_s, as_json):
     """The nightly run: `reidx index` the manifests, then `reidx build-index` the gallery.
 
     Takes every option of both. Both steps are incremental and safe to rerun after a crash. The
@@ -597,7 +614,8 @@ def nightly(manifests, gallery, weights, backend, device, max_pixels, task_size,
     started = time.perf_counter()
     indexed = _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler,
                          retry_failed, allow_uri_change, log_every_s)
-    built = _build_index(gallery, index_type, nlist, gpu, knn_k, rebuild) if committed_shards(gallery) else None
+    built = (_build_index(gallery, index_type, nlist, gpu, knn_k, rebuild, memory_budget, workers, scheduler)
+             if committed_shards(gallery) else None)
     report = {"index": indexed, "build_index": built, "wall_s": round(time.perf_counter() - started, 2)}
     _emit(report, as_json, lambda r: [*_index_text(r["index"]),
                                       *(_build_text(built) if built else ["no committed detections yet: no index"])])

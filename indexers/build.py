@@ -1,50 +1,54 @@
-"""``reidx build-index``: build or update a gallery's index from its committed shards.
+"""``reidx build-index``: build or update a gallery's index from its committed shards, out of core.
 
-Orchestration only: Faiss work is :mod:`reidx.indexers.faiss_ops`, the kNN graph
-:mod:`reidx.indexers.knn_graph`, publishing and loading :mod:`reidx.indexers.versions`.
-A build holds the gallery's index lock, writes a complete new version and swaps it in.
+Orchestration only: the steps are :mod:`reidx.indexers.build_steps` (each bounded in memory,
+parallel ones run on :mod:`reidx.indexers.distributed`), on-disk IVF files
+:mod:`reidx.indexers.ivf_ondisk`, publishing and loading :mod:`reidx.indexers.versions`. A
+build holds the gallery's index lock, writes a complete new version folder (hard-linking what
+it keeps from the previous one) and swaps it in; a build killed anywhere leaves a staging folder
+that the next build removes, and the live version untouched.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-import faiss
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from reidx.indexers.faiss_ops import (DEFAULT_KNN, RETRAIN_GROWTH, TARGET_RECALL_AT_100, IndexBuildError, calibrate_nprobe,
-                                      choose_type, default_nlist, resolve_gpu, set_nprobe, to_cpu, to_gpu, train_and_add)
-from reidx.indexers.knn_graph import knn_graph, merge_new_neighbours, read_knn
-from reidx.indexers.versions import IndexMeta, current_version, index_root, publish, version_name
+from reidx.indexers import build_steps as steps
+from reidx.indexers.distributed import Executor
+from reidx.indexers.faiss_ops import (DEFAULT_KNN, REFINE_FACTOR, RETRAIN_GROWTH, TARGET_RECALL_AT_100,
+                                      HNSW_QUANTIZER_MIN_NLIST, IndexBuildError, choose_type, default_memory_budget,
+                                      default_nlist, expected_bytes, parse_bytes, resolve_gpu, training_size)
+from reidx.indexers.ivf_ondisk import merge_parts
+from reidx.indexers.knn_store import layer_files
+from reidx.indexers.searcher import Searcher
+from reidx.indexers.vector_store import VectorStore, link_or_copy
+from reidx.indexers.versions import (IndexMeta, current_version, index_root, publish_folder, read_meta,
+                                     remove_leftovers, staging_folder, version_name)
 from reidx.pipeline.gallery import SHARDS_DIR, is_gallery
 from reidx.pipeline.integrity import damaged_shards, version_problem
 from reidx.pipeline.ledger import committed_shards
 from reidx.pipeline.lock import GalleryLock
-from reidx.pipeline.shards import read_shards
+from reidx.pipeline.shards import shard_row_counts, shards_dir
 
-def _embedder_of(items: pa.Table) -> tuple[str, str]:
-    pairs = set(zip(items["embedder"].to_pylist(), items["embedder_sha256"].to_pylist()))
-    if len(pairs) != 1:
-        raise IndexBuildError(f"the shards hold embeddings of {len(pairs)} embedders ({sorted(pairs)}); "
-                          f"one index holds one embedder's vectors")
-    return pairs.pop()
+TEMPLATE = "template.faiss"  # the trained, empty IVF index: nightly parts are copies of it
 
 
 def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: int | None = None,
                 gpu: str = "auto", knn_k: int = DEFAULT_KNN, rebuild: bool = False, seed: int = 0,
-                log=lambda message: None) -> dict:
+                memory_budget: int | str | None = None, workers: int | None = None, scheduler: str | None = None,
+                task_rows: int | None = None, log=lambda message: None) -> dict:
     """Build or update GALLERY's index; returns a JSON-able summary.
 
-    Incremental by default: when the live version's type still fits, the embedder is the same and
-    the gallery has not grown past RETRAIN_GROWTH × the trained count, only shards it does not hold
-    yet are added (to a copy), their kNN rows computed, and old rows updated with new neighbours.
-    Otherwise (or with ``rebuild``) everything is trained and added from scratch.
+    Incremental by default: when the live version's type still fits the memory budget, the
+    embedder is the same and the gallery has not grown past RETRAIN_GROWTH × the trained count,
+    only shards it does not hold yet are read, added as a delta, their kNN rows searched and old
+    rows updated from the reverse edges (O(new)); otherwise (or with ``rebuild``) a full,
+    out-of-core build. ``workers``/``scheduler``: run the parallel steps on Dask (same result).
+    ``task_rows``: vectors per task (default build_steps.ROWS_PER_TASK; the result does not depend
+    on it for the index lists, only on how the work is cut).
     """
     started = time.perf_counter()
     gallery = Path(gallery)
@@ -55,7 +59,11 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
         raise IndexBuildError(f"--nlist must be at least 1, got {nlist}")
     if knn_k < 0:
         raise IndexBuildError(f"--knn must be ≥ 0, got {knn_k}")
+    if workers and scheduler:
+        raise IndexBuildError("--scheduler and --workers exclude each other")
+    budget = parse_bytes(memory_budget) or default_memory_budget()
     with GalleryLock(index_root(gallery)):
+        remove_leftovers(gallery)
         shards = committed_shards(gallery)
         if not shards:
             raise IndexBuildError(f"{gallery} holds no committed shards yet: nothing to index")
@@ -64,75 +72,161 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
         if damage:
             log(f"the live index {previous.name} is damaged ({damage}): building afresh")
             previous = None
-        old_meta = IndexMeta(**json.loads((previous / "meta.json").read_text())) if previous else None
-        new_shards = [s for s in shards if not old_meta or s not in set(old_meta.shards)]
-        refuse_damaged(gallery, new_shards if old_meta else shards)
-        new_items, new_vectors = read_shards(gallery, new_shards)
-        total = (old_meta.count if old_meta else 0) + new_items.num_rows
-        kind = choose_type(index_type, total)
-        reason = _full_rebuild_reason(old_meta, shards, kind, total, knn_k, nlist)
+        old = read_meta(previous) if previous else None
+        new_shards = [s for s in shards if not old or s not in set(old.shards)]
+        refuse_damaged(gallery, new_shards)
+        dim = _dim(gallery, shards[0])
+        total = (old.count if old else 0) + int(shard_row_counts(gallery, new_shards).sum())
+        kind, why = choose_type(index_type, total, dim, budget, nlist)
+        reason = _full_rebuild_reason(old, shards, kind, total, knn_k, nlist)
         if reason is None and not new_shards:
-            return _summary(gallery, old_meta, "unchanged", None, 0, on_gpu, started)
-        if reason is None:
-            embedder = _embedder_of(new_items) if new_items.num_rows else (old_meta.embedder, old_meta.embedder_sha256)
-            if embedder != (old_meta.embedder, old_meta.embedder_sha256):
-                reason = "the new shards come from another embedder"
-        if reason is None:
-            log(f"adding {new_items.num_rows} new detections from {len(new_shards)} shards to {old_meta.version}")
-            index = faiss.read_index(str(previous / "index.faiss"))
-            old_items = pq.read_table(previous / "items.parquet")
-            ids = np.arange(old_meta.count, total, dtype=np.int64)
-            items = pa.concat_tables([old_items, new_items.append_column("faiss_id", pa.array(ids))],
-                                     promote_options="permissive")
-            if on_gpu:
-                index = to_gpu(index, kind)
-            index.add(new_vectors)
-            knn_ids, knn_dist = read_knn(previous)
-            vectors_for_calibration = np.concatenate([_indexed_vectors(gallery, old_items), new_vectors])
-            nlist_used, trained_count, mode = old_meta.nlist, old_meta.trained_count, "incremental"
-            if kind != "flat":
-                set_nprobe(index, old_meta.nprobe, on_gpu)
-            if old_meta.knn_k:
-                knn_ids, knn_dist = merge_new_neighbours(knn_ids, knn_dist, vectors_for_calibration[:old_meta.count],
-                                                         new_vectors, old_meta.count)
-                new_ids, new_dist = knn_graph(index, new_vectors, old_meta.count, old_meta.knn_k)
-                knn_ids, knn_dist = np.concatenate([knn_ids, new_ids]), np.concatenate([knn_dist, new_dist])
-        else:
-            if old_meta:
-                log(f"full rebuild: {reason}")
-            items, vectors = read_shards(gallery, shards)
-            embedder = _embedder_of(items)
-            items = items.append_column("faiss_id", pa.array(np.arange(items.num_rows, dtype=np.int64)))
-            nlist_used = None if kind == "flat" else (nlist or default_nlist(len(vectors)))
-            if nlist_used is not None and nlist_used > len(vectors):
-                raise IndexBuildError(f"--nlist {nlist_used} is more than the {len(vectors)} vectors to train on")
-            log(f"adding {len(vectors)} detections to a new exact index" if kind == "flat" else
-                f"training {kind} (nlist {nlist_used}) and adding {len(vectors)} detections")
-            index = train_and_add(kind, vectors, nlist_used, on_gpu, seed)
-            vectors_for_calibration, trained_count, mode = vectors, len(vectors), "full"
-            knn_ids = knn_dist = np.zeros((len(vectors), 0))
-        if kind == "flat":
-            nprobe, r10, r100 = None, 1.0, 1.0
-        else:
-            nprobe, r10, r100 = calibrate_nprobe(index, vectors_for_calibration, nlist_used, on_gpu, seed=seed)
-            if r100 < TARGET_RECALL_AT_100:
-                log(f"warning: recall@100 is {r100:.3f} even at nprobe={nprobe} ({kind} loses accuracy in "
-                    f"its compression); use ivf-flat or ivf-sq8 for higher recall")
-            set_nprobe(index, nprobe, on_gpu)
-        if knn_k and mode == "full":
-            log(f"computing each item's {knn_k} nearest neighbours")
-            knn_ids, knn_dist = knn_graph(index, vectors_for_calibration, 0, min(knn_k, index.ntotal))
-        meta = IndexMeta(version=version_name(), type=kind, metric="inner_product", dim=index.d,
-                         embedder=embedder[0], embedder_sha256=embedder[1], count=index.ntotal,
-                         trained_count=trained_count, nlist=nlist_used, nprobe=nprobe,
-                         recall_at_10=round(r10, 4), recall_at_100=round(r100, 4),
-                         knn_k=int(knn_ids.shape[1]) if knn_k else 0, shards=shards,
-                         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                         build={"mode": mode, "gpu": on_gpu, "reason": reason,
-                                "seconds": round(time.perf_counter() - started, 2)})
-        publish(gallery, to_cpu(index, on_gpu), items, (knn_ids, knn_dist), meta)
-    added = int(new_items.num_rows) if mode == "incremental" else meta.count
-    return _summary(gallery, meta, mode, reason, added, on_gpu, started)
+            return _summary(gallery, old, "unchanged", None, 0, on_gpu, started)
+        with Executor(workers, scheduler) as executor:
+            context = {"gallery": gallery, "executor": executor, "on_gpu": on_gpu, "seed": seed, "log": log,
+                       "budget": budget, "dim": dim,
+                       "task_rows": task_rows or steps.ROWS_PER_TASK}
+            if reason is None:
+                log(f"adding {len(new_shards)} new shards to {old.version}")
+                meta = _incremental(context, previous, old, new_shards, shards)
+            else:
+                if old:
+                    log(f"full rebuild: {reason}")
+                meta = _full(context, shards, kind, why, nlist, min(knn_k, total))
+            meta.build.update({"mode": "full" if reason else "incremental", "gpu": on_gpu, "reason": reason,
+                               "workers": executor.workers if executor.distributed else 0,
+                               "seconds": round(time.perf_counter() - started, 2)})
+            publish_folder(gallery, Path(meta.build.pop("staging")), meta)
+    added = total - (old.count if old and reason is None else 0)
+    return _summary(gallery, meta, meta.build["mode"], reason, added, on_gpu, started)
+
+
+def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, knn_k: int) -> IndexMeta:
+    gallery, executor, log, seed = ctx["gallery"], ctx["executor"], ctx["log"], ctx["seed"]
+    version = version_name()
+    tmp = staging_folder(gallery, version)
+    groups = steps.plan_groups(gallery, shards, ctx["task_rows"])
+    total = sum(rows for _, rows in groups)
+    nlist_used = None if kind == "flat" else (nlist or default_nlist(total))
+    if nlist_used is not None and nlist_used > total:
+        raise IndexBuildError(f"--nlist {nlist_used} is more than the {total} vectors to train on")
+    sample_size = training_size(total, nlist_used) if nlist_used else 0
+    log(f"reading {len(shards)} shards ({total} detections) in {len(groups)} tasks")
+    ingested = steps.ingest(executor, gallery, groups, 0, tmp, sample_size, seed)
+    embedder = _embedder_of(ingested)
+    segments = [r["first_id"] for r in ingested]
+    store = VectorStore(tmp, segments)
+    ivf_files = []
+    if kind == "flat":
+        steps.build_flat(tmp, store, None)
+    else:
+        log(f"training {kind} (nlist {nlist_used}) on {sample_size} sampled vectors")
+        template = steps.train(kind, ingested, sample_size, nlist_used, ctx["on_gpu"], seed)
+        _write_durably(tmp / TEMPLATE, template)
+        log(f"adding {total} detections in {len(segments)} parts")
+        steps.add_and_merge(executor, tmp, segments, template, "index.faiss")
+        ivf_files = ["index.faiss"]
+    layout = {"type": kind, "ivf_files": ivf_files, "vector_segments": segments, "nprobe": None,
+              "refine_factor": REFINE_FACTOR if kind == "ivf-pq" else None}
+    nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, nlist_used, 1, seed, log)
+    layout["nprobe"] = nprobe
+    layers, knn_recall = [], None
+    if knn_k:
+        log(f"computing each item's {knn_k} nearest neighbours")
+        layers = steps.graph_ranges(executor, tmp, layout, knn_k, 0, total, "g0", ctx["task_rows"])
+        knn_recall = steps.graph_check(tmp, layers, total, knn_k, ids, truth_ids)
+    return IndexMeta(
+        version=version, type=kind, metric="inner_product", dim=store.dim, embedder=embedder[0],
+        embedder_sha256=embedder[1], count=total, trained_count=total, nlist=nlist_used, nprobe=nprobe,
+        recall_at_10=round(r10, 4), recall_at_100=round(r100, 4), knn_k=knn_k, shards=shards,
+        built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        build={"staging": str(tmp), "generation": 0, "knn_recall_built": knn_recall},
+        layout=2, ivf_files=ivf_files, vector_segments=segments, item_segments=segments, knn_layers=layers,
+        refine_factor=layout["refine_factor"], memory_budget=ctx["budget"],
+        expected_bytes=expected_bytes(kind, total, store.dim, nlist_used), choice=f"{kind}: {why}",
+        knn_recall=knn_recall, quantizer=_quantizer(nlist_used))
+
+
+def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str], shards: list[str]) -> IndexMeta:
+    """O(new): the old files hard-linked, the new shards ingested and added as a delta file, their
+    graph rows searched, reverse edges into old rows, then the sample check (and repair)."""
+    gallery, executor, log, seed = ctx["gallery"], ctx["executor"], ctx["log"], ctx["seed"]
+    version, generation = version_name(), old.build.get("generation", 0) + 1
+    tmp = staging_folder(gallery, version)
+    keep = [f for f in old.files() if not (old.type == "flat" and f == "index.faiss")]
+    for name in keep + ([TEMPLATE] if old.type != "flat" else []):
+        link_or_copy(previous / name, tmp / name)
+    groups = steps.plan_groups(gallery, new_shards, ctx["task_rows"])
+    ingested = steps.ingest(executor, gallery, groups, old.count, tmp, 0, seed)
+    if _embedder_of(ingested) != (old.embedder, old.embedder_sha256):
+        raise IndexBuildError("the new shards come from another embedder than the index; one index holds one "
+                              "embedder's vectors")
+    new_segments = [r["first_id"] for r in ingested]
+    segments = old.vector_segments + new_segments
+    store = VectorStore(tmp, segments)
+    total = store.count
+    ivf_files = list(old.ivf_files)
+    if old.type == "flat":
+        steps.build_flat(tmp, store, previous / "index.faiss")
+    else:
+        template = (tmp / TEMPLATE).read_bytes()
+        delta = f"delta-g{generation}.faiss"
+        log(f"adding {total - old.count} detections as {delta}")
+        steps.add_and_merge(executor, tmp, new_segments, template, delta)
+        ivf_files.append(delta)
+        if len(ivf_files) - 1 > steps.MAX_DELTAS:
+            base = f"index-g{generation}.faiss"
+            log(f"merging the base and {len(ivf_files) - 1} deltas into {base}")
+            merge_parts(template, [tmp / f for f in ivf_files], tmp / base)
+            for name in ivf_files:
+                (tmp / name).unlink()
+            ivf_files = [base]
+    layout = {"type": old.type, "ivf_files": ivf_files, "vector_segments": segments, "nprobe": old.nprobe,
+              "refine_factor": old.refine_factor}
+    layers, knn_recall, built_recall, touched, repaired = list(old.knn_layers), None, None, 0, False
+    if old.knn_k:
+        new_layers = steps.graph_ranges(executor, tmp, layout, old.knn_k, old.count, total, f"g{generation}",
+                                        ctx["task_rows"])
+        reverse, touched = steps.reverse_layer(tmp, old.knn_layers, new_layers, old.count, total, old.knn_k,
+                                               f"knn-g{generation}-reverse")
+        layers += new_layers + ([reverse] if reverse else [])
+        log(f"graph: {total - old.count} new rows, {touched} old rows gained a new neighbour")
+    nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, old.nlist, old.nprobe or 1, seed + generation,
+                                                   log)
+    built_recall = old.build.get("knn_recall_built")
+    if old.knn_k:
+        knn_recall = steps.graph_check(tmp, layers, total, old.knn_k, ids, truth_ids)
+        floor = max(steps.KNN_MIN_RECALL, (built_recall or 0) - steps.KNN_MAX_DRIFT)
+        if knn_recall < floor:
+            log(f"graph recall@{old.knn_k} {knn_recall} < {floor:.3f}: recomputing every row")
+            layout["nprobe"] = nprobe
+            for name in layers:
+                for f in layer_files(name):
+                    (tmp / f).unlink()
+            layers = steps.graph_ranges(executor, tmp, layout, old.knn_k, 0, total, f"g{generation}r",
+                                              ctx["task_rows"])
+            knn_recall = built_recall = steps.graph_check(tmp, layers, total, old.knn_k, ids, truth_ids)
+            repaired = True
+    meta = IndexMeta(**{**asdict(old), "version": version, "count": total, "nprobe": nprobe,
+                        "recall_at_10": round(r10, 4), "recall_at_100": round(r100, 4), "shards": shards,
+                        "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "ivf_files": ivf_files, "vector_segments": segments, "item_segments": segments,
+                        "knn_layers": layers, "knn_recall": knn_recall, "memory_budget": ctx["budget"],
+                        "expected_bytes": expected_bytes(old.type, total, old.dim, old.nlist)})
+    meta.build = {"staging": str(tmp), "generation": generation, "knn_recall_built": built_recall,
+                  "knn_rows_updated": touched, "knn_repaired": repaired}
+    return meta
+
+
+def _calibrate(folder: Path, layout: dict, store: VectorStore, nlist: int | None, start: int, seed: int, log):
+    """The sample check: exact top-100 of CHECK_SAMPLE items (one streamed pass over the vectors),
+    nprobe calibrated from ``start`` up; (nprobe, recall@10, recall@100, sample ids, truth)."""
+    ids = steps.sample_ids(store.count, seed)
+    queries, truth_ids = steps.truth(store, ids)
+    nprobe, r10, r100 = steps.calibrate(Searcher(folder, layout), queries, truth_ids, nlist, start)
+    if r100 < TARGET_RECALL_AT_100:
+        log(f"warning: recall@100 is {r100:.3f} even at nprobe={nprobe} ({layout['type']} loses accuracy in "
+            f"its compression); use ivf-flat or ivf-sq8 for higher recall")
+    return nprobe, r10, r100, ids, truth_ids
 
 
 def refuse_damaged(gallery: Path, shards: list[str]) -> None:
@@ -144,21 +238,39 @@ def refuse_damaged(gallery: Path, shards: list[str]) -> None:
                               f"`reidx verify {gallery} --repair` (their images are indexed again next night)")
 
 
+def _quantizer(nlist: int | None) -> str:
+    return "none" if nlist is None else ("hnsw32" if nlist >= HNSW_QUANTIZER_MIN_NLIST else "flat")
+
+
+def _dim(gallery: Path, shard: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(shards_dir(gallery) / shard).field("embedding").type.list_size
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _embedder_of(ingested: list[dict]) -> tuple[str, str]:
+    pairs = {tuple(p) for r in ingested for p in r["embedders"]}
+    if len(pairs) != 1:
+        raise IndexBuildError(f"the shards hold embeddings of {len(pairs)} embedders ({sorted(pairs)}); "
+                              f"one index holds one embedder's vectors")
+    return pairs.pop()
+
+
 def _summary(gallery: Path, meta: IndexMeta, mode: str, reason: str | None, added: int, on_gpu: bool,
              started: float) -> dict:
     """What `reidx build-index --json` prints: the live version's figures and what this run did."""
     return {"gallery": str(gallery), "index_version": meta.version, "mode": mode, "reason": reason,
             "index_type": meta.type, "persons": meta.count, "persons_added": added, "nlist": meta.nlist,
             "nprobe": meta.nprobe, "recall_at_10": meta.recall_at_10, "recall_at_100": meta.recall_at_100,
-            "knn_k": meta.knn_k, "gpu": on_gpu, "wall_s": round(time.perf_counter() - started, 2)}
-
-
-def _indexed_vectors(gallery: Path, items: pa.Table) -> np.ndarray:
-    """The vectors of ``items`` in faiss-id order, re-read from their shards (the index may be
-    compressed, so it cannot give them back exactly)."""
-    names = list(dict.fromkeys(items["shard"].to_pylist()))
-    _, vectors = read_shards(gallery, names)
-    return vectors
+            "knn_k": meta.knn_k, "knn_recall": meta.knn_recall, "memory_budget": meta.memory_budget,
+            "expected_bytes": meta.expected_bytes, "gpu": on_gpu, "wall_s": round(time.perf_counter() - started, 2)}
 
 
 def _full_rebuild_reason(old: IndexMeta | None, shards: list[str], kind: str, total: int, knn_k: int,
@@ -166,6 +278,8 @@ def _full_rebuild_reason(old: IndexMeta | None, shards: list[str], kind: str, to
     """Why the live version cannot simply be extended (None: it can)."""
     if old is None:
         return "no index yet"
+    if old.layout < 2:
+        return "the live version has the layout from before out-of-core builds"
     if set(old.shards) - set(shards):
         return "shards were removed from the gallery"
     if kind != old.type:

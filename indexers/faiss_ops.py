@@ -7,14 +7,26 @@ product is cosine similarity; distances handed out are cosine distances ``1 - q.
 from __future__ import annotations
 
 import math
+import os
 
 import faiss
 import numpy as np
 
 INDEX_TYPES = ("flat", "ivf-flat", "ivf-sq8", "ivf-pq")
-# Below this many vectors `auto` keeps exact search: it needs no training, gives recall 1, and a
-# batch of queries still costs only a few ms each on 2 cores (benchmarks/search.py).
+# Below this many vectors `auto` keeps exact search (if it fits the memory budget): it needs no
+# training, gives recall 1, and a batch of queries still costs only a few ms each on 2 cores
+# (benchmarks/search.py).
 AUTO_EXACT_MAX = 100_000
+# `auto` memory budget: this fraction of the machine's RAM for the index (autofaiss sizes its
+# index the same way, from a memory figure rather than a vector count).
+DEFAULT_BUDGET_FRACTION = 0.25
+# ivf-pq keeps dim/8 bytes per vector; its shortlist of REFINE_FACTOR × k is re-ranked with exact
+# inner products against the vectors on disk (indexers/vector_store.py)
+REFINE_FACTOR = 4
+# From this many lists the coarse quantizer is an HNSW graph over the centroids (assigning 10M
+# vectors to 12k flat centroids alone costs ~65 TFLOP) and k-means is two-level (√nlist groups).
+HNSW_QUANTIZER_MIN_NLIST = 8192
+HNSW_EF_SEARCH = 128
 # ivf-sq8 above that: 4× smaller than ivf-flat (0.53 vs 2.06 GB at 1M × 512) and 1.1–3.6× the QPS at
 # the same nprobe; its recall@10 ceiling of ≈ 0.98 is above the calibration target (docs/search.md).
 AUTO_IVF_TYPE = "ivf-sq8"
@@ -33,17 +45,64 @@ class IndexBuildError(ValueError):
     """The index cannot be built or read as asked (message says why and what to do)."""
 
 
+def training_size(count: int, nlist: int) -> int:
+    """Training sample: TRAINING_POINTS_PER_LIST per list up to 262,144 points, never below Faiss'
+    minimum of MIN_POINTS_PER_LIST per list (so large nlist stays trainable in bounded memory)."""
+    return min(count, max(MIN_POINTS_PER_LIST * nlist, min(TRAINING_POINTS_PER_LIST * nlist, 262_144)))
+
+
 def default_nlist(count: int) -> int:
     """≈ 4·√N lists, but never fewer than 39 training points per list (Faiss' minimum)."""
     return max(1, min(int(round(4 * math.sqrt(count))), count // MIN_POINTS_PER_LIST))
 
 
-def choose_type(requested: str, count: int) -> str:
-    if requested == "auto":
-        return "flat" if count <= AUTO_EXACT_MAX else AUTO_IVF_TYPE
-    if requested not in INDEX_TYPES:
-        raise IndexBuildError(f"--type must be auto or one of {', '.join(INDEX_TYPES)}, got {requested!r}")
-    return requested
+def default_memory_budget() -> int:
+    """DEFAULT_BUDGET_FRACTION of physical memory, in bytes."""
+    return int(DEFAULT_BUDGET_FRACTION * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def parse_bytes(text: str | int | None) -> int | None:
+    """``"4G"``, ``"512M"``, ``"1.5GB"``, ``"1000000"`` → bytes (binary units); None stays None."""
+    if text is None or isinstance(text, int):
+        return text
+    value = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(value[-1:], 1)
+    try:
+        number = float(value[:-1] if scale > 1 else value)
+    except ValueError:
+        raise IndexBuildError(f"--memory-budget must be bytes or a size like 4G or 512M, got {text!r}") from None
+    if number <= 0:
+        raise IndexBuildError(f"--memory-budget must be positive, got {text!r}")
+    return int(number * scale)
+
+
+def expected_bytes(kind: str, count: int, dim: int, nlist: int | None) -> int:
+    """What the index takes in memory when its lists are resident (as ``faiss.write_index`` sizes it):
+    codes + 8-byte ids per vector, plus the coarse quantizer (and its HNSW links)."""
+    per_vector = {"flat": 4 * dim, "ivf-flat": 4 * dim + 8, "ivf-sq8": dim + 8, "ivf-pq": dim // 8 + 8}[kind]
+    quantizer = 0 if kind == "flat" else (nlist or 1) * (4 * dim + (2 * 32 * 4 if (nlist or 0) >= HNSW_QUANTIZER_MIN_NLIST else 0))
+    return per_vector * count + quantizer + (256 * 4 * dim if kind == "ivf-pq" else 0)
+
+
+def choose_type(requested: str, count: int, dim: int = 512, budget: int | None = None,
+                nlist: int | None = None) -> tuple[str, str]:
+    """(index type, why) for ``count`` vectors under a memory ``budget`` (bytes; default
+    :func:`default_memory_budget`): exact search while small and within budget, else the first of
+    ivf-sq8 (AUTO_IVF_TYPE) and ivf-pq (+ re-ranking from disk) whose expected size fits."""
+    budget = budget or default_memory_budget()
+    if requested != "auto":
+        if requested not in INDEX_TYPES:
+            raise IndexBuildError(f"--type must be auto or one of {', '.join(INDEX_TYPES)}, got {requested!r}")
+        return requested, "asked for"
+    lists = nlist or default_nlist(count)
+    if count <= AUTO_EXACT_MAX and expected_bytes("flat", count, dim, None) <= budget:
+        return "flat", f"{count} ≤ {AUTO_EXACT_MAX} vectors and exact search fits the budget"
+    for kind in (AUTO_IVF_TYPE, "ivf-pq"):
+        size = expected_bytes(kind, count, dim, lists)
+        if size <= budget or kind == "ivf-pq":
+            over = "" if size <= budget else " (the smallest type; over budget)"
+            return kind, f"expected {size / 2**30:.2f} GiB within the {budget / 2**30:.2f} GiB budget{over}"
+    raise AssertionError("unreachable")
 
 
 def gpu_count() -> int:
@@ -60,14 +119,44 @@ def resolve_gpu(gpu: str) -> bool:
 
 
 def new_index(kind: str, dim: int, nlist: int | None) -> faiss.Index:
-    """An empty CPU index of the given kind, inner-product metric (PQ: dim/8 bytes per vector)."""
+    """An empty CPU index of the given kind, inner-product metric (PQ: dim/8 bytes per vector); an
+    HNSW coarse quantizer from HNSW_QUANTIZER_MIN_NLIST lists."""
     if kind == "ivf-pq" and dim % 8:
         raise IndexBuildError(f"ivf-pq needs a dimension divisible by 8, got {dim}")
-    factory = {"flat": "Flat", "ivf-flat": f"IVF{nlist},Flat", "ivf-sq8": f"IVF{nlist},SQ8",
-               "ivf-pq": f"IVF{nlist},PQ{dim // 8}x8"}
+    coarse = f"IVF{nlist}_HNSW32" if (nlist or 0) >= HNSW_QUANTIZER_MIN_NLIST else f"IVF{nlist}"
+    factory = {"flat": "Flat", "ivf-flat": f"{coarse},Flat", "ivf-sq8": f"{coarse},SQ8",
+               "ivf-pq": f"{coarse},PQ{dim // 8}x8"}
     if kind not in factory:
         raise IndexBuildError(f"unknown index type {kind!r}")
-    return faiss.index_factory(dim, factory[kind], faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(dim, factory[kind], faiss.METRIC_INNER_PRODUCT)
+    if kind == "ivf-pq":  # the factory turns on polysemous training: 70+ s on 20k points, unused by search
+        faiss.downcast_index(faiss.extract_index_ivf(index)).do_polysemous_training = False
+    if kind != "flat" and (nlist or 0) >= HNSW_QUANTIZER_MIN_NLIST:
+        faiss.downcast_index(faiss.extract_index_ivf(index).quantizer).hnsw.efSearch = HNSW_EF_SEARCH
+    return index
+
+
+def train_empty(kind: str, sample: np.ndarray, nlist: int, on_gpu: bool = False, seed: int = 0) -> faiss.Index:
+    """A trained, empty IVF index (CPU) from a sample. Large nlist: two-level k-means (√nlist groups,
+    then lists within each group: ~√nlist times less work than flat k-means, which at 12k lists on
+    500k points would take most of an hour on 2 cores), centroids into the (HNSW) quantizer, then
+    the encoder trained on the sample; otherwise Faiss' own training (on GPU when asked)."""
+    index = new_index(kind, sample.shape[1], nlist)
+    if nlist >= HNSW_QUANTIZER_MIN_NLIST:
+        from faiss.contrib.clustering import two_level_clustering
+
+        centroids, _ = two_level_clustering(sample, int(math.sqrt(nlist)), nlist, spherical=True, seed=seed + 1234)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.quantizer.train(centroids)
+        ivf.quantizer.add(centroids)
+        index.train(sample)  # the quantizer is full: Faiss trains only the encoder (SQ ranges, PQ codebooks)
+        return index
+    if on_gpu:
+        gpu_index = to_gpu(index, kind)
+        gpu_index.train(sample)
+        return to_cpu(gpu_index, True)
+    index.train(sample)
+    return index
 
 
 def to_gpu(index: faiss.Index, kind: str) -> faiss.Index:

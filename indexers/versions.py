@@ -1,13 +1,21 @@
 """Index versions on disk: publish a complete version atomically, load the live one.
 
-Layout under ``GALLERY/index/`` (docs/schemas.md), one folder per built version::
+Layout under ``GALLERY/index/`` (docs/schemas.md, docs/scaling.md), one folder per built version::
 
-    CURRENT                 the name of the live version folder (replaced atomically)
+    CURRENT                      the name of the live version folder (replaced atomically)
     v-<time>-<rand>/
-        index.faiss         the Faiss index (always saved as a CPU index)
-        items.parquet       faiss id -> detection_id and the detection's metadata (no embedding)
-        knn.parquet         each gallery item's k nearest gallery items (for re-ranking)
-        meta.json           type, metric, dim, embedder, count, nlist, nprobe, measured recall, shards
+        index.faiss              flat: the in-memory exact index; IVF: the base file, lists memory-mapped
+        delta-<n>.faiss          IVF lists added by nightly builds since the base (stacked at load)
+        items-<first id>.arrow   faiss id -> detection_id and the detection's metadata (Arrow IPC, mapped)
+        vectors-<first id>.npy   the exact vectors in faiss-id order (shards' dtype; re-ranking, checks)
+        knn-<n>.{rows,ids,dist}.npy  kNN-graph layers, later ones override rows of earlier ones
+        meta.json                type, metric, dim, embedder, count, nlist, nprobe, measured recall,
+                                 memory budget and expected size, shards, and the files above
+
+Every file but meta.json is written once and never modified, so a nightly build hard-links the
+previous version's files into its new folder and writes only what is new (O(new) bytes).
+Versions built before issue 12 (``layout`` 1: ``index.faiss``, ``items.parquet``,
+``knn.parquet``) are still loaded; the next build replaces them with a full rebuild.
 
 A build writes a complete new version folder, then swaps ``CURRENT`` with one ``os.replace``: a
 query that started earlier keeps reading the old folder (the previous version is kept), a query
@@ -64,7 +72,32 @@ class IndexMeta:
     shards: list[str] = field(default_factory=list)
     built_at: str = ""
     build: dict = field(default_factory=dict)  # how this version was made: full|incremental, seconds, gpu
-    files: dict = field(default_factory=dict)  # {file: {size, sha256}}: `reidx verify` and builds check them
+    layout: int = 1
+    ivf_files: list[str] = field(default_factory=list)  # base, then deltas (layout 2, IVF types)
+    vector_segments: list[int] = field(default_factory=list)  # first faiss id of each vectors-*.npy
+    item_segments: list[int] = field(default_factory=list)  # first faiss id of each items-*.arrow
+    knn_layers: list[str] = field(default_factory=list)
+    refine_factor: int | None = None
+    memory_budget: int | None = None
+    expected_bytes: int | None = None
+    choice: str = ""  # why this index type
+    knn_recall: float | None = None  # measured recall@knn_k of the stored graph on a sample
+    quantizer: str = "flat"
+    file_records: dict = field(default_factory=dict)  # {file: {size, sha256}}: `reidx verify` and builds check them
+
+    def files(self) -> list[str]:
+        """Every file of a layout-2 version but meta.json."""
+        from reidx.indexers.build_tasks import items_name
+        from reidx.indexers.knn_store import layer_files
+        from reidx.indexers.vector_store import segment_name
+
+        index_files = self.ivf_files if self.ivf_files else ["index.faiss"]
+        return (list(index_files) + [segment_name(i) for i in self.vector_segments]
+                + [items_name(i) for i in self.item_segments] + [f for n in self.knn_layers for f in layer_files(n)])
+
+
+def read_meta(folder: Path) -> IndexMeta:
+    return IndexMeta(**json.loads((Path(folder) / "meta.json").read_text()))
 
 
 def index_root(gallery: str | os.PathLike) -> Path:
@@ -79,21 +112,44 @@ def current_version(gallery: str | os.PathLike) -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def staging_folder(gallery: Path, version: str) -> Path:
+    """Where a build writes its version before :func:`publish_folder` (invisible to readers)."""
+    tmp = index_root(gallery) / f".{version}.tmp"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def remove_leftovers(gallery: Path) -> int:
+    """Staging folders of builds that died (call only while holding the index lock)."""
+    leftovers = list(index_root(gallery).glob(".v-*.tmp"))
+    for leftover in leftovers:
+        shutil.rmtree(leftover, ignore_errors=True)
+    return len(leftovers)
+
+
 def publish(gallery: Path, index: faiss.Index, items: pa.Table, knn: tuple[np.ndarray, np.ndarray],
              meta: IndexMeta) -> Path:
-    """Write a complete version folder, then point CURRENT at it; keep the previous version for
-    queries that are still reading it, remove older ones."""
-    root = index_root(gallery)
-    folder = root / meta.version
-    tmp = root / f".{meta.version}.tmp"
-    tmp.mkdir(parents=True)
+    """Write a complete layout-1 version folder (one in-memory index, Parquet items and graph),
+    then point CURRENT at it."""
+    tmp = staging_folder(gallery, meta.version)
     faiss.write_index(index, str(tmp / "index.faiss"))
     write_parquet_atomic(items, tmp / "items.parquet")
     write_parquet_atomic(knn_table(*knn), tmp / "knn.parquet")
     with open(tmp / "index.faiss", "rb") as f:
         os.fsync(f.fileno())
-    meta.files = file_records(tmp, ["index.faiss", "items.parquet", "knn.parquet"])
+    return publish_folder(gallery, tmp, meta)
+
+
+def publish_folder(gallery: Path, tmp: Path, meta: IndexMeta) -> Path:
+    """Write meta.json into a complete staging folder, rename it into place and point CURRENT at
+    it; keep the previous version for queries still reading it, remove older ones. The folder's
+    other files must already be durable (each writer fsyncs its files)."""
+    root = index_root(gallery)
+    folder = root / meta.version
+    names = meta.files() if meta.layout >= 2 else ["index.faiss", "items.parquet", "knn.parquet"]
+    meta.file_records = file_records(tmp, [n for n in names if (tmp / n).is_file()])
     write_text_atomic(tmp / "meta.json", json.dumps(asdict(meta), indent=2))
+    fsync_dir(tmp)
     os.replace(tmp, folder)
     fsync_dir(root)
     previous = current_version(gallery)
@@ -102,8 +158,7 @@ def publish(gallery: Path, index: faiss.Index, items: pa.Table, knn: tuple[np.nd
     for old in root.glob("v-*"):
         if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
-    for leftover in root.glob(".v-*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    remove_leftovers(gallery)
     return folder
 
 
@@ -120,6 +175,7 @@ class GalleryIndex:
     index: faiss.Index
     items: pa.Table
     on_gpu: bool = False
+    searcher: object = None  # layout 2: reidx.indexers.searcher.Searcher (mapped lists, refine)
 
     @property
     def count(self) -> int:
@@ -127,31 +183,65 @@ class GalleryIndex:
 
     def search(self, vectors: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(cosine distances (Q, k), faiss ids (Q, k)); nprobe defaults to the calibrated one."""
+        if self.searcher is not None and not self.on_gpu:
+            return self.searcher.search(vectors, k, nprobe)
         set_nprobe(self.index, nprobe or self.meta.nprobe, self.on_gpu)
+        if self.searcher is not None and self.searcher.refine_factor:  # GPU ivf-pq: re-rank from disk too
+            from reidx.indexers.searcher import REFINE_MIN_SHORTLIST, refine
+
+            vectors = np.ascontiguousarray(vectors, np.float32)
+            _, shortlist = search(self.index, vectors, max(k * self.searcher.refine_factor, REFINE_MIN_SHORTLIST))
+            return refine(self.searcher.store, vectors, shortlist, k)
         return search(self.index, vectors, k)
 
     def knn(self) -> tuple[np.ndarray, np.ndarray]:
+        """The whole graph as (N, k) arrays (what re-ranking takes today)."""
+        if self.meta.layout >= 2:
+            return self.knn_graph().to_arrays()
         return read_knn(self.folder)
+
+    def knn_graph(self):
+        """The layered graph (layout 2): ``lookup(rows)`` reads only those rows."""
+        from reidx.indexers.knn_store import KnnGraph
+
+        return KnnGraph(self.folder, self.meta.knn_layers, self.meta.count, self.meta.knn_k)
+
+
+def read_items(folder: Path, meta: IndexMeta) -> pa.Table:
+    """The items table; layout 2 maps its Arrow segments (rows are paged in only when touched)."""
+    if meta.layout < 2:
+        return pq.read_table(folder / "items.parquet")
+    from reidx.indexers.build_tasks import items_name, items_schema
+
+    tables = [pa.ipc.open_file(pa.memory_map(str(folder / items_name(i)))).read_all() for i in meta.item_segments]
+    return pa.concat_tables(tables) if tables else items_schema().empty_table()
 
 
 def load_index(gallery: str | os.PathLike, gpu: str = "auto") -> GalleryIndex:
     """The live version of GALLERY's index (retried once if a build swapped it while we opened it)."""
+    from reidx.indexers.searcher import Searcher
+
     for attempt in range(2):
         folder = current_version(gallery)
         if folder is None:
             raise FileNotFoundError(f"{gallery} has no index yet: run `reidx build-index {gallery}` "
                                     f"(or `reidx nightly`) first")
         try:
-            meta = IndexMeta(**json.loads((folder / "meta.json").read_text()))
-            index = faiss.read_index(str(folder / "index.faiss"))
-            items = pq.read_table(folder / "items.parquet")
+            meta = read_meta(folder)
+            searcher = None
+            if meta.layout >= 2:
+                searcher = Searcher(folder, asdict(meta))
+                index = searcher.index
+            else:
+                index = faiss.read_index(str(folder / "index.faiss"))
+            items = read_items(folder, meta)
             break
-        except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        except (FileNotFoundError, RuntimeError, ValueError, OSError) as exc:
             if attempt:  # not a build's swap: the live version itself is damaged
                 raise IndexDamagedError(f"{gallery}'s index version {folder.name} cannot be read "
                                         f"({str(exc).splitlines()[0][:200]}): run `reidx verify {gallery} --repair`, "
                                         f"then `reidx build-index {gallery}`") from None
     on_gpu = resolve_gpu(gpu)
-    if on_gpu:
+    if on_gpu:  # GPU search copies the lists into GPU memory (not run here: no GPU on this machine)
         index = to_gpu(index, meta.type)
-    return GalleryIndex(folder, meta, index, items, on_gpu)
+    return GalleryIndex(folder, meta, index, items, on_gpu, searcher)

@@ -41,14 +41,18 @@ def embedding_array(embeddings: np.ndarray, valid: np.ndarray | None = None) -> 
     return pa.FixedSizeListArray.from_arrays(values, dim, mask=mask)
 
 
-def embeddings_to_numpy(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
-    """``fixed_size_list<float>[D]`` column (no nulls) → (N, D) float32 array, without copying rows one by one."""
+def embeddings_to_numpy(column: pa.ChunkedArray | pa.FixedSizeListArray, dtype=np.float32) -> np.ndarray:
+    """``fixed_size_list<float>[D]`` column (no nulls) → (N, D) array, without copying rows one by one.
+
+    float32 by default (float16 shards are widened: Faiss and the models compute in float32);
+    ``dtype=None`` keeps the stored dtype (float16 stays half the size, e.g. for an on-disk copy)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     if column.null_count:
         raise ValueError("embedding column has nulls; filter failed rows first")
     dim = column.type.list_size
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return (values if dtype is None else values.astype(dtype, copy=False)).reshape(-1, dim)
 
 
 def build_table(crops: pa.Table, result: EmbeddedFiles, info: EmbedderInfo) -> pa.Table:

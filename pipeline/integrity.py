@@ -85,7 +85,7 @@ def damaged_shards(gallery: str | os.PathLike, names: list[str] | None = None) -
 
 
 def file_records(folder: Path, names: list[str]) -> dict[str, dict]:
-    """{file: {size, sha256}}, written into an index version's meta.json."""
+    """{file: {size, sha256}}, written into an index version's meta.json (``file_records``)."""
     return {name: {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)} for name in names}
 
 
@@ -95,7 +95,7 @@ def version_problem(folder: Path) -> str | None:
         meta = json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError) as exc:
         return f"meta.json unreadable: {exc}"
-    for name, record in meta.get("files", {}).items():
+    for name, record in meta.get("file_records", {}).items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"

@@ -120,8 +120,14 @@ def latest(gallery: str | os.PathLike) -> pa.Table:
 
 
 def committed_shards(gallery: str | os.PathLike) -> list[str]:
-    """Shard files the ledger names and that exist: only those are part of the gallery (others are crash leftovers)."""
-    names = {s for s in read_ledger(gallery)["shard"].to_pylist() if s}
+    """Shard files the ledger names and that exist: only those are part of the gallery (others are
+    crash leftovers). Read one part and one column at a time: the ledger has a row per image."""
+    import pyarrow.compute as pc
+
+    names: set[str] = set()
+    for part in sorted(ledger_dir(gallery).glob("part-*.parquet")):
+        column = pq.read_table(part, columns=["shard"])["shard"]
+        names |= {s for s in pc.unique(column).to_pylist() if s}
     return sorted(n for n in names if (shards_dir(gallery) / n).exists())
 
 

@@ -178,7 +178,8 @@ def test_queries_never_see_a_half_built_index(tmp_path, msmt17_split):
     gallery, stop = tmp_path / "g", tmp_path / "stop"
     add_shards(gallery, split, np.arange(2000))
     build_index(gallery, knn_k=5)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # the subprocesses import the reidx under test: keep a PYTHONPATH that already points at it
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(REPO)]))}
     reader = subprocess.Popen([sys.executable, "-c", READER, str(gallery), str(stop)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert reader.stdout.readline().strip() == "ready"

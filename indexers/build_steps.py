@@ -1,0 +1,151 @@
+"""The steps of an out-of-core index build, each bounded in memory whatever the gallery size.
+
+full build:   plan → ingest (shards → vector + items segments, sample; parallel) → train on the
+              sample → add (segments → IVF parts; parallel) → merge (parts → base file, streamed)
+              → check (calibrate nprobe on a sample) → graph (rows by range; parallel) → check graph
+nightly:      plan new shards → ingest → add with the old template → merge into one delta file
+              → graph rows of the new items + reverse edges into old rows → check, repair if drifted
+
+Results do not depend on the number of workers: tasks are cut by rows (ROWS_PER_TASK,
+KNN_TASK_ROWS), not by workers, samples are seeded per task, and parts merge in id order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from reidx.indexers.build_tasks import add_segment, ingest_shards, knn_range
+from reidx.indexers.faiss_ops import TARGET_RECALL_AT_100, recall, train_empty
+from reidx.indexers.ivf_ondisk import merge_parts, template_bytes
+from reidx.indexers.knn_graph import graph_recall, reverse_edges
+from reidx.indexers.knn_store import KnnGraph, write_layer
+from reidx.indexers.searcher import Searcher
+from reidx.indexers.vector_store import VectorStore, exact_search
+from reidx.pipeline.shards import shard_row_counts
+
+ROWS_PER_TASK = 250_000  # vectors per ingest/add task: a part of ≤ 250k codes in a worker's memory
+KNN_TASK_ROWS = 250_000
+CHECK_SAMPLE = 1000  # sampled items for calibration and the graph drift check
+TRUTH_K = 100
+KNN_MIN_RECALL = 0.90  # repair the graph below this recall@k, or when it lost KNN_MAX_DRIFT since built
+KNN_MAX_DRIFT = 0.03
+MAX_DELTAS = 8  # nightly delta files before they are merged into the base (a streamed O(N) copy)
+
+
+def plan_groups(gallery: Path, shards: list[str], rows_per_task: int = ROWS_PER_TASK) -> list[tuple[list[str], int]]:
+    """Consecutive runs of non-empty shards of about ``rows_per_task`` rows: [(shards, rows)]."""
+    groups, current, rows = [], [], 0
+    for name, count in zip(shards, shard_row_counts(gallery, shards)):
+        if count == 0:
+            continue
+        current.append(name)
+        rows += int(count)
+        if rows >= rows_per_task:
+            groups.append((current, rows))
+            current, rows = [], 0
+    if current:
+        groups.append((current, rows))
+    return groups
+
+
+def ingest(executor, gallery: Path, groups, first_id: int, folder: Path, sample_size: int, seed: int) -> list[dict]:
+    """Every group into its vector and items segments (ids from first_id, in group order)."""
+    total = sum(rows for _, rows in groups)
+    fraction = min(1.0, 1.2 * sample_size / total) if sample_size and total else 0.0
+    calls, next_id = [], first_id
+    for shards, rows in groups:
+        calls.append({"gallery": str(gallery), "shards": shards, "first_id": next_id, "folder": str(folder),
+                      "sample_fraction": fraction, "seed": seed})
+        next_id += rows
+    return executor.map(ingest_shards, calls)
+
+
+def train(kind: str, ingested: list[dict], size: int, nlist: int, on_gpu: bool, seed: int) -> bytes:
+    """The trained empty index (serialised) from the ingest samples, cut to ``size`` rows."""
+    sample = np.concatenate([r.pop("sample") for r in ingested])
+    if len(sample) > size:
+        sample = sample[np.sort(np.random.default_rng(seed).choice(len(sample), size, replace=False))]
+    if len(sample) < nlist:
+        raise ValueError(f"nlist {nlist} is more than the {len(sample)} vectors sampled to train on")
+    return template_bytes(train_empty(kind, np.ascontiguousarray(sample), nlist, on_gpu, seed))
+
+
+def add_and_merge(executor, folder: Path, segments: list[int], template: bytes, out: str) -> int:
+    """Each segment into an IVF part (parallel), the parts merged into ``out`` in id order."""
+    parts = [f".part-{first:012d}.faiss" for first in segments]
+    executor.map(add_segment, [{"folder": str(folder), "first_id": first, "template": template, "part": part}
+                               for first, part in zip(segments, parts)])
+    count = merge_parts(template, [folder / p for p in parts], folder / out)
+    for part in parts:
+        (folder / part).unlink()
+    return count
+
+
+def build_flat(folder: Path, store: VectorStore, previous: Path | None) -> int:
+    """index.faiss as an exact in-memory index: the previous one plus the store's rows past it."""
+    index = faiss.read_index(str(previous)) if previous else faiss.IndexFlatIP(store.dim)
+    for _, block in store.iter_blocks(start=int(index.ntotal)):
+        index.add(block)
+    faiss.write_index(index, str(folder / "index.faiss"))
+    with open(folder / "index.faiss", "rb") as f:
+        import os
+
+        os.fsync(f.fileno())
+    return int(index.ntotal)
+
+
+def sample_ids(count: int, seed: int, size: int = CHECK_SAMPLE) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(count, size=min(size, count), replace=False))
+
+
+def truth(store: VectorStore, ids: np.ndarray, k: int = TRUTH_K) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled items' vectors and their exact top-k ids (one streamed pass over the store)."""
+    queries = store.get(ids)
+    return queries, exact_search(store, queries, k)[1]
+
+
+def calibrate(searcher: Searcher, queries: np.ndarray, truth_ids: np.ndarray, nlist: int | None,
+              start: int = 1, target: float = TARGET_RECALL_AT_100) -> tuple[int | None, float, float]:
+    """Smallest power-of-two nprobe ≥ ``start`` whose recall@100 on the sample reaches ``target``
+    (the index searched as queries will search it, refine included); (nprobe, recall@10, recall@100)."""
+    if not nlist:
+        _, found = searcher.search(queries, TRUTH_K)
+        return None, recall(found, truth_ids, 10), recall(found, truth_ids, TRUTH_K)
+    nprobe = max(1, min(start, nlist))
+    while True:
+        _, found = searcher.search(queries, TRUTH_K, nprobe)
+        r10, r100 = recall(found, truth_ids, 10), recall(found, truth_ids, TRUTH_K)
+        if r100 >= target or nprobe >= nlist:
+            return nprobe, r10, r100
+        nprobe = min(2 * nprobe, nlist)
+
+
+def graph_ranges(executor, folder: Path, layout: dict, k: int, start: int, stop: int, prefix: str,
+                 rows: int = KNN_TASK_ROWS) -> list[str]:
+    """Graph rows of ids start..stop-1 as dense layers, one per ``rows`` ids (parallel)."""
+    calls = [{"folder": str(folder), "layout": layout, "start": a, "stop": min(stop, a + rows), "k": k,
+              "layer": f"knn-{prefix}-{a:012d}"} for a in range(start, stop, rows)]
+    return executor.map(knn_range, calls)
+
+
+def reverse_layer(folder: Path, old_layers: list[str], new_layers: list[str], old_count: int, total: int,
+                  k: int, name: str) -> tuple[str | None, int]:
+    """The sparse layer of old rows that gain a new neighbour (:func:`reverse_edges`); (name, rows).
+    Memory: the new items' rows (O(new · k)) and the touched old rows."""
+    old = KnnGraph(folder, old_layers, old_count, k)
+    new = KnnGraph(folder, new_layers, total, k)
+    new_ids = np.concatenate([np.asarray(ids) for _, ids, _ in new._maps])
+    new_dist = np.concatenate([np.asarray(dist) for _, _, dist in new._maps])
+    rows, ids, dist = reverse_edges(old.lookup, new_ids, new_dist, old_count)
+    if not len(rows):
+        return None, 0
+    return write_layer(folder, name, rows, ids, dist), len(rows)
+
+
+def graph_check(folder: Path, layers: list[str], count: int, k: int, ids: np.ndarray, truth_ids: np.ndarray) -> float:
+    """recall@k of the stored rows of the sampled items against their exact top-k."""
+    rows, _ = KnnGraph(folder, layers, count, k).lookup(ids)
+    return round(graph_recall(rows, truth_ids, k), 4)
