@@ -38,12 +38,8 @@ from __future__ import annotations
 import fnmatch
 import glob
 import io
-import lzma
 import os
-import stat
-import struct
 import tarfile
-import threading
 import zipfile
 import zlib
 from collections import Counter
@@ -51,17 +47,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Iterator
 
+from reidx.pipeline.archives import (ARCHIVE_ERRORS, ARCHIVE_REST, archive_type, read_capped,  # noqa: F401
+                                     tar_end_reason, tar_member_reason, too_large, zip_member_reason)
 from reidx.pipeline.datasets import IMAGE_SUFFIXES
+from reidx.pipeline.remote import (PROTOCOL_EXTRAS, DeadlineReader, NetworkTimeout, deadline, is_protocol_error,
+                                   protocol, storage_options)
 from reidx.pipeline.manifest import DEFAULT_TIMEOUT_S, Source
 from reidx.pipeline.video import VIDEO_SUFFIXES
-
-ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".zip")
-ARCHIVE_REST = "(rest of archive)"  # pseudo-member recording where a tar listing broke (no image suffix: no clash)
-# What reading damaged archive bytes raises: zlib/lzma errors are not OSErrors, bz2 and gzip raise
-# OSError, zipfile raises BadZipFile, NotImplementedError (unknown method), RuntimeError (encrypted).
-ARCHIVE_ERRORS = (tarfile.TarError, zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError,
-                  NotImplementedError, RuntimeError, ValueError, struct.error)
-
 
 class SourceError(OSError):
     """A whole source cannot be listed (missing folder, unreadable archive); the night goes on."""
@@ -81,53 +73,6 @@ class Listing:
     fingerprints: dict[str, str] = field(default_factory=dict)
 
 
-def archive_type(uri: str) -> str | None:
-    lower = uri.lower()
-    if lower.endswith((".tar.gz", ".tgz")):
-        return "tar.gz"
-    if lower.endswith(".tar"):
-        return "tar"
-    if lower.endswith(".zip"):
-        return "zip"
-    return None
-
-
-def unsafe_name_reason(name: str) -> str | None:
-    """Why an archive member name is unsafe to use as a path, or None."""
-    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
-        return "absolute member name"
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
-        return "member name contains '..'"
-    return None
-
-
-def _size_text(size: int) -> str:
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} bytes"
-
-
-def _too_large(size: int | None, source: Source) -> str | None:
-    """The refusal for a member whose declared size is over the source's cap, or None."""
-    if size is not None and size > source.max_member_bytes:
-        return (f"member too large: {_size_text(size)} ({size} bytes) over max_member_bytes = "
-                f"{source.max_member_bytes}; raise max_member_bytes in the manifest to index it")
-    return None
-
-
-def _read_capped(f, source: Source) -> tuple[bytes | None, str | None]:
-    """Read a member, stopping one byte past the cap whatever its header said: (data, None) or (None, reason)."""
-    cap, chunks, total = source.max_member_bytes, [], 0
-    while chunk := f.read(min(1 << 20, cap + 1 - total)):
-        chunks.append(chunk)
-        total += len(chunk)
-        if total > cap:
-            return None, (f"member too large: more than max_member_bytes = {cap} bytes read (more than its "
-                          f"header said); raise max_member_bytes in the manifest to index it")
-    return b"".join(chunks), None
-
-
 def _wanted(source: Source, member: str) -> bool:
     """An image member (a video member for video sources) that the include/exclude patterns keep."""
     suffixes = VIDEO_SUFFIXES if source.kind == "video" else IMAGE_SUFFIXES
@@ -138,99 +83,15 @@ def _wanted(source: Source, member: str) -> bool:
     return not any(fnmatch.fnmatch(member, p) for p in source.exclude)
 
 
-# Extras of reidx that bring a protocol's optional packages (fsspec names the package for others).
-PROTOCOL_EXTRAS = {"http": "reidx[http]", "https": "reidx[http]"}
-
-
-class NetworkTimeout(TimeoutError):
-    """A network operation of a URL source got no answer within its ``timeout_s``."""
-
-
-def _protocol(uri: str) -> str:
-    return uri.split("://", 1)[0].lower()
-
-
-def _deadline(call, timeout: float, what: str):
-    """``call()`` in a daemon thread, abandoned after ``timeout`` s: a silent server holds that thread, not the night."""
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, name="reidx-network", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise NetworkTimeout(f"no answer from {what} within {timeout:g} s; check the server or raise timeout_s "
-                             f"in the manifest")
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome.get("value")
-
-
-def _storage_options(uri: str, timeout: float) -> dict:
-    """The protocol's own timeouts, where fsspec's implementation takes them (the deadline backs them up)."""
-    protocol = _protocol(uri)
-    if protocol in ("http", "https"):
-        import aiohttp  # ImportError: reported with the extra to install
-
-        return {"client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=timeout,
-                                                                    sock_read=timeout)}}
-    if protocol in ("ftp", "sftp", "ssh"):
-        return {"timeout": timeout}
-    if protocol in ("s3", "s3a"):
-        return {"config_kwargs": {"connect_timeout": timeout, "read_timeout": timeout}}
-    return {}
-
-
 def _url_error(source: Source, exc: BaseException) -> SourceError:
     """An unknown protocol or a missing optional package, said as what to do."""
-    protocol = _protocol(source.uri)
+    scheme = protocol(source.uri)
     if isinstance(exc, ImportError):
-        extra = PROTOCOL_EXTRAS.get(protocol)
+        extra = PROTOCOL_EXTRAS.get(scheme)
         hint = f"pip install '{extra}'" if extra else "install the package fsspec names"
-        return SourceError(f"source {source.name}: {protocol}:// needs an optional package: {hint} ({exc})")
-    return SourceError(f"source {source.name}: unknown protocol {protocol!r} in {source.uri}; use a folder, an "
+        return SourceError(f"source {source.name}: {scheme}:// needs an optional package: {hint} ({exc})")
+    return SourceError(f"source {source.name}: unknown protocol {scheme!r} in {source.uri}; use a folder, an "
                        f"archive or a URL fsspec knows (s3://, gs://, http://, ...)")
-
-
-def _is_protocol_error(exc: BaseException) -> bool:
-    return isinstance(exc, ImportError) or (isinstance(exc, ValueError) and "Protocol not known" in str(exc))
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A remote file whose every read and seek must finish within the timeout."""
-
-    def __init__(self, f, timeout: float, what: str):
-        self.f, self.timeout, self.what = f, timeout, what
-
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def readinto(self, buffer) -> int:
-        data = _deadline(lambda: self.f.read(len(buffer)), self.timeout, self.what)
-        buffer[:len(data)] = data
-        return len(data)
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        return _deadline(lambda: self.f.seek(offset, whence), self.timeout, self.what)
-
-    def tell(self):
-        return self.f.tell()
-
-    def close(self):
-        if not self.closed:
-            try:
-                _deadline(self.f.close, self.timeout, self.what)
-            except Exception:  # noqa: BLE001 - closing a dead connection: nothing left to save
-                pass
-        super().close()
 
 
 def _open_binary(uri: str, source: Source | None = None):
@@ -238,9 +99,9 @@ def _open_binary(uri: str, source: Source | None = None):
         import fsspec
 
         timeout = source.timeout_s if source is not None else DEFAULT_TIMEOUT_S
-        options = _storage_options(uri, timeout)
-        f = _deadline(lambda: fsspec.open(uri, "rb", **options).open(), timeout, uri)
-        return io.BufferedReader(_DeadlineReader(f, timeout, uri), buffer_size=1 << 20)
+        options = storage_options(uri, timeout)
+        f = deadline(lambda: fsspec.open(uri, "rb", **options).open(), timeout, uri)
+        return io.BufferedReader(DeadlineReader(f, timeout, uri), buffer_size=1 << 20)
     return open(uri, "rb")
 
 
@@ -248,13 +109,13 @@ def _list_url_folder(source: Source, listing: Listing) -> None:
     import fsspec
 
     timeout = source.timeout_s
-    fs, root = _deadline(lambda: fsspec.core.url_to_fs(source.uri, **_storage_options(source.uri, timeout)),
+    fs, root = deadline(lambda: fsspec.core.url_to_fs(source.uri, **storage_options(source.uri, timeout)),
                          timeout, source.uri)
-    if not _deadline(lambda: fs.isdir(root), timeout, source.uri):
+    if not deadline(lambda: fs.isdir(root), timeout, source.uri):
         raise SourceError(f"source {source.name}: {source.uri} does not exist")
     walk = iter(fs.walk(root, detail=False))
     while True:  # one directory listing per step, each within the timeout
-        step = _deadline(lambda: next(walk, None), timeout, source.uri)
+        step = deadline(lambda: next(walk, None), timeout, source.uri)
         if step is None:
             break
         folder, _, files = step
@@ -306,26 +167,6 @@ def _local_files(source: Source) -> tuple[Path, list[Path]]:
     return root, [p for p in root.rglob("*") if p.is_file()]
 
 
-def _tar_member_reason(info: tarfile.TarInfo) -> str | None:
-    reason = unsafe_name_reason(info.name)
-    if reason:
-        return reason
-    if info.issym() or info.islnk():
-        return "link member (never followed)"
-    if info.ischr() or info.isblk() or info.isfifo():
-        return "device or FIFO member"
-    return None if info.isfile() else "not a regular file"
-
-
-def _zip_member_reason(info: zipfile.ZipInfo) -> str | None:
-    reason = unsafe_name_reason(info.filename)
-    if reason:
-        return reason
-    if stat.S_ISLNK(info.external_attr >> 16):
-        return "link member (never followed)"
-    return None
-
-
 def _add_archive_entries(listing: Listing, entries: list[tuple[str, str | None, str]]) -> None:
     """Archive entries (name, refusal reason or None, fingerprint) into the listing, each name once.
 
@@ -347,20 +188,6 @@ def _add_archive_entries(listing: Listing, entries: list[tuple[str, str | None, 
             listing.members.append(name)
 
 
-def _tar_end_reason(tar: tarfile.TarFile) -> str | None:
-    """Why the tar did not end where tarfile stopped listing, or None.
-
-    tarfile ends its listing silently at a damaged header after the first member; a real end is
-    zero blocks up to the end of the stream. Reading on to the end also makes gzip check its CRC.
-    """
-    stream = tar.fileobj
-    stream.seek(tar.offset)
-    while block := stream.read(1 << 20):
-        if block.strip(b"\0"):
-            return f"damaged tar header at byte {tar.offset}"
-    return None
-
-
 def _errors(source: Source) -> tuple:
     """What reading this source may raise and must record: for a URL, anything its filesystem raises."""
     return (Exception,) if "://" in source.uri else ARCHIVE_ERRORS
@@ -374,9 +201,9 @@ def _list_tar(source: Source, listing: Listing) -> None:
             for info in tar:
                 last = info.name
                 if not info.isdir() and _wanted(source, info.name):
-                    entries.append((info.name, _tar_member_reason(info) or _too_large(info.size, source),
+                    entries.append((info.name, tar_member_reason(info) or too_large(info.size, source),
                                     f"tar:{info.size}:{info.mtime}"))
-            broken = _tar_end_reason(tar)
+            broken = tar_end_reason(tar)
     except FileNotFoundError:
         raise
     except _errors(source) as exc:
@@ -399,8 +226,8 @@ def list_source(source: Source) -> Listing:
             _list_tar(source, listing)
         elif kind == "zip":
             with _open_binary(source.uri, source) as raw, zipfile.ZipFile(raw) as archive:
-                _add_archive_entries(listing, [(info.filename, _zip_member_reason(info)
-                                                or _too_large(info.file_size, source),
+                _add_archive_entries(listing, [(info.filename, zip_member_reason(info)
+                                                or too_large(info.file_size, source),
                                                 f"zip:{info.file_size}:{info.CRC:08x}")
                                                for info in archive.infolist()
                                                if not info.is_dir() and _wanted(source, info.filename)])
@@ -427,8 +254,10 @@ def list_source(source: Source) -> Listing:
         raise SourceError(f"source {source.name}: {source.uri} does not exist") from None
     except NetworkTimeout as exc:
         raise SourceError(f"source {source.name}: {exc}") from None
+    except TimeoutError:  # the protocol's own timeout fired before our deadline (a loaded machine)
+        raise SourceError(f"source {source.name}: {NetworkTimeout.message(source.uri, source.timeout_s)}") from None
     except Exception as exc:
-        if "://" in source.uri and _is_protocol_error(exc):
+        if "://" in source.uri and is_protocol_error(exc):
             raise _url_error(source, exc) from None
         # a URL source's filesystem may raise anything (aiohttp, botocore, ...): that source fails, not the night
         if isinstance(exc, ARCHIVE_ERRORS) or "://" in source.uri:
@@ -454,12 +283,12 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
                     if info.name not in wanted or info.name in found:
                         continue
                     found.add(info.name)
-                    reason = _tar_member_reason(info) or _too_large(info.size, source)
+                    reason = tar_member_reason(info) or too_large(info.size, source)
                     if reason:
                         yield info.name, None, reason
                         continue
                     try:
-                        data, reason = _read_capped(tar.extractfile(info), source)
+                        data, reason = read_capped(tar.extractfile(info), source)
                     except errors as exc:
                         data, reason = None, f"unreadable archive member: {exc}"
                     yield info.name, data, reason  # outside the try: a consumer's error is not ours to record
@@ -484,10 +313,10 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
                     data = None
                     try:
                         info = archive.getinfo(member)
-                        reason = _zip_member_reason(info) or _too_large(info.file_size, source)
+                        reason = zip_member_reason(info) or too_large(info.file_size, source)
                         if not reason:
                             with archive.open(info) as f:
-                                data, reason = _read_capped(f, source)
+                                data, reason = read_capped(f, source)
                     except KeyError:
                         reason = "member not found in archive"
                     except errors as exc:
@@ -509,14 +338,14 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
             try:
                 with _open_binary(f"{root.rstrip('/')}/{member}", source) as f:
                     size = os.fstat(f.fileno()).st_size if "://" not in root else None
-                    reason = _too_large(size, source)
+                    reason = too_large(size, source)
                     if not reason:
-                        data, reason = _read_capped(f, source)
+                        data, reason = read_capped(f, source)
             except OSError as exc:
                 reason = f"cannot read: {exc.strerror or exc}"
             except Exception as exc:
                 if "://" not in root:
                     raise
                 # a URL source's filesystem may raise anything: that member fails, not the batch
-                reason = str(_url_error(source, exc)) if _is_protocol_error(exc) else f"cannot read: {exc}"
+                reason = str(_url_error(source, exc)) if is_protocol_error(exc) else f"cannot read: {exc}"
             yield member, data, reason
