@@ -85,7 +85,7 @@ def suppress_contained(boxes, scores, threshold: float, min_width_ratio: float =
     Catches the nested duplicates NMS lets through (a half-body box inside the whole-body one has
     IoU ≈ 0.5). The width condition keeps other people: a far person seen through a near person's
     box is a fifth of its width or less, a neighbour half hidden behind someone about 0.4; the
-    duplicates measured on the shared frames were 0.56–0.85 (docs/detection.md)."""
+    part boxes seen on the shared frames were 0.56–0.85 as wide as the whole (docs/detection.md)."""
     boxes = _xyxy(boxes)
     scores = np.asarray(scores, np.float64).reshape(-1)
     order = np.argsort(-scores, kind="stable")
