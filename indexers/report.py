@@ -205,7 +205,7 @@ def _hit_figure(page: _Page, query: dict, hit: dict) -> str:
     if hit.get("rerank_distance") is not None:
         distance += f" → {hit['rerank_distance']:.3f}"
     caption = (f"#{hit['rank']} d={distance}<br>cam {html.escape(str(hit.get('camera')))}"
-               f"<br>{html.escape(_when(hit))}<br>{_file_link(path, hit['image_key'])}")
+               f"<br>{html.escape(_when(hit))}<br>{_file_link(path, Path(hit['member']).name)}")
     return (f"<figure class='{_css_of(query, hit)}'>" + page.img(f"g-{hit['detection_id']}.jpg", hit["image_key"],
                                                                  "", path) + f"<figcaption>{caption}</figcaption></figure>")
 
@@ -266,7 +266,9 @@ def write_report(results: pa.Table, items: pa.Table, out: str | os.PathLike, top
             cameras = sorted({str(r.get("camera")) for r in seen[qid]})
             parts.append(f"<li><a href='#q-{number}'>Query {number}: "
                          f"{html.escape(Path(query['query_path'].split('::')[-1]).name)}</a> — {len(seen[qid])} "
-                         f"sightings" + (f" in cameras {html.escape(', '.join(cameras))}" if cameras else "") + "</li>")
+                         f"sighting{'s' if len(seen[qid]) != 1 else ''}" +
+                         (f" in camera{'s' if len(cameras) > 1 else ''} {html.escape(', '.join(cameras))}"
+                          if cameras else "") + "</li>")
         parts.append("</ol></nav>")
     for number, (qid, query) in numbered:
         parts.append(f"<section class='query' id='q-{number}'>" + _query_head(page, number, query, qid))

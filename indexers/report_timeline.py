@@ -67,7 +67,8 @@ def timeline_svg(sightings: list[dict], anchor: str) -> str:
                      f'<text class="lane-label" x="{GUTTER}" y="{y + 4}" text-anchor="end">'
                      f'<title>{html.escape(name)}</title>cam {html.escape(label)}</text>')
     axis_y = 8 + LANE * len(cameras) + 6
-    parts.append(f'<line class="axis" x1="{plot_left}" x2="{plot_right}" y1="{axis_y}" y2="{axis_y}"/>')
+    if timed:
+        parts.append(f'<line class="axis" x1="{plot_left}" x2="{plot_right}" y1="{axis_y}" y2="{axis_y}"/>')
     points: list[tuple[float, float, dict]] = []
     if timed:
         start, end = min(s["timestamp"] for s in timed), max(s["timestamp"] for s in timed)
@@ -92,14 +93,15 @@ def timeline_svg(sightings: list[dict], anchor: str) -> str:
             points.append((x_of(s["timestamp"]), 8 + lane_of[s["camera"]] * LANE + LANE / 2, s))
         path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in points)
         parts.append(f'<polyline class="path" points="{path}"/>')
-    if untimed:
-        left = WIDTH - 8 - UNKNOWN_COLUMN
-        parts.append(f'<text class="tick-label" x="{left + UNKNOWN_COLUMN / 2}" y="{axis_y + 18}" '
-                     f'text-anchor="middle">time unknown</text>')
+    if untimed:  # a column of their own; the whole width when no sighting has a time
+        left, right = (WIDTH - 8 - UNKNOWN_COLUMN, WIDTH - 8) if timed else (plot_left, WIDTH - 8)
+        label = "time unknown" if timed else "no sighting has a time: one dot per sighting, by rank"
+        parts.append(f'<text class="tick-label" x="{(left + right) / 2:.1f}" y="{axis_y + 18}" '
+                     f'text-anchor="middle">{label}</text>')
         per_lane: dict = {}
-        for s in untimed:
+        for s in sorted(untimed, key=lambda s: s["rank"]):
             i = per_lane[s["camera"]] = per_lane.get(s["camera"], -1) + 1
-            x = left + 10 + (i * 9) % (UNKNOWN_COLUMN - 20)
+            x = left + 10 + (i * 14) % max(14, right - left - 20)
             points.append((x, 8 + lane_of[s["camera"]] * LANE + LANE / 2, s))
     for x, y, s in points:
         when = s["timestamp"].isoformat(sep=" ", timespec="milliseconds") if s["timestamp"] else "time unknown"
