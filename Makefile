@@ -37,7 +37,7 @@ demo: venv
 	$(BIN)/reidx export out/demo-gallery --where "track_id IS NOT NULL" \
 	    --columns member,frame_index,timestamp,track_id,x1,y1,x2,y2,score --out out/demo-video-tracks.parquet
 	$(BIN)/reidx query out/demo-gallery $(SHARED)/data/scenes/queries --top-k 20 \
-	    --out out/demo-results.parquet --report out/demo-report.html
+	    --out out/demo-results.parquet --report out/demo-report.html --trajectory
 
 # tests/test_report_browser.py opens the report in a real headless Chromium (Debian's package;
 # installed here when missing, as root — CI runs as root; elsewhere install it or set $$CHROMIUM).
