@@ -19,7 +19,8 @@ pass), cost the same at 83 % passing and 2–80× more CPU for filters passing 1
 selector, and is kept selectable for the benchmark.
 
 Per-query parts. ``exclude_same_camera`` depends on the query's camera(s): queries are grouped by
-their camera set, one selector per group (at most one group per camera for single queries).
+their camera set, one selector per group (at most one group per camera for single queries); a
+query without a camera (a name that gives none) has nothing to exclude.
 ``exclude_self`` depends on the query's image: the gallery items of a query's own image are few
 (one per detected person), so the search asks for k + that many and drops them — exact, and the
 bulk query stays one batched search per group. The whole own image is excluded, not only the
