@@ -11,7 +11,8 @@ A manifest is a TOML file with one ``[[source]]`` table per archive::
     kind = "crops"                      # "crops": each image is one person; "frames": detect people;
                                         # "video": MP4/MKV/AVI/MPEG-TS files, frames detected and tracked
     camera = { regex = '_c(\\d+)' }     # or a constant: camera = "gate-3" / camera = 3
-    timestamp = { regex = '(\\d{8}T\\d{6})', format = "%Y%m%dT%H%M%S" }   # optional
+    timestamp = { regex = '(\\d{8}T\\d{6})', format = "%Y%m%dT%H%M%S" }   # optional, or a frame number:
+    # timestamp = { regex = '_(\\d{6})\\.jpg$', frame_rate = 25, start = 2013-01-01T08:00:00 }
     labels = { person_id = '^(-?\\d+)_' }   # optional, for evaluation sets
     include = ["*.jpg"]                 # optional fnmatch patterns on the member path
     exclude = ["*/thumbs/*"]            # optional
@@ -48,7 +49,7 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from datetime import date, datetime, time, timezone
+from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 
 KINDS = ("crops", "frames", "video")
@@ -93,6 +94,8 @@ class Source:
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     timeout_s: float = DEFAULT_TIMEOUT_S
     timestamp_constant: datetime | None = None  # video sources: the start time of every video
+    timestamp_frame_rate: float | None = None  # the regex captures a frame number: start + frame / rate
+    timestamp_start: datetime | None = None
     fps: float | None = None  # video sampling: frames per second of presentation time ...
     every: int | None = None  # ... or every k-th decoded frame (neither: all frames)
     segment_s: float = DEFAULT_SEGMENT_S
@@ -112,6 +115,8 @@ class Source:
         if not match or match.group(1) is None:
             return None
         try:
+            if self.timestamp_frame_rate:  # recordings named by frame number (Market-1501: 25 frames/s)
+                return self.timestamp_start + timedelta(seconds=int(match.group(1)) / self.timestamp_frame_rate)
             return datetime.strptime(match.group(1), self.timestamp_format)
         except (ValueError, OverflowError):
             return None
@@ -297,11 +302,20 @@ def _source(raw, index: int, file: str, base: Path, defaults: dict) -> Source:
     if isinstance(raw.get("timestamp"), (datetime, date, time)):
         fields["timestamp_constant"] = _start_time(raw["timestamp"], raw["kind"], f"{where}: key 'timestamp'")
     elif "timestamp" in raw:
-        spec = _table(raw["timestamp"], f"{where}: key 'timestamp'", {"regex", "format"}, {"regex", "format"})
+        spec = _table(raw["timestamp"], f"{where}: key 'timestamp'", {"regex", "format", "frame_rate", "start"},
+                      {"regex"})
         fields["timestamp_regex"] = _regex(spec["regex"], f"{where}: key 'timestamp.regex'")
-        if not isinstance(spec["format"], str) or "%" not in spec["format"]:
-            raise ManifestError(f"{where}: key 'timestamp.format' must be a strptime format such as '%Y%m%d'")
-        fields["timestamp_format"] = spec["format"]
+        if "frame_rate" in spec or "start" in spec:
+            rate, start = spec.get("frame_rate"), spec.get("start")
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0 or \
+                    not isinstance(start, datetime) or "format" in spec:
+                raise ManifestError(f"{where}: key 'timestamp' with a frame number needs frame_rate (frames per "
+                                    f"second, > 0) and start (a TOML date-time), and no format")
+            fields["timestamp_frame_rate"], fields["timestamp_start"] = float(rate), start
+        else:
+            if not isinstance(spec.get("format"), str) or "%" not in spec["format"]:
+                raise ManifestError(f"{where}: key 'timestamp.format' must be a strptime format such as '%Y%m%d'")
+            fields["timestamp_format"] = spec["format"]
     if "labels" in raw:
         spec = _table(raw["labels"], f"{where}: key 'labels'", {"person_id"}, {"person_id"})
         fields["person_id_regex"] = _regex(spec["person_id"], f"{where}: key 'labels.person_id'", digits=True)

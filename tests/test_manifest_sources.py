@@ -9,7 +9,7 @@ import pytest
 
 from reidx.pipeline.manifest import ManifestError, load_manifest
 from reidx.pipeline.sources import SourceError, list_source, read_members
-from conftest import CON_REID
+from conftest import CON_REID, REPO
 
 QUERY_IMAGES = sorted((CON_REID / "query").iterdir())[:6]
 
@@ -35,6 +35,18 @@ def test_valid_manifest_resolves_relative_uri_and_parses_fields(tmp_path):
     member = "0001_c3s1_20261121T220501.jpg"
     assert source.camera_of(member) == "3" and source.person_id_of(member) == 1
     assert source.timestamp_of(member) == datetime(2026, 11, 21, 22, 5, 1)
+
+
+def test_timestamps_from_frame_numbers(tmp_path):
+    """Recordings named by frame number (Market-1501's cCsS_FFFFFF at 25 frames/s) get times."""
+    from datetime import timedelta
+
+    from reidx.pipeline.manifest import load_manifest
+
+    source = load_manifest(REPO / "data_manifests" / "scenes.toml").sources[0]
+    assert source.timestamp_of("c1s1_001051.jpg") == datetime(2013, 1, 1, 8) + timedelta(seconds=1051 / 25)
+    assert source.timestamp_of("c1s1_001051.jpg") < source.timestamp_of("c1s1_002301.jpg")
+    assert source.timestamp_of("no-number.jpg") is None
     assert source.person_id_of("-1_c1.jpg") == -1
 
 
@@ -48,7 +60,9 @@ def test_valid_manifest_resolves_relative_uri_and_parses_fields(tmp_path):
         ("[[source]]\nname = 'a'\nuri = 'x'\nkind = 'crops'\ncamera = { regex = '(' }\n", "key 'camera.regex': invalid"),
         ("[[source]]\nname = 'a'\nuri = 'x'\nkind = 'crops'\ncamera = { regex = 'c1' }\n", "needs a (group)"),
         ("[[source]]\nname = 'a'\nuri = 'x'\nkind = 'crops'\ntimestamp = { regex = '(\\d+)' }\n",
-         "key 'timestamp': missing key(s) ['format']"),
+         "key 'timestamp.format' must be a strptime format"),
+        ("[[source]]\nname = 'a'\nuri = 'x'\nkind = 'frames'\ntimestamp = { regex = '(\\d+)', frame_rate = 0, "
+         "start = 2013-01-01T08:00:00 }\n", "needs frame_rate (frames per second, > 0) and start"),
         ("[[source]]\nname = 'a b'\nuri = 'x'\nkind = 'crops'\n", "may use letters, digits"),
         ("[[source]]\nname = 'a'\nuri = 'x'\nkind = 'crops'\n[[source]]\nname = 'a'\nuri = 'y'\nkind = 'crops'\n",
          "used twice"),
