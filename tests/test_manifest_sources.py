@@ -36,17 +36,6 @@ def test_valid_manifest_resolves_relative_uri_and_parses_fields(tmp_path):
     assert source.camera_of(member) == "3" and source.person_id_of(member) == 1
     assert source.timestamp_of(member) == datetime(2026, 11, 21, 22, 5, 1)
 
-
-def test_timestamps_from_frame_numbers(tmp_path):
-    """Recordings named by frame number (Market-1501's cCsS_FFFFFF at 25 frames/s) get times."""
-    from datetime import timedelta
-
-    from reidx.pipeline.manifest import load_manifest
-
-    source = load_manifest(REPO / "data_manifests" / "scenes.toml").sources[0]
-    assert source.timestamp_of("c1s1_001051.jpg") == datetime(2013, 1, 1, 8) + timedelta(seconds=1051 / 25)
-    assert source.timestamp_of("c1s1_001051.jpg") < source.timestamp_of("c1s1_002301.jpg")
-    assert source.timestamp_of("no-number.jpg") is None
     assert source.person_id_of("-1_c1.jpg") == -1
 
 
@@ -181,3 +170,15 @@ def test_shipped_manifests_validate_and_list_the_shared_data(name, sizes):
     assert [len(list_source(s).members) for s in manifest.sources] == sizes
     first = list_source(manifest.sources[0]).members[0]
     assert manifest.sources[0].camera_of(first) is not None
+
+
+def test_timestamps_from_frame_numbers(tmp_path):
+    """Recordings named by frame number (Market-1501's cCsS_FFFFFF at 25 frames/s) get times."""
+    from datetime import timedelta
+
+    from reidx.pipeline.manifest import load_manifest
+
+    source = load_manifest(REPO / "data_manifests" / "scenes.toml").sources[0]
+    assert source.timestamp_of("c1s1_001051.jpg") == datetime(2013, 1, 1, 8) + timedelta(seconds=1051 / 25)
+    assert source.timestamp_of("c1s1_001051.jpg") < source.timestamp_of("c1s1_002301.jpg")
+    assert source.timestamp_of("no-number.jpg") is None
