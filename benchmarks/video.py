@@ -155,18 +155,20 @@ def pipeline_section(clip: bytes, encoded: bytes, repeats: int) -> dict:
                 runs.setdefault("decode_fps", []).append(count / (time.perf_counter() - start))
                 start = time.perf_counter()
                 persons = persons_of_video_segment(video, f"video{suffix}", 0, None, spec)
-                runs.setdefault("decode_detect_embed_track_fps", []).append(persons.frames / (time.perf_counter() - start))
+                seconds = time.perf_counter() - start
+                runs.setdefault("decode_detect_embed_track_fps", []).append(persons.frames / seconds)
                 stages.append(persons.seconds)
                 start = time.perf_counter()
                 persons_of_members(frames_source, members, spec)
-                runs.setdefault("stills_read_decode_detect_embed_fps", []).append(len(members) / (time.perf_counter() - start))
+                seconds = time.perf_counter() - start
+                runs.setdefault("stills_read_decode_detect_embed_fps", []).append(len(members) / seconds)
             result = {"frames": len(frames), "size": f"{frames[0].shape[1]}x{frames[0].shape[0]}",
                       "persons": persons.table.num_rows if persons.table is not None else 0}
             result.update({k: round(statistics.median(v), 2) for k, v in runs.items()})
             total = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
             result["video_stage_share"] = {k: round(v / sum(total.values()), 3) for k, v in total.items()}
-            result["video_vs_stills"] = round(statistics.median(
-                a / b for a, b in zip(runs["decode_detect_embed_track_fps"], runs["stills_read_decode_detect_embed_fps"])), 2)
+            pairs = zip(runs["decode_detect_embed_track_fps"], runs["stills_read_decode_detect_embed_fps"])
+            result["video_vs_stills"] = round(statistics.median(a / b for a, b in pairs), 2)
             out[name] = result
     return out
 

@@ -181,7 +181,8 @@ def recover(gallery: str | os.PathLike) -> dict:
             shard.unlink(missing_ok=True)
             removed["orphan_shards"] += 1
     states = {s for s in ledger["tracks_state"].to_pylist() if s}
-    orphans = [p for p in tracks_dir(gallery).glob("*.json") if p.name not in states] if tracks_dir(gallery).is_dir() else []
+    folder = tracks_dir(gallery)
+    orphans = [p for p in folder.glob("*.json") if p.name not in states] if folder.is_dir() else []
     for state in orphans:  # written by a segment that was never committed
         state.unlink(missing_ok=True)
     if orphans:

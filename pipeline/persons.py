@@ -1,9 +1,9 @@
 """The persons of a batch of images: read → decode → detect (frames) → crop → embed.
 
-The one composition of the pipeline's stages for images (videos: :mod:`reidx.pipeline.video_persons`,
-which reuses the models, :func:`person_boxes` and :func:`shard_table` from here), called by the nightly job's Dask workers
+The one composition of the pipeline's stages for images, called by the nightly job's Dask workers
 (:mod:`reidx.pipeline.worker`, which writes the result as a shard) and by ``reidx query`` (which
-searches it), so a query crop and a gallery crop of the same image give the same vector.
+searches it), so a query crop and a gallery crop of the same image give the same vector. Videos:
+:mod:`reidx.pipeline.video_persons`, which reuses the models, crop rule and :func:`shard_table`.
 Models are loaded once per process and cached here — never pickled into a task graph — so a
 Dask task carries only a :class:`ModelSpec` of names and paths.
 

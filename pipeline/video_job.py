@@ -54,7 +54,8 @@ class VideoChain:
             if entry is None or entry["status"] == "requeued":
                 return self._todo(key, frame, state)
             if entry["status"] == "failed":
-                changed = None not in (entry["fingerprint"], self.fingerprint) and entry["fingerprint"] != self.fingerprint
+                was = entry["fingerprint"]
+                changed = was is not None and self.fingerprint is not None and was != self.fingerprint
                 return self._todo(key, frame, state) if retry_failed or changed else None
             if entry["video_end"] or entry["frame_stop"] is None:
                 return None

@@ -2,7 +2,6 @@
 truncated copy, and a longer clip encoded here from the shared scene frames (sampling, segments,
 archives, a kill -9 mid-video and the rerun)."""
 
-import io
 import json
 import os
 import signal
@@ -11,7 +10,6 @@ import sys
 import tarfile
 import time
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
@@ -328,11 +326,17 @@ def test_manifest_video_keys_are_validated(tmp_path):
 
 
 def test_next_segment_walks_the_ledger():
-    source = load_manifest_source()
-    entry = lambda status, stop=None, end=None, state=None, fp="a": dict(  # noqa: E731
-        status=status, frame_stop=stop, video_end=end, tracks_state=state, fingerprint=fp)
+    from reidx.pipeline.manifest import Source
+
+    source = Source(name="v", uri="/nowhere", kind="video")
     key = "v/x.mp4@"
-    walk = lambda entries, fp="a", retry=False: VideoChain(source, "x.mp4", fp).next_segment(entries, retry)  # noqa: E731
+
+    def entry(status, stop=None, end=None, state=None, fp="a"):
+        return dict(status=status, frame_stop=stop, video_end=end, tracks_state=state, fingerprint=fp)
+
+    def walk(entries, fp="a", retry=False):
+        return VideoChain(source, "x.mp4", fp).next_segment(entries, retry)
+
     assert walk({}) == (0, None)
     assert walk({key + "0": entry("ok", 10, False, "s0")}) == (10, "s0")
     done = {key + "0": entry("ok", 10, False, "s0"), key + "10": entry("ok", 14, True, "s1")}
@@ -345,12 +349,6 @@ def test_next_segment_walks_the_ledger():
     assert chain.next_segment(broke) == (7, "s0") and chain.next_segment(broke) is None  # once per run
 
 
-def load_manifest_source():
-    from reidx.pipeline.manifest import Source
-
-    return Source(name="v", uri="/nowhere", kind="video")
-
-
 def test_a_worker_decodes_a_video_once_across_its_segments(encoded, reference, monkeypatch):
     # The reader of a finished segment stays open where the next one starts: the whole video is
     # opened (and decoded) once, and gives the rows the nightly job gave.
@@ -361,8 +359,9 @@ def test_a_worker_decodes_a_video_once_across_its_segments(encoded, reference, m
     monkeypatch.setattr(video_persons, "_open", lambda *args: opened.append(args[2]) or real(*args))
     source = load_manifest(cam_manifest(encoded, encoded / "one.toml", sources=("cam",))).sources[0]
     frame, state, starts, found = 0, None, [], []
+    spec = ModelSpec("osnet_x0_25_msmt17")
     while True:
-        persons = video_persons.persons_of_video_segment(source, NAME, frame, state, ModelSpec("osnet_x0_25_msmt17"))
+        persons = video_persons.persons_of_video_segment(source, NAME, frame, state, spec)
         starts.append(frame)
         found += persons.table.to_pylist() if persons.table is not None else []
         if persons.records[0]["video_end"]:
