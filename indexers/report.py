@@ -282,7 +282,7 @@ def write_report(results: pa.Table, items: pa.Table, out: str | os.PathLike, top
                                         "cosine_distance": r["cosine_distance"], "path": page.gallery_path(r),
                                         "css": _css_of(query, r)} for r in seen[qid]], f"s-{number}"))
             more = len(seen[qid]) - len(cards[qid])
-            parts.append(f"<h3>Sightings in time order" + (f" (the {len(cards[qid])} closest; {more} more on the "
+            parts.append("<h3>Sightings in time order" + (f" (the {len(cards[qid])} closest; {more} more on the "
                                                             f"timeline)" if more else "") + "</h3>")
             parts.append("<div class='sightings'>" + "".join(_sighting_card(page, number, query, hit)
                                                              for hit in cards[qid]) + "</div>")

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from reidx.pipeline.batching import prefetch_batches
-from reidx.pipeline.boxes import crop_boxes, nms, suppress_contained  # noqa: F401 (crop_boxes: re-exported)
+from reidx.pipeline.boxes import nms, suppress_contained
 from reidx.pipeline.imaging import DEFAULT_MAX_PIXELS, load_image_or_reason
 from reidx.pipeline.models.registry import load_model
 from reidx.pipeline.models.weights import resolve_weights

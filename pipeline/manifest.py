@@ -31,16 +31,14 @@ the regex/format above on the file name, or a TOML date-time constant such as
 ``timestamp = 2024-05-01T07:30:00`` (with an offset, ``...+02:00``, it is stored in UTC).
 
 Regexes are searched in the member path (POSIX, relative to the source); each has exactly one
-(group), the value (write other groups as ``(?:...)``). Every error names the file, the source
-and the key.
+(group), the value (others are written ``(?:...)``). Errors name the file, the source and the key.
 
 Labels are checked twice. When the manifest loads, person_id's group may capture only digits
 and a sign (so ``(\\w+)`` fails at once, not in the workers after the night started). Per image,
 a captured number that still is no int64 (``99999999999999999999_c1...``) makes that image fail
 with a reason starting ``label:`` — not null: a gallery that declares labels is used to measure
-accuracy, and an unlabelled image there would silently count as a distractor. The night goes on
-and the ledger and summary name the image. A name the regex does not match has no label (null),
-as before.
+accuracy, and an unlabelled image there would silently count as a distractor (the night goes on;
+the ledger names the image). A name the regex does not match has no label (null).
 """
 
 from __future__ import annotations
@@ -94,8 +92,8 @@ class Source:
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     timeout_s: float = DEFAULT_TIMEOUT_S
     timestamp_constant: datetime | None = None  # video sources: the start time of every video
-    timestamp_frame_rate: float | None = None  # the regex captures a frame number: start + frame / rate
-    timestamp_start: datetime | None = None
+    timestamp_frame_rate: float | None = None  # the regex captures a frame number: start + frame / rate;
+    timestamp_start: datetime | None = None  # (recordings named by frame number, e.g. Market-1501's 25 frames/s)
     fps: float | None = None  # video sampling: frames per second of presentation time ...
     every: int | None = None  # ... or every k-th decoded frame (neither: all frames)
     segment_s: float = DEFAULT_SEGMENT_S
@@ -115,7 +113,7 @@ class Source:
         if not match or match.group(1) is None:
             return None
         try:
-            if self.timestamp_frame_rate:  # recordings named by frame number (Market-1501: 25 frames/s)
+            if self.timestamp_frame_rate:
                 return self.timestamp_start + timedelta(seconds=int(match.group(1)) / self.timestamp_frame_rate)
             return datetime.strptime(match.group(1), self.timestamp_format)
         except (ValueError, OverflowError):
@@ -307,11 +305,11 @@ def _source(raw, index: int, file: str, base: Path, defaults: dict) -> Source:
         fields["timestamp_regex"] = _regex(spec["regex"], f"{where}: key 'timestamp.regex'")
         if "frame_rate" in spec or "start" in spec:
             rate, start = spec.get("frame_rate"), spec.get("start")
-            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or rate <= 0 or \
-                    not isinstance(start, datetime) or "format" in spec:
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0 or "format" in spec \
+                    or not isinstance(start, datetime):
                 raise ManifestError(f"{where}: key 'timestamp' with a frame number needs frame_rate (frames per "
                                     f"second, > 0) and start (a TOML date-time), and no format")
-            fields["timestamp_frame_rate"], fields["timestamp_start"] = float(rate), start
+            fields.update(timestamp_frame_rate=float(rate), timestamp_start=start)
         else:
             if not isinstance(spec.get("format"), str) or "%" not in spec["format"]:
                 raise ManifestError(f"{where}: key 'timestamp.format' must be a strptime format such as '%Y%m%d'")
