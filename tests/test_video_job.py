@@ -202,8 +202,9 @@ def encoded(tmp_path_factory):
     return root
 
 
-def cam_manifest(root, path, sources=("cam", "cam-tar", "cam-capped")):
-    uris = {"cam": root / "cam", "cam-tar": root / "cam.tar", "cam-capped": root / "cam.tar"}
+def cam_manifest(root, path, sources=("cam", "cam-tar", "cam-url", "cam-capped")):
+    uris = {"cam": root / "cam", "cam-tar": root / "cam.tar", "cam-url": f"file://{root}/cam",
+            "cam-capped": root / "cam.tar"}
     text = ""
     for name in sources:
         text += f"""
@@ -247,15 +248,18 @@ def test_sampling_segments_timestamps_and_archives(reference):
     for row in cam:
         spans.setdefault(row["track_id"], set()).add(segment_of(row["frame_index"]))
     assert any(len(s) > 1 for s in spans.values())  # tracks run on across segment boundaries
-    # the same video inside a tar (read whole into memory) gives the same rows
+    # the same video inside a tar (read whole into memory) or behind an fsspec URL (streamed from
+    # its file object) gives the same rows
     order = lambda r: (r["frame_index"], int(r["track_id"].split("#")[1]))  # noqa: E731
-    tarred, cam = sorted(rows(gallery, "cam-tar"), key=order), sorted(cam, key=order)
-    assert [order(r) for r in tarred] == [order(r) for r in cam]
-    assert min(float(a["embedding"] @ b["embedding"]) for a, b in zip(tarred, cam)) > 0.9999
+    cam = sorted(cam, key=order)
+    for other in ("cam-tar", "cam-url"):
+        same = sorted(rows(gallery, other), key=order)
+        assert [order(r) for r in same] == [order(r) for r in cam]
+        assert min(float(a["embedding"] @ b["embedding"]) for a, b in zip(same, cam)) > 0.9999
     (capped,) = ledger_of(gallery, "cam-capped/").values()
     assert capped["image_key"] == f"cam-capped/{NAME}@0" and capped["status"] == "failed"
     assert capped["reason"].startswith("member too large")
-    assert summary["video_segments_new"] == 2 * len(SEGMENTS) + 1 and summary["video_frames"] == 24
+    assert summary["video_segments_new"] == 3 * len(SEGMENTS) + 1 and summary["video_frames"] == 36
     assert summary["video_segments_reopened"] == 0  # each segment found its video open where the last one ended
 
 
