@@ -54,7 +54,7 @@ def plan_groups(gallery: Path, shards: list[str], rows_per_task: int = ROWS_PER_
 def ingest(executor, gallery: Path, groups, first_id: int, folder: Path, sample_size: int, seed: int) -> list[dict]:
     """Every group into its vector and items segments (ids from first_id, in group order)."""
     total = sum(rows for _, rows in groups)
-    fraction = min(1.0, 1.2 * sample_size / total) if sample_size and total else 0.0
+    fraction = min(1.0, 1.05 * sample_size / total) if sample_size and total else 0.0
     calls, next_id = [], first_id
     for shards, rows in groups:
         calls.append({"gallery": str(gallery), "shards": shards, "first_id": next_id, "folder": str(folder),

@@ -64,7 +64,9 @@ class _thread_independent:
     Faiss computes a batch's query-centroid products with BLAS, whose last bits depend on its
     thread count; IVF distances include that product, so a Dask worker (1 thread) and the driver
     (all cores) ordered near-ties differently (3 graph rows in 24,000, at 1e-7). Faiss' own SIMD
-    path is per query and thread-independent: every process then returns the same results.
+    path is per query and thread-independent: every process then returns the same results, however
+    the queries are batched. (Coarse BLAS on one thread was tried: thread-independent, but a row's
+    result then depended on the batch it came in — bulk queries cut into chunks differed.)
     """
 
     def __init__(self, active: bool):
