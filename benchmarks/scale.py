@@ -268,6 +268,11 @@ def main() -> None:
     parser.add_argument("--gallery", help=argparse.SUPPRESS)
     parser.add_argument("--queries-file", dest="queries_path", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    # the machine is shared and twice a stray SIGTERM ended a measured step: ignore it (SIGKILL
+    # still stops us; a step that dies anyway is retried, see run_step)
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.child:
         args.queries = args.queries_path
         result = {"build": child_build, "query": child_query, "graph": child_graph}[args.child](args)
@@ -320,7 +325,15 @@ def main() -> None:
             log(f"{count:,}: {step}")
             kind = {"build": "build", "query": "query", "graph": "graph"}.get(step, "build")
             extra = common + (["--queries-file", str(queries_file)] if kind == "query" else [])
-            result = run_child(kind, args, extra)
+            for attempt in range(3):
+                try:
+                    result = run_child(kind, args, extra)
+                    break
+                except RuntimeError as error:
+                    if attempt == 2:
+                        raise
+                    log(f"{error}: retrying {step} from its start")
+                    run.setdefault("retries", []).append(f"{step}: {error}")
             if kind == "build":
                 from reidx.indexers.versions import current_version
 

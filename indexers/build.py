@@ -76,10 +76,13 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
         new_shards = [s for s in shards if not old or s not in set(old.shards)]
         refuse_damaged(gallery, new_shards)
         dim = _dim(gallery, shards[0])
-        total = (old.count if old else 0) + int(shard_row_counts(gallery, new_shards).sum())
+        new_rows = int(shard_row_counts(gallery, new_shards).sum())
+        total = (old.count if old else 0) + new_rows
+        if total == 0:
+            raise IndexBuildError(f"{gallery}'s committed shards hold no detections: nothing to index")
         kind, why = choose_type(index_type, total, dim, budget, nlist)
         reason = _full_rebuild_reason(old, shards, kind, total, knn_k, nlist)
-        if reason is None and not new_shards:
+        if reason is None and not new_rows:  # no new shards, or only empty ones
             return _summary(gallery, old, "unchanged", None, 0, on_gpu, started)
         with Executor(workers, scheduler) as executor:
             context = {"gallery": gallery, "executor": executor, "on_gpu": on_gpu, "seed": seed, "log": log,
