@@ -23,14 +23,15 @@ def _index_text(r: dict):
 
 
 def _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler,
-               retry_failed, allow_uri_change, log_every_s) -> dict:
+               retry_failed, embedding_dtype, allow_uri_change, log_every_s) -> dict:
     if scheduler and workers:
         raise click.UsageError("--scheduler and --workers exclude each other")
     from reidx.pipeline.job import run_index
 
     return run_index(list(manifests), gallery, weights=weights, backend=backend, device=device, workers=workers,
                      scheduler=scheduler, batch_size=task_size, max_pixels=max_pixels, progress=_progress(), log=_log,
-                     retry_failed=retry_failed, allow_uri_change=allow_uri_change, log_every_s=log_every_s)
+                     retry_failed=retry_failed, embedding_dtype=embedding_dtype, allow_uri_change=allow_uri_change,
+                     log_every_s=log_every_s)
 
 
 def _night_status(summary: dict, strict: bool) -> int:
@@ -49,7 +50,7 @@ def _night_status(summary: dict, strict: bool) -> int:
 @log_every_option
 @json_option
 def index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler, retry_failed,
-          allow_uri_change, strict, log_every_s, as_json):
+          embedding_dtype, allow_uri_change, strict, log_every_s, as_json):
     """Index the images of MANIFEST(s) into a gallery: the nightly job.
 
     Lists every source, skips images the gallery's ledger already holds, and runs batches on
@@ -58,7 +59,7 @@ def index(manifests, gallery, weights, backend, device, max_pixels, task_size, w
     images, unsafe archive members, missing sources) are recorded with their reason; see `reidx ledger`.
     """
     summary = _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler,
-                         retry_failed, allow_uri_change, log_every_s)
+                         retry_failed, embedding_dtype, allow_uri_change, log_every_s)
     _emit(summary, as_json, _index_text)
     _summary_line("index", summary)
     sys.exit(_night_status(summary, strict))
@@ -186,7 +187,7 @@ def build_index_command(gallery, index_type, nlist, memory_budget, gpu, knn_k, r
 @log_every_option
 @json_option
 def nightly(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler, retry_failed,
-            allow_uri_change, strict, index_type, nlist, memory_budget, gpu, knn_k, rebuild, log_every_s, as_json):
+            embedding_dtype, allow_uri_change, strict, index_type, nlist, memory_budget, gpu, knn_k, rebuild, log_every_s, as_json):
     """The nightly run: `reidx index` the manifests, then `reidx build-index` the gallery.
 
     Takes every option of both. Both steps are incremental and safe to rerun after a crash. The
@@ -197,7 +198,7 @@ def nightly(manifests, gallery, weights, backend, device, max_pixels, task_size,
 
     started = time.perf_counter()
     indexed = _run_index(manifests, gallery, weights, backend, device, max_pixels, task_size, workers, scheduler,
-                         retry_failed, allow_uri_change, log_every_s)
+                         retry_failed, embedding_dtype, allow_uri_change, log_every_s)
     built = (_build_index(gallery, index_type, nlist, gpu, knn_k, rebuild, memory_budget, workers, scheduler)
              if committed_shards(gallery) else None)
     report = {"index": indexed, "build_index": built, "wall_s": round(time.perf_counter() - started, 2)}

@@ -48,6 +48,11 @@ from reidx.commands.common import (_emit, _out, _progress, backend_option, devic
               help="With --rerank: each query's top candidates that are re-ranked (then cut to --top-k). Fewer "
                    "is faster; on Con-ReID 100 lost up to 1.2 mAP against exact re-ranking, 400 at most 0.18.")
 @click.option("--nprobe", type=click.IntRange(1), help="IVF lists searched [default: the calibrated one].")
+@click.option("--workers", type=click.IntRange(1),
+              help="Search on a local Dask cluster of this many worker processes, each mapping the index "
+                   "(for many queries; same results) [default: in this process]. Filtered searches stay here.")
+@click.option("--scheduler", help="Address of an existing Dask scheduler to search on (workers must see the "
+                                  "gallery at the same path).")
 @click.option("--metrics", "score", is_flag=True,
               help="Also report mAP/rank-k/mINP from the labels (Market-1501 names or manifest labels); only "
                    "meaningful when queries and gallery share one label space.")
@@ -59,7 +64,7 @@ from reidx.commands.common import (_emit, _out, _progress, backend_option, devic
 @json_option
 def query(gallery, queries, out, report, report_top, top_k, detect, largest, group_by, fusion, since, until, cameras,
           exclude_same_camera, exclude_self, min_score, trajectory, accept_rank, accept_distance, rerank,
-          rerank_preset, k1, k2, lambda_value, candidates, nprobe, score, weights, backend, device, gpu, max_pixels,
+          rerank_preset, k1, k2, lambda_value, candidates, nprobe, workers, scheduler, score, weights, backend, device, gpu, max_pixels,
           as_json):
     """Find where the people in QUERIES appear in GALLERY.
 
@@ -93,7 +98,8 @@ def query(gallery, queries, out, report, report_top, top_k, detect, largest, gro
     summary = run_query(gallery, list(queries), out, top_k=top_k, detect=detect, largest=largest, rerank=rerank,
                         rerank_params=params, candidates=candidates, nprobe=nprobe, weights=weights,
                         backend=backend, device=device, gpu=gpu, max_pixels=max_pixels, progress=_progress(),
-                        score=score, search_filter=search_filter, group_by=keys, fusion=fusion)
+                        score=score, search_filter=search_filter, group_by=keys, fusion=fusion,
+                        cluster={"workers": workers, "scheduler": scheduler} if workers or scheduler else None)
     if trajectory or report:
         import pyarrow.parquet as pq
 

@@ -31,9 +31,20 @@ from reidx.pipeline.imaging import DEFAULT_MAX_PIXELS
 
 
 def search_candidates(gallery_index: GalleryIndex, vectors: np.ndarray, k: int, nprobe: int | None = None,
-                      batch_size: int = 1024, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(cosine distances, ids) (Q, min(k, N)) of each vector's top-k gallery items, in batches."""
+                      batch_size: int = 1024, progress: bool = False, cluster: dict | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(cosine distances, ids) (Q, min(k, N)) of each vector's top-k gallery items, in batches.
+
+    ``cluster`` (``{"workers": N}`` or ``{"scheduler": ADDRESS}``): the batches are searched on
+    Dask workers that map the index themselves (:func:`bulk_search`; same results), in at least
+    8 tasks so that every worker of a small cluster gets some."""
     from tqdm import tqdm
+
+    if cluster:
+        from reidx.indexers.bulk_query import bulk_search
+
+        chunk = min(batch_size, max(1, -(-len(vectors) // 8)))
+        return bulk_search(gallery_index, vectors, k, nprobe, chunk=chunk, **cluster)
 
     distances = np.empty((len(vectors), min(k, gallery_index.count)), np.float32)
     ids = np.empty(distances.shape, np.int64)
@@ -65,11 +76,14 @@ def rerank_top(gallery_index: GalleryIndex, method: str, params, distances: np.n
 def search_persons(gallery_index: GalleryIndex, persons: QueryPersons, *, top_k: int = 100,
                    search_filter: SearchFilter = SearchFilter(), group_by: tuple[str, ...] = (), fusion: str = "mean",
                    rerank: str = "none", rerank_params=None, candidates: int = 400, nprobe: int | None = None,
-                   batch_size: int = 1024, progress: bool = False, mechanism: str | None = None) -> pa.Table:
+                   batch_size: int = 1024, progress: bool = False, mechanism: str | None = None,
+                   cluster: dict | None = None) -> pa.Table:
     """Query persons (already embedded) → ranked rows in the query-results schema.
 
     Persons are grouped into queries (``group_by``, fused by ``fusion``), each query's candidates
     are found among the gallery items passing ``search_filter`` (inside the search), then re-ranked.
+    ``cluster``: unfiltered searches run on Dask workers (:func:`search_candidates`); filtered
+    searches run in this process.
     """
     rerank_distances = units = None
     k = min(top_k, gallery_index.count)
@@ -93,12 +107,12 @@ def search_persons(gallery_index: GalleryIndex, persons: QueryPersons, *, top_k:
             distances, ids = _search(gallery_index, vectors, search_k, search_filter,
                                      [member_cameras[u] for u in member_unit],
                                      [excluded[u] for u in member_unit] if excluded is not None else None,
-                                     nprobe, batch_size, progress, mechanism)
+                                     nprobe, batch_size, progress, mechanism, cluster)
             distances, ids = merge_min(distances, ids, units, search_k)
         elif fusion in ("mean", "min"):
             queries = fuse_mean(vectors, units) if group_by else vectors
             distances, ids = _search(gallery_index, queries, search_k, search_filter, member_cameras, excluded,
-                                     nprobe, batch_size, progress, mechanism)
+                                     nprobe, batch_size, progress, mechanism, cluster)
         else:
             raise ValueError(f"unknown fusion {fusion!r}; use mean or min")
         if rerank != "none":
@@ -110,7 +124,8 @@ def search_persons(gallery_index: GalleryIndex, persons: QueryPersons, *, top_k:
     return ranked_rows(persons, gallery_index, distances, ids, rerank, rerank_distances, units)
 
 
-def _search(gallery_index, vectors, k, search_filter, cameras, excluded, nprobe, batch_size, progress, mechanism):
+def _search(gallery_index, vectors, k, search_filter, cameras, excluded, nprobe, batch_size, progress, mechanism,
+            cluster):
     if not search_filter.active:
         return search_candidates(gallery_index, vectors, k, nprobe, batch_size, progress)
     return filtered_search(gallery_index, vectors, k, search_filter, cameras, excluded, nprobe=nprobe,
@@ -122,7 +137,7 @@ def query_gallery(gallery_index: GalleryIndex, inputs: list[str], *, top_k: int 
                   nprobe: int | None = None, weights: str | None = None, backend: str = "auto", device: str = "auto",
                   detector: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 1024,
                   search_filter: SearchFilter = SearchFilter(), group_by: tuple[str, ...] = (), fusion: str = "mean",
-                  progress: bool = False) -> tuple[pa.Table, int]:
+                  progress: bool = False, cluster: dict | None = None) -> tuple[pa.Table, int]:
     """Every person in ``inputs`` searched in a loaded gallery index → (ranked rows in the query-results
     schema, with run metadata; number of query persons)."""
     gallery = gallery_index.folder.parent.parent
@@ -130,7 +145,7 @@ def query_gallery(gallery_index: GalleryIndex, inputs: list[str], *, top_k: int 
     persons = collect_query_persons(query_sources(inputs, detect), spec, largest, progress=progress)
     results = search_persons(gallery_index, persons, top_k=top_k, search_filter=search_filter, group_by=group_by,
                              fusion=fusion, rerank=rerank, rerank_params=rerank_params, candidates=candidates,
-                             nprobe=nprobe, batch_size=batch_size, progress=progress)
+                             nprobe=nprobe, batch_size=batch_size, progress=progress, cluster=cluster)
     return with_run_metadata(results, gallery_index, rerank, rerank_params, search_filter, group_by, fusion), \
         0 if persons.table is None else persons.table.num_rows
 

@@ -50,8 +50,11 @@ def read_config(gallery: str | os.PathLike) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def check_or_write_config(gallery: str | os.PathLike, weights: str) -> dict:
-    """A gallery holds one embedder's vectors: record it on first use; another one later is an error."""
+def check_or_write_config(gallery: str | os.PathLike, weights: str, embedding_dtype: str | None = None) -> dict:
+    """A gallery holds one embedder's vectors: record it on first use; another one later is an error.
+
+    ``embedding_dtype`` (float32/float16), when given, is recorded as the type new shards store
+    embeddings in (shards of either type read back as float32, so a gallery may hold both)."""
     from reidx.pipeline.models.weights import resolve_weights
 
     resolved = resolve_weights(weights)
@@ -60,12 +63,17 @@ def check_or_write_config(gallery: str | os.PathLike, weights: str) -> dict:
         if existing.get("weights_sha256") != resolved.sha256:
             raise ValueError(f"{gallery} holds embeddings of {existing.get('embedder')} "
                              f"({existing.get('weights_sha256', '?')[:12]}); --weights {weights} is another model")
+        if embedding_dtype and existing.get("embedding_dtype", "float32") != embedding_dtype:
+            existing = {**existing, "embedding_dtype": embedding_dtype}
+            write_text_atomic(Path(gallery) / CONFIG_FILE, json.dumps(existing, indent=2))
         return existing
     # "weights" is how to find the model again (`reidx query` embeds with it): a known name or the file's path;
     # "detector": what frames sources were detected with, so `reidx query --detect` uses the same
     config = {"embedder": resolved.model_name, "weights_sha256": resolved.sha256,
               "weights": str(resolved.path) if resolved.known is None else resolved.known.name,
               "detector": DEFAULT_DETECTOR}
+    if embedding_dtype:
+        config["embedding_dtype"] = embedding_dtype
     write_text_atomic(Path(gallery) / CONFIG_FILE, json.dumps(config, indent=2))
     return config
 

@@ -89,7 +89,8 @@ def exit_code(summary: dict, strict: bool = False) -> int:
 def run_index(manifests: list[str | os.PathLike], gallery: str | os.PathLike, *, weights: str, backend: str = "auto",
               device: str = "auto", workers: int | None = None, scheduler: str | None = None,
               batch_size: int = 256, max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = False, log=print,
-              allow_uri_change: bool = False, retry_failed: bool = False, log_every_s: float = 30.0) -> dict:
+              allow_uri_change: bool = False, retry_failed: bool = False, log_every_s: float = 30.0,
+              embedding_dtype: str | None = None) -> dict:
     """Index the manifests' images into ``gallery``; returns the run summary (JSON-able).
 
     Raises :class:`JobInterrupted` on Ctrl-C/SIGTERM after closing the cluster (the lock is released).
@@ -102,7 +103,7 @@ def run_index(manifests: list[str | os.PathLike], gallery: str | os.PathLike, *,
         if lock.took_over:
             log(f"the previous job ({lock.took_over}) died holding the gallery; recovering")
         recovered = recover(gallery)
-        config = check_or_write_config(gallery, weights)
+        config = check_or_write_config(gallery, weights, embedding_dtype)
         register_sources(gallery, {s.name: s.uri for s in sources}, allow_uri_change)
         for folder in (shards_dir(gallery), ledger_dir(gallery)):
             folder.mkdir(exist_ok=True)  # a gallery exists from its first night, even one whose sources all failed

@@ -87,6 +87,31 @@ def test_index_rows_labels_rerun_and_embeddings_equal_embed(reference_gallery, c
     assert min(float(ours[m] @ by_name[m]) for m in ours) >= 0.999
 
 
+def test_float16_embeddings_halve_the_column_and_keep_the_vectors(reference_gallery, crop_folder, tmp_path):
+    """`--embedding-dtype float16` is recorded in gallery.json, shards store float16, a later run
+    without the option keeps it, and the vectors equal the float32 gallery's to float16 precision."""
+    reference = committed_rows(reference_gallery[0])
+    small = tmp_path / "crops"
+    small.mkdir()
+    for path in sorted(crop_folder.iterdir())[:20]:
+        (small / path.name).write_bytes(path.read_bytes())
+    gallery = tmp_path / "g16"
+    first = reidx("index", str(crops_manifest(tmp_path / "a.toml", small)), "--out", str(gallery),
+                  "--embedding-dtype", "float16", "--workers", "1", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads((gallery / "gallery.json").read_text())["embedding_dtype"] == "float16"
+    (small / QUERY[120].name).write_bytes(QUERY[120].read_bytes())
+    second = reidx("index", str(crops_manifest(tmp_path / "a.toml", small)), "--out", str(gallery), "--workers", "1",
+                   "--json")
+    assert second.returncode == 0 and json.loads(second.stdout)["images_new"] == 1
+    for shard in (gallery / "shards").glob("part-*.parquet"):
+        assert pq.read_schema(shard).field("embedding").type.value_type == "halffloat"
+    rows = committed_rows(gallery)
+    assert len(rows) == 21
+    common = set(rows) & set(reference)
+    assert len(common) == 20 and max(float(np.abs(rows[d] - reference[d]).max()) for d in common) < 1e-3
+
+
 def wait_for(condition, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:

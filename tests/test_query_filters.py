@@ -295,6 +295,24 @@ def test_cli_query_with_filters_groups_and_trajectory(timed_gallery, tmp_path):
     assert bad.exit_code != 0 and "--since 'yesterday'" in bad.output
 
 
+def test_cli_query_on_dask_workers_equals_one_process(con_reid_gallery, tmp_path):
+    """`reidx query --workers 2`: the queries are searched by two worker processes that map the
+    index themselves; the ranked rows equal the in-process query's."""
+    from click.testing import CliRunner
+
+    from reidx.cli import main
+
+    images = [str(p) for p in sorted((CON_REID / "query").glob("*.jpg"))[:24]]
+    tables = []
+    for name, extra in (("here", []), ("dask", ["--workers", "2"])):
+        out = tmp_path / f"{name}.parquet"
+        result = CliRunner().invoke(main, ["query", str(con_reid_gallery), *images, "--out", str(out),
+                                           "--top-k", "30", "--json", *extra])
+        assert result.exit_code == 0, result.output
+        tables.append(pq.read_table(out).select(["query_id", "rank", "detection_id", "cosine_distance"]).to_pylist())
+    assert len(tables[0]) == 24 * 30 and tables[0] == tables[1]
+
+
 def test_ivf_filters_keep_recall(tmp_path, msmt17_split):
     """IVF: a selective filter probes nprobe / fraction-passing lists, so recall stays at the
     calibration level instead of dropping (the calibrated nprobe alone lost a quarter of it)."""
