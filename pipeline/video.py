@@ -166,8 +166,9 @@ class _Opened:
                 options={"format_whitelist": FORMAT_WHITELIST, "max_pixels": str(max_pixels)},
             )
         except av.FFmpegError as exc:
+            reason = _open_failure(source, exc)  # before closing: it reads the file's first bytes
             self.close()
-            raise VideoDecodeError(_open_failure(source, exc)) from None
+            raise VideoDecodeError(reason) from None
         except Exception:
             self.close()
             raise
