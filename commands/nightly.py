@@ -15,6 +15,9 @@ from reidx.commands.common import (_emit, _log, _progress, _summary_line, index_
 def _index_text(r: dict):
     yield (f"images {r['images']}: new {r['images_new']}, skipped (already indexed) {r['images_skipped']}, "
            f"failed {r['images_failed']}")
+    if r.get("videos"):
+        yield (f"videos {r['videos']}: segments new {r['video_segments_new']}, failed {r['video_segments_failed']}; "
+               f"videos skipped (nothing left to do) {r['videos_skipped']}; frames decoded {r['video_frames']}")
     for reason, count in sorted(r["failed_by_reason"].items()):
         yield f"  failed: {count} × {reason}"
     for name, reason in r["sources_failed"].items():
