@@ -153,7 +153,8 @@ class _Page:
         """A gallery hit's crop (g-) and/or frame (f-): from its image, or its video's frame."""
         for kind in kinds:
             name = f"{'f' if kind == 'frame' else 'g'}-{hit['detection_id']}.jpg"
-            self.want(self.uri_of.get(hit["detection_id"]), hit["member"], name, _box(hit), kind, hit.get("frame_index"))
+            uri = self.uri_of.get(hit["detection_id"])
+            self.want(uri, hit["member"], name, _box(hit), kind, hit.get("frame_index"))
 
     def gallery_path(self, row: dict) -> str:
         uri = self.uri_of.get(row["detection_id"])

@@ -6,15 +6,14 @@ beside the report, so the page stays one self-contained file plus a folder (no n
 URLs that make the HTML too large to open).
 
 A sighting from a video source names its video and the decoded frame (``frame_index``) its box is
-on. Each video is opened once, however many sightings it has, and decoded in one forward pass
-from its first wanted frame to its last, converting only the wanted frames to pictures
-(pipeline/video.py: streamed, a few frames in memory; an archive member is read whole, as the
-nightly job reads it). It does not seek: after a keyframe seek the frame's index among decoded
-frames is unknown, so the picture could be another frame than the one embedded. The cost is the
-decode of everything before the last wanted frame (about 47 full-HD MPEG-4 frames/s on one CPU
-thread, docs/video.md), once per video. Crops use the nightly job's crop rule
-(pipeline/boxes.py ``crop_region``), so a crop shows exactly the pixels that were embedded.
-A picture that cannot be made gets a reason instead (shown on the page), never an exception.
+on. Each video is opened once, however many sightings it has (an archive member is read whole,
+as the nightly job reads it; files and URLs are streamed), and its wanted frames are found by a
+packet index and keyframe seeks (pipeline/video_seek.py), checked by presentation time; where
+that cannot be trusted (AVI, MPEG-TS/PS, odd timestamps) the video is decoded in one forward pass up to
+its last wanted frame instead (pipeline/video.py), converting only the wanted frames. Either way
+a few frames are in memory. Crops use the nightly job's crop rule (pipeline/boxes.py
+``crop_region``), so a crop shows exactly the pixels that were embedded. A picture that cannot be
+made gets a reason instead (shown on the page), never an exception.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from reidx.pipeline.imaging import ImageDecodeError, decode_image
 from reidx.pipeline.manifest import Source
 from reidx.pipeline.sources import archive_type, open_video, read_members
 from reidx.pipeline.video import VideoDecodeError, iter_video_frames
+from reidx.pipeline.video_seek import SeekUnsafe, frames_by_seeking
 
 CROP_HEIGHT = 128
 FRAME_WIDTH = 320
@@ -157,11 +157,20 @@ def _video_pictures(source: Source, members: list[str], wanted: dict, max_pixels
         for item in items:
             by_frame[item.frame_index].append(item)
         pictures.fail(by_frame.pop(None, []), "no frame index")
-        try:
-            for frame in iter_video_frames(video, indices=list(by_frame), max_pixels=max_pixels):
+
+        def take(frames) -> None:
+            for frame in frames:
                 image = Image.fromarray(frame.image)
                 for item in by_frame.pop(frame.index):
                     pictures.add(item, image)
+
+        try:
+            try:
+                take(frames_by_seeking(video, list(by_frame), max_pixels=max_pixels))
+            except SeekUnsafe:  # decode from the start instead: exact by construction
+                if hasattr(video, "seek"):
+                    video.seek(0)
+                take(iter_video_frames(video, indices=list(by_frame), max_pixels=max_pixels))
         except VideoDecodeError as exc:
             reason = f"video unreadable: {exc}"
         except OSError as exc:  # a URL's read timed out, the file vanished

@@ -291,7 +291,8 @@ def test_video_sightings_show_the_embedded_crop_and_its_frame(report):
         assert shown.shape[1] == FRAME_WIDTH and abs(shown.shape[0] - FRAME_WIDTH * 1080 / 1920) <= 1
         assert np.abs(shown - scaled).mean() < 6
         scale = FRAME_WIDTH / frame.shape[1]
-        magenta = (shown[..., 0] + shown[..., 2] - 2 * shown[..., 1]) - (scaled[..., 0] + scaled[..., 2] - 2 * scaled[..., 1])
+        magenta = [image[..., 0] + image[..., 2] - 2 * image[..., 1] for image in (shown, scaled)]
+        magenta = magenta[0] - magenta[1]  # how much more magenta than the decoded frame
         left, right = int(x1 * scale) + 3, int(x2 * scale) - 2
         for y in (y1, y2):  # the box's top and bottom edges are drawn; a band inside the box is not
             row = int(y * scale)
