@@ -9,9 +9,9 @@ A sighting from a video source names its video and the decoded frame (``frame_in
 on. Each video is opened once, however many sightings it has (an archive member is read whole,
 as the nightly job reads it; files and URLs are streamed), and its wanted frames are found by a
 packet index and keyframe seeks (pipeline/video_seek.py), checked by presentation time; where
-that cannot be trusted (AVI, MPEG-TS/PS, odd timestamps) the video is decoded in one forward pass up to
-its last wanted frame instead (pipeline/video.py), converting only the wanted frames. Either way
-a few frames are in memory. Crops use the nightly job's crop rule (pipeline/boxes.py
+that cannot be trusted (AVI, MPEG-TS/PS, odd timestamps) the video is decoded in one forward
+pass up to its last wanted frame instead (pipeline/video.py). Only the wanted frames are
+converted to pictures; either way a few frames are in memory. Crops use the nightly job's crop rule (pipeline/boxes.py
 ``crop_region``), so a crop shows exactly the pixels that were embedded. A picture that cannot be
 made gets a reason instead (shown on the page), never an exception.
 """
@@ -147,7 +147,7 @@ def _opened_videos(source: Source, members: list[str]):
 
 
 def _video_pictures(source: Source, members: list[str], wanted: dict, max_pixels: int, pictures: Pictures) -> None:
-    """Each video's wanted frames, decoded in one forward pass; the pictures cut from them."""
+    """Each video's wanted frames (by seeking, else decoding from the start); the pictures cut from them."""
     for member, video, closer, reason in _opened_videos(source, members):
         items = wanted[(source.uri, member)]
         if reason is not None:

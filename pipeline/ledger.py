@@ -125,10 +125,10 @@ def ledger_counts(gallery: str | os.PathLike) -> dict:
     ``frame_start``: one per segment, plus a failed one where it broke), ``videos`` the videos they
     belong to and ``videos_failed`` those with a failed entry; ``persons`` all rows written."""
     table = latest(gallery)
-    statuses, keys = table["status"].to_pylist(), table["source"].to_pylist()
+    statuses, sources = table["status"].to_pylist(), table["source"].to_pylist()
     members, video = table["member"].to_pylist(), [v is not None for v in table["frame_start"].to_pylist()]
     images = [s for s, v in zip(statuses, video) if not v]
-    segments = [(s, (k, m)) for s, k, m, v in zip(statuses, keys, members, video) if v]
+    segments = [(s, (k, m)) for s, k, m, v in zip(statuses, sources, members, video) if v]
     return {"images": len(images), "images_ok": images.count("ok"), "images_failed": images.count("failed"),
             "videos": len({m for _, m in segments}), "videos_failed": len({m for s, m in segments if s == "failed"}),
             "video_segments": len(segments), "video_segments_ok": sum(s == "ok" for s, _ in segments),
