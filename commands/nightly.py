@@ -15,6 +15,9 @@ from reidx.commands.common import (_emit, _log, _progress, _summary_line, index_
 def _index_text(r: dict):
     yield (f"images {r['images']}: new {r['images_new']}, skipped (already indexed) {r['images_skipped']}, "
            f"failed {r['images_failed']}")
+    if r.get("videos"):
+        yield (f"videos {r['videos']}: segments new {r['video_segments_new']}, failed {r['video_segments_failed']}; "
+               f"videos skipped (nothing left to do) {r['videos_skipped']}; frames decoded {r['video_frames']}")
     for reason, count in sorted(r["failed_by_reason"].items()):
         yield f"  failed: {count} × {reason}"
     for name, reason in r["sources_failed"].items():
@@ -67,27 +70,35 @@ def index(manifests, gallery, weights, backend, device, max_pixels, task_size, w
 
 @click.command()
 @click.argument("gallery", type=click.Path(exists=True, file_okay=False))
-@click.option("--failed", is_flag=True, help="List only failed images, with their reasons.")
+@click.option("--failed", is_flag=True, help="List only failed images and video segments, with their reasons.")
 @json_option
 def ledger(gallery, failed, as_json):
-    """Show what a gallery's ledger records (each image's latest outcome): counts, or failures with --failed."""
+    """Show what a gallery's ledger records (each image's or video segment's latest outcome): counts of
+    images, videos and segments, or failures with --failed."""
     import pyarrow.compute as pc
 
-    from reidx.pipeline.ledger import latest
+    from reidx.pipeline.ledger import latest, ledger_counts
 
-    table = latest(gallery)
     if failed:
+        table = latest(gallery)
         table = table.filter(pc.equal(table["status"], "failed"))
         failures = [{"image_key": k, "reason": r} for k, r in zip(table["image_key"].to_pylist(),
                                                                  table["reason"].to_pylist())]
         _emit({"gallery": str(gallery), "failures": failures}, as_json,
               lambda r: (f"{f['image_key']}\t{f['reason']}" for f in r["failures"]))
         return
-    statuses = table["status"].to_pylist()
-    report = {"gallery": str(gallery), "images": len(statuses), "images_ok": statuses.count("ok"),
-              "images_failed": statuses.count("failed"), "persons": int(pc.sum(table["num_persons"]).as_py() or 0)}
-    _emit(report, as_json, lambda r: [f"{r['images']} images: {r['images_ok']} ok, {r['images_failed']} failed; "
-                                      f"{r['persons']} persons"])
+    report = {"gallery": str(gallery), **ledger_counts(gallery)}
+    _emit(report, as_json, lambda r: [_ledger_text(r)])
+
+
+def _ledger_text(r: dict) -> str:
+    images = f"{r['images']} images: {r['images_ok']} ok, {r['images_failed']} failed; "
+    if not r["videos"]:
+        return images + f"{r['persons']} persons"
+    broken = f" ({r['videos_failed']} broken)" if r["videos_failed"] else ""
+    return ((images if r["images"] else "") + f"{r['videos']} video{'s' * (r['videos'] != 1)}{broken} in "
+            f"{r['video_segments']} segment{'s' * (r['video_segments'] != 1)}: {r['video_segments_ok']} ok, "
+            f"{r['video_segments_failed']} failed; {r['persons']} persons")
 
 
 # the person detector's options (reidx detect, evaluate-detections); defaults measured: docs/detection.md

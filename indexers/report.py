@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import html
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from urllib.parse import quote
 
@@ -141,11 +141,20 @@ class _Page:
         self.wanted: dict[tuple[str, str], list[Wanted]] = defaultdict(list)
         self.present: set[str] = set()
         self.whole: set[str] = set()
+        self.reasons: dict[str, str] = {}  # name → why that picture is missing (shown on the page)
         self._is_dir: dict[str, bool] = {}
 
-    def want(self, uri: str | None, member: str, name: str, box, kind: str = "crop") -> None:
+    def want(self, uri: str | None, member: str, name: str, box, kind: str = "crop",
+             frame_index: int | None = None) -> None:
         if uri is not None and not any(w.name == name for w in self.wanted[(uri, member)]):
-            self.wanted[(uri, member)].append(Wanted(name, box, kind))
+            self.wanted[(uri, member)].append(Wanted(name, box, kind, frame_index))
+
+    def want_hit(self, hit: dict, *kinds: str) -> None:
+        """A gallery hit's crop (g-) and/or frame (f-): from its image, or its video's frame."""
+        for kind in kinds:
+            name = f"{'f' if kind == 'frame' else 'g'}-{hit['detection_id']}.jpg"
+            uri = self.uri_of.get(hit["detection_id"])
+            self.want(uri, hit["member"], name, _box(hit), kind, hit.get("frame_index"))
 
     def gallery_path(self, row: dict) -> str:
         uri = self.uri_of.get(row["detection_id"])
@@ -157,7 +166,8 @@ class _Page:
 
     def img(self, name: str, alt: str, css: str, title: str) -> str:
         if name not in self.present:
-            return f'<span class="missing" title="{html.escape(title)}">unreadable</span>'
+            why = self.reasons.get(name, "unreadable")
+            return f'<span class="missing" title="{html.escape(title + ": " + why)}">unreadable</span>'
         return (f'<img class="{css}" src="{html.escape(self.folder.name)}/{html.escape(name)}" '
                 f'alt="{html.escape(alt)}" title="{html.escape(title)}">')
 
@@ -187,16 +197,20 @@ def _sighting_card(page: _Page, number: int, query: dict, hit: dict) -> str:
     det = hit["detection_id"]
     crop = page.img(f"g-{det}.jpg", f"sighting #{hit['rank']}", "crop " + _css_of(query, hit), path)
     frame_name = f"f-{det}.jpg"
+    why = ""
     if frame_name in page.present:
         frame = page.img(frame_name, f"frame of sighting #{hit['rank']}", "frame", path)
     else:
-        why = "crop source: no larger frame" if frame_name in page.whole else "frame unreadable"
-        frame = f'<span class="noframe">{why}</span>'
+        text = "crop source: no larger frame" if frame_name in page.whole else "frame unreadable"
+        frame = f'<span class="noframe">{text}</span>'
+        why = "".join(f"<p class='meta'>{html.escape(r)}</p>" for r in dict.fromkeys(
+            page.reasons[n] for n in (f"g-{det}.jpg", frame_name) if n in page.reasons))
     track = f" · track {html.escape(hit['track_id'])}" if hit.get("track_id") else ""
+    at = f" · frame {hit['frame_index']}" if hit.get("frame_index") is not None else ""
     return (f"<article class='sighting' id='s-{number}-{hit['rank']}'><div class='pics'>{crop}{frame}</div>"
             f"<div class='facts'><p class='when'>cam {html.escape(str(hit.get('camera')))} · "
             f"{html.escape(_when(hit))}</p><p>#{hit['rank']} · distance {hit['cosine_distance']:.3f}{track}</p>"
-            f"<p>{_file_link(path, hit['image_key'])}</p></div></article>")
+            f"<p>{_file_link(path, hit['image_key'])}{at}</p>{why}</div></article>")
 
 
 def _hit_figure(page: _Page, query: dict, hit: dict) -> str:
@@ -238,19 +252,18 @@ def write_report(results: pa.Table, items: pa.Table, out: str | os.PathLike, top
     for qid, query in queries.items():
         page.want(*split_path(query["query_path"]), f"q-{qid}.jpg", _box(query, "query_"))
         for hit in hits[qid]:
-            page.want(page.uri_of.get(hit["detection_id"]), hit["member"], f"g-{hit['detection_id']}.jpg", _box(hit))
+            page.want_hit(hit, "crop")
         closest = sorted(seen[qid], key=lambda r: (r["cosine_distance"], r["rank"]))[:MAX_SIGHTINGS]
         cards[qid] = sighting_order(closest)
         for hit in cards[qid]:
-            uri = page.uri_of.get(hit["detection_id"])
-            page.want(uri, hit["member"], f"g-{hit['detection_id']}.jpg", _box(hit))
-            page.want(uri, hit["member"], f"f-{hit['detection_id']}.jpg", _box(hit), "frame")
-    pictures, page.whole = make_pictures(page.wanted, max_pixels)
-    for name, picture in pictures.items():
+            page.want_hit(hit, "crop", "frame")
+    pictures = make_pictures(page.wanted, max_pixels)
+    page.whole, page.reasons = pictures.whole, pictures.reasons
+    for name, picture in pictures.made.items():
         if (folder / name).is_symlink():  # planted since: never write through a link
             raise ReportFolderError(f"{folder / name} is a symbolic link reidx did not create: remove it")
         picture.save(folder / name, quality=85)
-    page.present = set(pictures)
+    page.present = set(pictures.made)
     rerank = next((r["rerank"] for r in shown if r.get("rerank") not in (None, "none")), None)
     parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<meta name='viewport' content='width=device-width,initial-scale=1'><style>{_CSS}</style></head><body>",
@@ -302,4 +315,5 @@ def write_report(results: pa.Table, items: pa.Table, out: str | os.PathLike, top
     return {"report": str(out), "thumbnails": len(page.present), "queries": len(queries),
             "sightings": sum(len(v) for v in seen.values()),
             "frames": sum(1 for n in page.present if n.startswith("f-")),
-            "missing_thumbnails": len(wanted - page.present - page.whole)}
+            "missing_thumbnails": len(wanted - page.present - page.whole),
+            "missing_reasons": dict(Counter(page.reasons.values()))}

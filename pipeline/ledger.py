@@ -119,6 +119,23 @@ def latest(gallery: str | os.PathLike) -> pa.Table:
     return table.take(sorted(last_index.values()))
 
 
+def ledger_counts(gallery: str | os.PathLike) -> dict:
+    """What ``reidx ledger`` reports, in the index summary's words: ``images*`` count still images
+    (and whole sources that failed), ``video_segments*`` a video's entries (rows with
+    ``frame_start``: one per segment, plus a failed one where it broke), ``videos`` the videos they
+    belong to and ``videos_failed`` those with a failed entry; ``persons`` all rows written."""
+    table = latest(gallery)
+    statuses, sources = table["status"].to_pylist(), table["source"].to_pylist()
+    members, video = table["member"].to_pylist(), [v is not None for v in table["frame_start"].to_pylist()]
+    images = [s for s, v in zip(statuses, video) if not v]
+    segments = [(s, (k, m)) for s, k, m, v in zip(statuses, sources, members, video) if v]
+    return {"images": len(images), "images_ok": images.count("ok"), "images_failed": images.count("failed"),
+            "videos": len({m for _, m in segments}), "videos_failed": len({m for s, m in segments if s == "failed"}),
+            "video_segments": len(segments), "video_segments_ok": sum(s == "ok" for s, _ in segments),
+            "video_segments_failed": sum(s == "failed" for s, _ in segments),
+            "persons": sum(table["num_persons"].to_pylist())}
+
+
 def committed_shards(gallery: str | os.PathLike) -> list[str]:
     """Shard files the ledger names and that exist: only those are part of the gallery (others are
     crash leftovers). Read one part and one column at a time: the ledger has a row per image."""

@@ -11,8 +11,9 @@ pattern's fixed leading folder); ``(source name, member)`` is an image's stable 
 Folder and glob sources likewise never follow a symbolic link out of the source root (a link
 to /etc/passwd was read): such members are listed as rejected, and checked again when read.
 
-Video sources list video files (``VIDEO_SUFFIXES``) instead of images; how a video is then read
-(streamed from a file or URL, whole from an archive) is :mod:`reidx.pipeline.video_persons`.
+Video sources list video files (``VIDEO_SUFFIXES``) instead of images; :func:`open_video` says
+where a video's bytes come from (streamed from a file or URL, whole from an archive) for the
+nightly job (:mod:`reidx.pipeline.video_persons`) and the report's frames alike.
 
 A member is read into memory whole, so its size is capped first (``max_member_bytes`` in the
 manifest, 256 MiB by default): the size an archive header declares (zip ``file_size``, tar
@@ -53,7 +54,7 @@ from reidx.pipeline.datasets import IMAGE_SUFFIXES
 from reidx.pipeline.remote import (PROTOCOL_EXTRAS, DeadlineReader, NetworkTimeout, deadline, is_protocol_error,
                                    protocol, storage_options)
 from reidx.pipeline.manifest import DEFAULT_TIMEOUT_S, Source
-from reidx.pipeline.video import VIDEO_SUFFIXES
+from reidx.pipeline.video import VIDEO_SUFFIXES, VideoDecodeError, VideoInput
 
 class SourceError(OSError):
     """A whole source cannot be listed (missing folder, unreadable archive); the night goes on."""
@@ -349,3 +350,29 @@ def read_members(source: Source, members: list[str]) -> Iterator[tuple[str, byte
                 # a URL source's filesystem may raise anything: that member fails, not the batch
                 reason = str(_url_error(source, exc)) if is_protocol_error(exc) else f"cannot read: {exc}"
             yield member, data, reason
+
+
+def open_video(source: Source, member: str) -> tuple[VideoInput, object]:
+    """A video member as :func:`reidx.pipeline.video.iter_video_frames` reads it, and a closer (or None).
+
+    A file in a folder is passed by path (streamed) and one behind a URL as its fsspec file (streamed,
+    each read within the timeout); a member of a tar/zip archive is read whole (capped by
+    ``max_member_bytes``). The same checks as for images (links out of the folder, unsafe or
+    oversized archive members); a refusal or read error is a :class:`VideoDecodeError` with the reason.
+    """
+    if archive_type(source.uri):
+        ((_, data, reason),) = list(read_members(source, [member]))
+        if reason:
+            raise VideoDecodeError(reason)
+        return data, None
+    if "://" in source.uri:
+        try:
+            video = _open_binary(f"{source.uri.rstrip('/')}/{member}", source)
+        except Exception as exc:  # noqa: BLE001 - a URL source's filesystem may raise anything: this video fails
+            raise VideoDecodeError(f"cannot read: {exc}") from None
+        return video, video.close
+    root = _local_root(source.uri)
+    reason = _link_reason(root / member, os.path.realpath(root)) if _walks(source.uri) else None
+    if reason:
+        raise VideoDecodeError(reason)
+    return str(root / member), None  # iter_video_frames opens (and closes) it

@@ -31,7 +31,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from fractions import Fraction
-from typing import BinaryIO, Iterator, Union
+from typing import BinaryIO, Iterable, Iterator, Union
 
 import av
 import numpy as np
@@ -166,8 +166,9 @@ class _Opened:
                 options={"format_whitelist": FORMAT_WHITELIST, "max_pixels": str(max_pixels)},
             )
         except av.FFmpegError as exc:
+            reason = _open_failure(source, exc)  # before closing: it reads the file's first bytes
             self.close()
-            raise VideoDecodeError(_open_failure(source, exc)) from None
+            raise VideoDecodeError(reason) from None
         except Exception:
             self.close()
             raise
@@ -259,6 +260,7 @@ def iter_video_frames(
     max_frames: int | None = None,
     first_frame: int = 0,
     stop_frame: int | None = None,
+    indices: Iterable[int] | None = None,
 ) -> Iterator[VideoFrame]:
     """Decode a video lazily into :class:`VideoFrame` s, sampled, with real timestamps.
 
@@ -268,7 +270,9 @@ def iter_video_frames(
     neither keeps all. Both rules depend only on a frame's own index/time and its predecessor's,
     so a run resumed at ``first_frame`` keeps exactly the frames a full run keeps from there.
     ``first_frame``/``stop_frame`` restrict to decoded indices ``[first_frame, stop_frame)``
-    (see :func:`video_segments`); ``max_frames`` caps the frames yielded.
+    (see :func:`video_segments`); ``max_frames`` caps the frames yielded. ``indices`` keeps exactly
+    these decoded indices instead of sampling (the frames a gallery's rows name: the report), and
+    decoding stops after the last; an index past the video's end is simply not yielded.
 
     No seeking: the frames before ``first_frame`` are decoded and dropped (without RGB
     conversion). Seeking lands on a keyframe by timestamp, after which the true frame index is
@@ -295,10 +299,17 @@ def iter_video_frames(
     if max_frames is not None and max_frames < 0:
         raise ValueError(f"max_frames must be >= 0, got {max_frames}")
     rate = Fraction(fps).limit_denominator(1_000_000) if fps is not None else None
-    return _frames(video, rate, every, start_time, max_pixels, max_frames, first_frame, stop_frame)
+    only = None
+    if indices is not None:
+        if fps is not None or every is not None:
+            raise ValueError("give indices or a sampling rule (fps, every), not both")
+        only = frozenset(int(i) for i in indices if i >= first_frame)
+        last = max(only, default=-1) + 1
+        first_frame, stop_frame = min(only, default=0), last if stop_frame is None else min(last, stop_frame)
+    return _frames(video, rate, every, start_time, max_pixels, max_frames, first_frame, stop_frame, only)
 
 
-def _frames(video, rate, every, start_time, max_pixels, max_frames, first_frame, stop_frame):
+def _frames(video, rate, every, start_time, max_pixels, max_frames, first_frame, stop_frame, only):
     if max_frames == 0 or stop_frame == first_frame:
         return
     with _Opened(video, max_pixels) as opened:
@@ -351,6 +362,8 @@ def _frames(video, rate, every, start_time, max_pixels, max_frames, first_frame,
                         bucket = math.floor(t * rate)
                         keep = previous_bucket is None or bucket > previous_bucket
                         previous_bucket = bucket
+                    elif only is not None:
+                        keep = index in only
                     else:
                         keep = every is None or index % every == 0
                     if keep and index >= first_frame:

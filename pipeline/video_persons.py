@@ -44,6 +44,7 @@ from reidx.pipeline.ledger import tracks_dir
 from reidx.pipeline.manifest import Source
 from reidx.pipeline.persons import STAGES, ModelSpec, detector_for, embedder_for, shard_table
 from reidx.pipeline.shards import detection_id, image_key
+from reidx.pipeline.sources import open_video
 from reidx.pipeline.tracking import Tracker, track_embedding
 from reidx.pipeline.video import VideoDecodeError, iter_video_frames
 
@@ -83,29 +84,7 @@ class _Reader:
 
 def _open(source: Source, member: str, first_frame: int, max_pixels: int) -> _Reader:
     """A reader at ``first_frame``, or :class:`VideoDecodeError` with why the video cannot be read."""
-    # The helpers that resolve and check a member's location are sources.py's own, so a video is
-    # found, refused (links out of the folder, oversized archive members) and read as an image is.
-    from reidx.pipeline.sources import _link_reason, _local_root, _open_binary, _walks, archive_type, read_members
-
-    closer = None
-    if archive_type(source.uri):
-        ((_, data, reason),) = list(read_members(source, [member]))  # whole, capped by max_member_bytes
-        if reason:
-            raise VideoDecodeError(reason)
-        video = data
-    elif "://" in source.uri:
-        try:
-            video = _open_binary(f"{source.uri.rstrip('/')}/{member}", source)
-        except Exception as exc:  # noqa: BLE001 - a URL source's filesystem may raise anything: this video fails
-            raise VideoDecodeError(f"cannot read: {exc}") from None
-        closer = video.close
-    else:
-        root = _local_root(source.uri)
-        path = root / member
-        reason = _link_reason(path, os.path.realpath(root)) if _walks(source.uri) else None
-        if reason:
-            raise VideoDecodeError(reason)
-        video = str(path)  # streamed: iter_video_frames opens it
+    video, closer = open_video(source, member)  # found and refused as an image would be
     frames = iter_video_frames(video, fps=source.fps, every=source.every, start_time=source.timestamp_of(member),
                                max_pixels=max_pixels, first_frame=first_frame)
     return _Reader(frames, closer, first_frame)

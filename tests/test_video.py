@@ -244,13 +244,16 @@ def collect(source, **kwargs):
     return frames, None
 
 
-def test_truncated_mp4_with_index_at_the_end_fails_at_the_start():
+def test_truncated_mp4_with_index_at_the_end_fails_at_the_start(tmp_path):
     # The shared clip, like most camera MP4s, has its index (moov) after the frames: cut short,
-    # nothing can be located. FFmpeg says "Invalid data"; the error says what it means.
+    # nothing can be located. FFmpeg says "Invalid data"; the error says what it means, read from
+    # bytes and from a file alike (a file's reason once said "empty file": it was closed first).
     data = CLIP.read_bytes()
-    frames, error = collect(data[: int(0.6 * len(data))])
-    assert frames == [] and error.frame_index == 0
-    assert "truncated" in str(error) and "moov" in str(error)
+    (tmp_path / "cut.mp4").write_bytes(data[: int(0.6 * len(data))])
+    for video in (data[: int(0.6 * len(data))], tmp_path / "cut.mp4"):
+        frames, error = collect(video)
+        assert frames == [] and error.frame_index == 0
+        assert "truncated" in str(error) and "moov" in str(error), str(error)
     with pytest.raises(VideoDecodeError):
         probe_video(data[: int(0.6 * len(data))])
 
@@ -321,3 +324,73 @@ def test_max_pixels_refused_before_decoding(h264):
     with pytest.raises(VideoDecodeError, match="pixel cap"):
         next(iter_video_frames(CLIP, max_pixels=1_000_000))  # 1920×1080
     assert len(list(iter_video_frames(h264, max_pixels=640 * 360))) == 16
+
+
+# --- frames by index for the report: packet index + keyframe seek, checked -------------------------
+
+
+@pytest.fixture(scope="module")
+def gops(scenes) -> bytes:
+    """60 frames, H.264 with B-frames (reordered; MP4 writes an edit list) and a keyframe every 10."""
+    images = [np.roll(scenes[i // 12 % len(scenes)], 3 * (i % 12), axis=1) for i in range(60)]
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=12,
+                                options={"x264-params": "keyint=10:min-keyint=10:bframes=3:scenecut=0"})
+        stream.width, stream.height, stream.pix_fmt = images[0].shape[1], images[0].shape[0], "yuv420p"
+        for image in images:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        out.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def test_frames_by_seeking_are_the_frames_decoded_from_the_start(gops, tmp_path, monkeypatch):
+    from reidx.pipeline import video_seek
+    from reidx.pipeline.video_seek import SeekUnsafe, frames_by_seeking
+
+    with av.open(io.BytesIO(gops)) as container:
+        packets = [p for p in container.demux(container.streams.video[0]) if p.size]
+    assert sum(p.is_keyframe for p in packets) == 6
+    assert [p.pts for p in packets] != sorted(p.pts for p in packets)  # B-frames: decode order ≠ time order
+    wanted = [0, 5, 9, 10, 11, 27, 33, 34, 58, 59, 70]  # across keyframes, both sides of one, past the end
+    for name, video in (("mp4", gops), ("mkv", remux(gops, tmp_path / "c.mkv", "matroska")), ("clip", CLIP)):
+        whole = {f.index: f.image for f in iter_video_frames(video)}
+        for indices in (wanted, [59], [3, 4, 5, 6, 7]):
+            found = list(frames_by_seeking(video, indices))
+            expected = [i for i in indices if i in whole]
+            assert [f.index for f in found] == expected, (name, indices)
+            assert all(np.array_equal(f.image, whole[f.index]) for f in found), (name, indices)
+            assert [f.index for f in iter_video_frames(video, indices=indices)] == expected
+    # MPEG-TS seeks by bytes: it missed (checked by time) before it was refused by its container
+    ts = remux(gops, tmp_path / "c.ts", "mpegts")
+    monkeypatch.setattr(video_seek, "SEEKABLE_FORMATS", {"mpegts"})
+    with pytest.raises(SeekUnsafe, match="not found after the seek|ended before"):
+        list(frames_by_seeking(ts, wanted))
+    monkeypatch.undo()
+    with pytest.raises(SeekUnsafe, match="mpegts is decoded from the start"):
+        list(frames_by_seeking(ts, wanted))
+
+
+def test_report_pictures_by_seeking_and_from_the_start_are_the_same(gops, tmp_path):
+    """The report's pictures from MP4 (found by seeking) and from the same packets in MPEG-TS (decoded
+    from the start): identical, and the crop is the crop rule's region of the right frame."""
+    from reidx.indexers.report_images import Wanted, make_pictures
+    from reidx.pipeline.video_seek import SeekUnsafe, frames_by_seeking
+
+    for fmt in ("mp4", "ts"):
+        (tmp_path / fmt).mkdir()
+    (tmp_path / "mp4" / "c.mp4").write_bytes(gops)
+    remux(gops, tmp_path / "ts" / "c.mp4", "mpegts")  # a TS named .mp4: opened by its content
+    with pytest.raises(SeekUnsafe):  # so its pictures come from decoding from the start
+        list(frames_by_seeking(tmp_path / "ts" / "c.mp4", [3, 27, 58]))
+    box = (200.4, 90.2, 260.7, 300.9)
+    items = [Wanted(f"{kind[0]}-{i}.jpg", box, kind, i) for i in (3, 27, 58) for kind in ("crop", "frame")]
+    made = [make_pictures({(str(tmp_path / fmt), "c.mp4"): items}, 50_000_000) for fmt in ("mp4", "ts")]
+    assert made[0].reasons == made[1].reasons == {} and len(made[0].made) == len(made[1].made) == 6
+    for name, picture in made[0].made.items():
+        assert np.array_equal(np.asarray(picture), np.asarray(made[1].made[name])), name
+    frames = {f.index: f.image for f in iter_video_frames(gops)}
+    crop = np.asarray(made[0].made["c-27.jpg"], np.float32)
+    for index, same in ((27, True), (29, False)):  # frame 29: the scene has panned 6 pixels since
+        region = Image.fromarray(frames[index]).crop((200, 90, 261, 301)).resize((crop.shape[1], 128), Image.BILINEAR)
+        assert (np.abs(crop - np.asarray(region, np.float32)).max() == 0) == same, index

@@ -179,7 +179,8 @@ def test_rerun_adds_nothing_and_the_ledger_counts_segments(street):
     assert again["video_segments_new"] == 0 and again["videos_skipped"] == 3 and again["persons"] == 0
     counted = json.loads(reidx("ledger", str(gallery), "--json").stdout)
     # one entry per segment: street@0, street-tracks@0, broken@0 (ok) and broken@4 (failed)
-    assert (counted["images"], counted["images_ok"], counted["images_failed"]) == (4, 3, 1)
+    assert (counted["images"], counted["videos"], counted["videos_failed"]) == (0, 3, 1)
+    assert (counted["video_segments"], counted["video_segments_ok"], counted["video_segments_failed"]) == (4, 3, 1)
 
 
 # --- a longer clip encoded from the scene frames -----------------------------------------------
@@ -374,3 +375,32 @@ def test_a_worker_decodes_a_video_once_across_its_segments(encoded, reference, m
     assert starts == SEGMENTS and opened == [0]
     expected = {r["detection_id"]: (r["track_id"], r["frame_index"]) for r in rows(reference[0], "cam")}
     assert {r["detection_id"]: (r["track_id"], r["frame_index"]) for r in found} == expected
+
+
+def test_ledger_counts_images_videos_and_segments(tmp_path):
+    """`reidx ledger` says segments and videos, not "images", for video entries (latest outcome each)."""
+    from click.testing import CliRunner
+
+    from reidx.cli import main
+    from reidx.pipeline.ledger import append, ledger_rows
+
+    def segment(video, first, stop, status="ok", persons=3, **extra):
+        return {"image_key": f"cam/{video}@{first}", "source": "cam", "member": video, "status": status,
+                "num_persons": persons, "frame_start": first, "frame_stop": stop, **extra}
+
+    append(tmp_path, ledger_rows([
+        {"image_key": "stills/a.jpg", "source": "stills", "member": "a.jpg", "status": "ok", "num_persons": 2},
+        {"image_key": "stills/b.jpg", "source": "stills", "member": "b.jpg", "status": "failed", "reason": "x"},
+        segment("a.mp4", 0, 180), segment("a.mp4", 180, 240, video_end=True),
+        segment("b.mp4", 0, 4), segment("b.mp4", 4, 4, "failed", 0, reason="truncated", video_end=True),
+        segment("c.mp4", 0, 0, "failed", 0, reason="cannot read", video_end=True)]))
+    append(tmp_path, ledger_rows([segment("c.mp4", 0, 90, video_end=True)]))  # retried: its latest is ok
+    result = CliRunner().invoke(main, ["ledger", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    counts = json.loads(result.stdout)
+    assert counts == {"gallery": str(tmp_path), "images": 2, "images_ok": 1, "images_failed": 1, "videos": 3,
+                      "videos_failed": 1, "video_segments": 5, "video_segments_ok": 4, "video_segments_failed": 1,
+                      "persons": 2 + 4 * 3}
+    text = CliRunner().invoke(main, ["ledger", str(tmp_path)]).stdout.strip()
+    assert text == ("2 images: 1 ok, 1 failed; 3 videos (1 broken) in 5 segments: 4 ok, 1 failed; "
+                    "14 persons")
