@@ -80,6 +80,8 @@ def query(gallery, queries, out, report, report_top, top_k, detect, largest, gro
     """
     if largest and not detect:
         raise click.UsageError("--largest needs --detect")
+    if workers and scheduler:
+        raise click.UsageError("--scheduler and --workers exclude each other")
     if report is not None and not report.lower().endswith((".html", ".htm")):
         raise click.UsageError(f"--report {report!r} must end with .html")
     from reidx.indexers.filters import SearchFilter, parse_time
