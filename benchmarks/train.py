@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -31,9 +32,11 @@ SHARED = Path(os.environ.get("REIDX_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("REIDX_MODEL_DIR", str(SHARED / "models"))
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from reidx.indexers.evaluation import evaluate_split
+from reidx.indexers.evaluation import evaluate_split  # noqa: E402
 from reidx.pipeline.labelled_split import embed_side  # noqa: E402
 from reidx.pipeline.embed import build_embedder  # noqa: E402
 
@@ -87,6 +90,168 @@ def step_speed(data: str, init: str, repeats: int = 3, steps: int = 4) -> dict:
     return {f"{p}_{t}_threads": round(statistics.median(r), 1) for (p, t), r in rates.items()}
 
 
+def make_splits(root: Path) -> dict[str, str]:
+    """Selection splits, as folders of symbolic links (Market naming kept; deterministic):
+
+    - ``conreid-fit``: Con-ReID bounding_box_train without every 4th identity (in sorted person-id
+      order), to fine-tune the selection models on;
+    - ``conreid-val-query`` / ``conreid-val-gallery``: those held-out identities (18 of 71), the
+      first image of each (person, camera) as a query, the rest as the gallery;
+    - ``cuhk03-select-*``: cuhk03-train's even person ids (selection half); ``cuhk03-report-*``:
+      its odd person ids (the other half, reported beside the whole set).
+
+    No image of Con-ReID's query/bounding_box_test is used for any choice."""
+    train_dir, cuhk = SHARED / "data" / "con-reid" / "bounding_box_train", SHARED / "data" / "cuhk03-train"
+    files = sorted(train_dir.glob("*.jpg"))
+    pids = sorted({f.name.split("_")[0] for f in files})
+    held_out = set(pids[3::4])
+    seen: set = set()
+    split: dict[str, list[Path]] = {"conreid-fit": [], "conreid-val-query": [], "conreid-val-gallery": []}
+    for f in files:
+        pid, cam = f.name.split("_")[0], f.name.split("_")[1][:2]
+        if pid not in held_out:
+            split["conreid-fit"].append(f)
+        elif (pid, cam) not in seen:
+            seen.add((pid, cam))
+            split["conreid-val-query"].append(f)
+        else:
+            split["conreid-val-gallery"].append(f)
+    for side in ("query", "gallery"):
+        for f in sorted((cuhk / side).glob("*.jpg")):
+            half = "select" if int(f.name.split("_")[0]) % 2 == 0 else "report"
+            split.setdefault(f"cuhk03-{half}-{side}", []).append(f)
+    folders = {}
+    for name, members in split.items():
+        folder = root / name
+        if not folder.is_dir():
+            tmp = root / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for f in members:
+                (tmp / f.name).symlink_to(f)
+            tmp.rename(folder)
+        folders[name] = str(folder)
+    return folders
+
+
+def subset(side, keep):
+    """The rows of an embedded split whose person id passes ``keep``."""
+    from reidx.pipeline.labelled_split import EmbeddedSplit
+
+    mask = np.array([keep(pid) for pid in side.table["person_id"].to_pylist()])
+    return EmbeddedSplit(side.table.filter(pa.array(mask)), side.features[mask], side.num_failed)
+
+
+class Scores:
+    """mAP & co. per (weights file, evaluation set), cached in a JSON file keyed by the weights'
+    sha256, so a rerun reuses every finished evaluation."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.cache = json.loads(path.read_text()) if path.is_file() else {}
+
+    def __call__(self, weights: str, name: str, query: str, gallery: str, halves: bool = False) -> dict:
+        from reidx.pipeline.models.weights import resolve_weights
+
+        key = f"{resolve_weights(weights, '.pth').sha256} {name}"
+        if key not in self.cache:
+            embedder = build_embedder(weights, threads=1)  # the machine is shared
+            q, g = embed_side([query], embedder), embed_side([gallery], embedder)
+            result = {"all": percent(evaluate_split(q, g))}
+            if halves:  # cuhk03: even person ids = the selection half, odd = the report half
+                for half, parity in (("select", 0), ("report", 1)):
+                    keep = lambda pid, parity=parity: pid % 2 == parity  # noqa: E731
+                    result[half] = percent(evaluate_split(subset(q, keep), subset(g, keep)))
+            # merge with what other processes (sweeping other α at the same time) wrote meanwhile
+            self.cache = {**(json.loads(self.path.read_text()) if self.path.is_file() else {}), key: result}
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.cache, indent=1))
+            tmp.replace(self.path)
+            print(f"{Path(weights).name} on {name}: {result}", file=sys.stderr)
+        return self.cache[key]
+
+
+def percent(metrics) -> dict:
+    report = metrics.as_percent_dict()
+    return {k: report[k] for k in ("mAP", "rank1", "mINP")}
+
+
+def pick_alpha(rows: list[dict], max_drop: float) -> float:
+    """The rule fixed before any measurement: among the α whose cuhk03 *selection-half* mAP is at
+    most ``max_drop`` below the base's, the one with the best Con-ReID *validation* mAP; if none
+    qualifies, the α maximising (validation gain − selection-half drop)."""
+    ok = [r for r in rows if r["cuhk03_select_drop"] <= max_drop]
+    if ok:
+        return max(ok, key=lambda r: (r["conreid_val_mAP"], -r["alpha"]))["alpha"]
+    return max(rows, key=lambda r: r["conreid_val_gain"] - r["cuhk03_select_drop"])["alpha"]
+
+
+def forgetting(args) -> dict:
+    """Fine-tune on `conreid-fit`, choose α on held-out data, report on Con-ReID's test split and cuhk03."""
+    import torch
+
+    from reidx.pipeline.training.retention import load_base, wise_interpolate
+
+    work = Path(args.workdir)
+    splits = make_splits(work / "splits")
+    scores = Scores(work / "scores.json")
+    out, summary_path = work / "fit.pth", work / "fit.train.json"
+    result: dict = {"benchmark": "train-forgetting", "splits": splits, "fit": str(out)}
+    if not out.is_file():  # a finished fine-tuning is reused (delete it to train again)
+        options = ["--data", splits["conreid-fit"], "--init", args.init, "--out", str(out), "--epochs",
+                   str(args.epochs), "--wise-alpha", "1", *args.train_options]
+        start = time.perf_counter()
+        process = subprocess.run(train_command() + options + ["--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        if process.returncode != 0:
+            raise SystemExit(f"reidx train failed with status {process.returncode}")
+        summary = {"command": " ".join(["reidx", "train", *options]), "train_wall_s": round(time.perf_counter() - start, 1),
+                   "train": json.loads(process.stdout)}
+        summary_path.write_text(json.dumps(summary))
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        result.update(command=summary["command"], train_wall_s=summary["train_wall_s"],
+                      train_images_per_s=summary["train"]["train_images_per_s"])
+    base_state, tuned_state = load_base(args.init).state_dict(), torch.load(out, weights_only=True)["state_dict"]
+
+    def mixed(alpha: float) -> str:
+        if alpha == 0.0:
+            return args.init
+        path = work / f"fit.alpha{alpha:g}.pth"
+        if not path.is_file():
+            torch.save({"state_dict": wise_interpolate(base_state, tuned_state, alpha)}, path)
+        return str(path)
+
+    con, cuhk = SHARED / "data" / "con-reid", SHARED / "data" / "cuhk03-train"
+    val = ("conreid-val", splits["conreid-val-query"], splits["conreid-val-gallery"])
+    test = ("conreid-test", str(con / "query"), str(con / "bounding_box_test"))
+    other = ("cuhk03", str(cuhk / "query"), str(cuhk / "gallery"))
+    base_val, base_other = scores(args.init, *val), scores(args.init, *other, halves=True)
+    rows = []
+    for alpha in args.alphas:  # selection: Con-ReID validation identities and cuhk03's even person ids
+        v, o = scores(mixed(alpha), *val), scores(mixed(alpha), *other, halves=True)
+        rows.append({"alpha": alpha, "conreid_val_mAP": v["all"]["mAP"],
+                     "conreid_val_gain": round(v["all"]["mAP"] - base_val["all"]["mAP"], 2),
+                     "cuhk03_select_mAP": o["select"]["mAP"],
+                     "cuhk03_select_drop": round(base_other["select"]["mAP"] - o["select"]["mAP"], 2)})
+    chosen = pick_alpha(rows, args.max_drop)
+    result.update(selection=rows, chosen_alpha=chosen, base_conreid_val=base_val["all"],
+                  base_cuhk03_select=base_other["select"])
+    report = []
+    for alpha in [a for a in args.alphas if a in (0.0, 1.0, chosen)] + (
+            [a for a in args.alphas if a not in (0.0, 1.0, chosen)] if args.report_all else []):
+        t, o = scores(mixed(alpha), *test), scores(mixed(alpha), *other, halves=True)
+        report.append({"alpha": alpha, "conreid_test": t["all"], "cuhk03": o["all"], "cuhk03_report_half": o["report"]})
+    base = next(r for r in report if r["alpha"] == 0.0)
+    for row in report:
+        row["cuhk03_drop"] = round(base["cuhk03"]["mAP"] - row["cuhk03"]["mAP"], 2)
+        row["cuhk03_report_half_drop"] = round(base["cuhk03_report_half"]["mAP"] - row["cuhk03_report_half"]["mAP"], 2)
+    result["report"] = sorted(report, key=lambda r: r["alpha"])
+    pick = next(r for r in report if r["alpha"] == chosen)
+    result["acceptance"] = {"conreid_test_mAP": pick["conreid_test"]["mAP"], "cuhk03_drop": pick["cuhk03_drop"],
+                            "met": pick["conreid_test"]["mAP"] >= 90.0 and pick["cuhk03_drop"] <= 2.0}
+    return result
+
+
 def train_command() -> list[str]:
     """`reidx train` as a process."""
     return [sys.executable, "-m", "reidx.cli", "train"]
@@ -100,12 +265,28 @@ def main() -> None:
     parser.add_argument("--gallery", default=str(data / "bounding_box_test"))
     parser.add_argument("--init", default="osnet_x0_25_msmt17")
     parser.add_argument("--out", default="/tmp/reidx-train/osnet_x0_25_con_reid.pth")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=None, help="[default: 12; with --forgetting 6]")
     parser.add_argument("--skip-baseline", action="store_true", help="Do not evaluate the initial weights.")
     parser.add_argument("--skip-training", action="store_true", help="Only evaluate an existing --out.")
     parser.add_argument("--speed", action="store_true", help="Only measure training steps (see above).")
+    parser.add_argument("--forgetting", action="store_true",
+                        help="Fine-tuning without forgetting: WiSE-FT α chosen on held-out data (see make_splits), "
+                             "reported on Con-ReID's split and cuhk03-train.")
+    parser.add_argument("--workdir", default="/tmp/reidx-train", help="--forgetting: splits, checkpoints, cache.")
+    parser.add_argument("--alphas", type=lambda v: [float(a) for a in v.split(",")],
+                        default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    parser.add_argument("--max-drop", type=float, default=2.0, help="--forgetting: allowed cuhk03 mAP drop.")
+    parser.add_argument("--report-all", action="store_true", help="--forgetting: every α on the report sets.")
     parser.add_argument("train_options", nargs="*", help="Further `reidx train` options, after --.")
     args = parser.parse_args()
+    if args.epochs is None:
+        args.epochs = 6 if args.forgetting else 12
+    if args.forgetting:
+        started = time.perf_counter()
+        result = forgetting(args)
+        result.update(wall_s=round(time.perf_counter() - started, 1), load_average=[round(v, 2) for v in os.getloadavg()])
+        print(json.dumps(result))
+        return
 
     result = {"benchmark": "train", "data": args.data, "init": args.init, "out": args.out,
               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
