@@ -154,6 +154,8 @@ class Scores:
         from reidx.pipeline.models.weights import resolve_weights
 
         key = f"{resolve_weights(weights, '.pth').sha256} {name}"
+        if key not in self.cache and self.path.is_file():  # another process may have scored it meanwhile
+            self.cache = json.loads(self.path.read_text())
         if key not in self.cache:
             embedder = build_embedder(weights, threads=1)  # the machine is shared
             q, g = embed_side([query], embedder), embed_side([gallery], embedder)
@@ -178,47 +180,56 @@ def percent(metrics) -> dict:
 
 def pick_alpha(rows: list[dict], max_drop: float) -> float:
     """The rule fixed before any measurement: among the α whose cuhk03 *selection-half* mAP is at
-    most ``max_drop`` below the base's, the one with the best Con-ReID *validation* mAP; if none
-    qualifies, the α maximising (validation gain − selection-half drop)."""
+    most ``max_drop`` below the base's (α = 0, the base itself, always is), the one with the best
+    Con-ReID *validation* mAP; ties go to the smaller α."""
     ok = [r for r in rows if r["cuhk03_select_drop"] <= max_drop]
-    if ok:
-        return max(ok, key=lambda r: (r["conreid_val_mAP"], -r["alpha"]))["alpha"]
-    return max(rows, key=lambda r: r["conreid_val_gain"] - r["cuhk03_select_drop"])["alpha"]
+    return max(ok, key=lambda r: (r["conreid_val_mAP"], -r["alpha"]))["alpha"]
 
 
 def forgetting(args) -> dict:
     """Fine-tune on `conreid-fit`, choose α on held-out data, report on Con-ReID's test split and cuhk03."""
     import torch
 
+    from reidx.pipeline.models.weights import resolve_weights
+    from reidx.pipeline.training.loop import resume_path
     from reidx.pipeline.training.retention import load_base, wise_interpolate
 
+    if 0.0 not in args.alphas:  # the base is the reference (and always a candidate)
+        args.alphas = [0.0, *args.alphas]
     work = Path(args.workdir)
     splits = make_splits(work / "splits")
     scores = Scores(work / "scores.json")
     out, summary_path = work / "fit.pth", work / "fit.train.json"
     result: dict = {"benchmark": "train-forgetting", "splits": splits, "fit": str(out)}
-    if not out.is_file():  # a finished fine-tuning is reused (delete it to train again)
+    if not out.is_file():  # a finished fine-tuning is reused (delete it to train again), an interrupted one resumed
         options = ["--data", splits["conreid-fit"], "--init", args.init, "--out", str(out), "--epochs",
                    str(args.epochs), "--wise-alpha", "1", *args.train_options]
+        resume = ["--resume"] if resume_path(out).is_file() else []
         start = time.perf_counter()
-        process = subprocess.run(train_command() + options + ["--json"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        process = subprocess.run(train_command() + options + resume + ["--json"], cwd=REPO, stdout=subprocess.PIPE,
+                                 text=True)
         if process.returncode != 0:
             raise SystemExit(f"reidx train failed with status {process.returncode}")
-        summary = {"command": " ".join(["reidx", "train", *options]), "train_wall_s": round(time.perf_counter() - start, 1),
-                   "train": json.loads(process.stdout)}
+        summary = {"command": " ".join(["reidx", "train", *options]), "resumed": bool(resume),
+                   "train_wall_s": round(time.perf_counter() - start, 1), "train": json.loads(process.stdout)}
         summary_path.write_text(json.dumps(summary))
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
+        seconds = sum(e["seconds"] for e in summary["train"]["history"])
         result.update(command=summary["command"], train_wall_s=summary["train_wall_s"],
-                      train_images_per_s=summary["train"]["train_images_per_s"])
+                      resumed=summary.get("resumed", False), train_epoch_seconds_total=round(seconds, 1),
+                      train_images_per_s=round(sum(e["images"] for e in summary["train"]["history"]) / seconds, 1))
     base_state, tuned_state = load_base(args.init).state_dict(), torch.load(out, weights_only=True)["state_dict"]
+    tuned_sha = resolve_weights(str(out), ".pth").sha256[:12]  # mixes of an older fit are not reused
 
     def mixed(alpha: float) -> str:
         if alpha == 0.0:
             return args.init
-        path = work / f"fit.alpha{alpha:g}.pth"
-        if not path.is_file():
-            torch.save({"state_dict": wise_interpolate(base_state, tuned_state, alpha)}, path)
+        path = work / f"fit.{tuned_sha}.alpha{alpha:g}.pth"
+        if not path.is_file():  # atomically: a second process sweeping the other way may read it
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save({"state_dict": wise_interpolate(base_state, tuned_state, alpha)}, tmp)
+            tmp.replace(path)
         return str(path)
 
     con, cuhk = SHARED / "data" / "con-reid", SHARED / "data" / "cuhk03-train"
@@ -237,8 +248,7 @@ def forgetting(args) -> dict:
     result.update(selection=rows, chosen_alpha=chosen, base_conreid_val=base_val["all"],
                   base_cuhk03_select=base_other["select"])
     report = []
-    for alpha in [a for a in args.alphas if a in (0.0, 1.0, chosen)] + (
-            [a for a in args.alphas if a not in (0.0, 1.0, chosen)] if args.report_all else []):
+    for alpha in [a for a in args.alphas if args.report_all or a in (0.0, 1.0, chosen)]:
         t, o = scores(mixed(alpha), *test), scores(mixed(alpha), *other, halves=True)
         report.append({"alpha": alpha, "conreid_test": t["all"], "cuhk03": o["all"], "cuhk03_report_half": o["report"]})
     base = next(r for r in report if r["alpha"] == 0.0)
@@ -284,7 +294,8 @@ def main() -> None:
     if args.forgetting:
         started = time.perf_counter()
         result = forgetting(args)
-        result.update(wall_s=round(time.perf_counter() - started, 1), load_average=[round(v, 2) for v in os.getloadavg()])
+        result.update(wall_s=round(time.perf_counter() - started, 1),
+                      load_average=[round(v, 2) for v in os.getloadavg()])
         print(json.dumps(result))
         return
 
