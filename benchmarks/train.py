@@ -3,12 +3,23 @@ the initial and the trained weights on the Con-ReID split (query vs bounding_box
 
     python benchmarks/train.py [--out /tmp/reidx-train/osnet_x0_25_con_reid.pth] [--epochs 12] [-- extra train options]
     python benchmarks/train.py --speed   # training steps/s only: fp32 vs bf16, 1 vs 2 threads
+    python benchmarks/train.py --forgetting [--report-all] -- --threads 1   # fine-tuning without forgetting
 
 The training runs as its own process (`python -m cli train ... --json`), so the wall time is
 everything `reidx train` does: listing, decoding, training, checkpoints. Both evaluations use
 `indexers.evaluation` with the default embedder, the code behind `reidx evaluate`. The
 training identities (bounding_box_train) are disjoint from the evaluation split's. Prints one
 JSON object; the machine's load average is recorded because it is shared.
+
+``--forgetting`` measures what fine-tuning costs on a second domain and picks the WiSE-FT α (and
+the distillation λ) by a rule fixed in advance, on data it never reports: it fine-tunes on 54 of
+Con-ReID's 71 training identities (plain, and with each ``--distill-weights`` λ), scores every
+candidate on the 17 held-out training identities and on cuhk03-train's even person ids, picks
+(:func:`pick`), and reports the base, the plain fine-tuning and the pick (``--report-all``: every
+candidate) on Con-ReID's query vs bounding_box_test and on the whole of cuhk03-train and its odd
+person ids. Finished trainings and evaluations are reused (``scores.json`` in ``--workdir``,
+keyed by the weights' sha256), so a rerun only does what is missing; two processes sweeping the
+candidates in opposite orders (``--alphas 1,0.8,…``) share the work.
 
 ``--speed`` measures training steps alone (P16×K4 batches of real augmented crops, forward,
 id+triplet loss, backward, Adam) for fp32 and bf16 autocast with 1 and 2 threads, interleaved
@@ -178,32 +189,23 @@ def percent(metrics) -> dict:
     return {k: report[k] for k in ("mAP", "rank1", "mINP")}
 
 
-def pick_alpha(rows: list[dict], max_drop: float) -> float:
-    """The rule fixed before any measurement: among the α whose cuhk03 *selection-half* mAP is at
-    most ``max_drop`` below the base's (α = 0, the base itself, always is), the one with the best
-    Con-ReID *validation* mAP; ties go to the smaller α."""
+def pick(rows: list[dict], max_drop: float) -> dict:
+    """The rule fixed before any measurement: among the candidates whose cuhk03 *selection-half*
+    mAP is at most ``max_drop`` below the base's (α = 0, the base itself, always is), the one with
+    the best Con-ReID *validation* mAP; ties go to the smaller α, then to no distillation."""
     ok = [r for r in rows if r["cuhk03_select_drop"] <= max_drop]
-    return max(ok, key=lambda r: (r["conreid_val_mAP"], -r["alpha"]))["alpha"]
+    return max(ok, key=lambda r: (r["conreid_val_mAP"], -r["alpha"], -r["distill_weight"]))
 
 
-def forgetting(args) -> dict:
-    """Fine-tune on `conreid-fit`, choose α on held-out data, report on Con-ReID's test split and cuhk03."""
-    import torch
-
-    from reidx.pipeline.models.weights import resolve_weights
+def fine_tune(args, work: Path, name: str, data: str, extra: list[str]) -> tuple[Path, dict]:
+    """`reidx train` into ``work/name.pth`` (a finished run is reused, an interrupted one resumed);
+    its --json summary and wall time are kept in ``work/name.train.json``."""
     from reidx.pipeline.training.loop import resume_path
-    from reidx.pipeline.training.retention import load_base, wise_interpolate
 
-    if 0.0 not in args.alphas:  # the base is the reference (and always a candidate)
-        args.alphas = [0.0, *args.alphas]
-    work = Path(args.workdir)
-    splits = make_splits(work / "splits")
-    scores = Scores(work / "scores.json")
-    out, summary_path = work / "fit.pth", work / "fit.train.json"
-    result: dict = {"benchmark": "train-forgetting", "splits": splits, "fit": str(out)}
-    if not out.is_file():  # a finished fine-tuning is reused (delete it to train again), an interrupted one resumed
-        options = ["--data", splits["conreid-fit"], "--init", args.init, "--out", str(out), "--epochs",
-                   str(args.epochs), "--wise-alpha", "1", *args.train_options]
+    out, summary_path = work / f"{name}.pth", work / f"{name}.train.json"
+    options = ["--data", data, "--init", args.init, "--out", str(out), "--epochs", str(args.epochs),
+               "--wise-alpha", "1", *extra, *args.train_options]
+    if not out.is_file():
         resume = ["--resume"] if resume_path(out).is_file() else []
         start = time.perf_counter()
         process = subprocess.run(train_command() + options + resume + ["--json"], cwd=REPO, stdout=subprocess.PIPE,
@@ -213,22 +215,45 @@ def forgetting(args) -> dict:
         summary = {"command": " ".join(["reidx", "train", *options]), "resumed": bool(resume),
                    "train_wall_s": round(time.perf_counter() - start, 1), "train": json.loads(process.stdout)}
         summary_path.write_text(json.dumps(summary))
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        seconds = sum(e["seconds"] for e in summary["train"]["history"])
-        result.update(command=summary["command"], train_wall_s=summary["train_wall_s"],
-                      resumed=summary.get("resumed", False), train_epoch_seconds_total=round(seconds, 1),
-                      train_images_per_s=round(sum(e["images"] for e in summary["train"]["history"]) / seconds, 1))
-    base_state, tuned_state = load_base(args.init).state_dict(), torch.load(out, weights_only=True)["state_dict"]
-    tuned_sha = resolve_weights(str(out), ".pth").sha256[:12]  # mixes of an older fit are not reused
+    summary = json.loads(summary_path.read_text())
+    history = summary["train"]["history"]
+    seconds = sum(e["seconds"] for e in history)
+    return out, {"command": summary["command"], "train_wall_s": summary["train_wall_s"],
+                 "resumed": summary.get("resumed", False), "train_epoch_seconds_total": round(seconds, 1),
+                 "train_images_per_s": round(sum(e["images"] for e in history) / seconds, 1)}
 
-    def mixed(alpha: float) -> str:
+
+def forgetting(args) -> dict:
+    """Fine-tune on `conreid-fit` (plain, and with each --distill-weights λ), choose (α, λ) on
+    held-out data, report on Con-ReID's test split and cuhk03-train."""
+    import torch
+
+    from reidx.pipeline.models.weights import resolve_weights
+    from reidx.pipeline.training.retention import load_base, wise_interpolate
+
+    if 0.0 not in args.alphas:  # the base is the reference (and always a candidate)
+        args.alphas = [0.0, *args.alphas]
+    work = Path(args.workdir)
+    splits = make_splits(work / "splits")
+    scores = Scores(work / "scores.json")
+    base_state = load_base(args.init).state_dict()
+    runs = {0.0: fine_tune(args, work, "fit", splits["conreid-fit"], [])}
+    for weight in args.distill_weights:
+        runs[weight] = fine_tune(args, work, f"fit.distill{weight:g}", splits["conreid-fit"],
+                                 ["--distill-weight", f"{weight:g}"])
+    result: dict = {"benchmark": "train-forgetting", "splits": splits,
+                    "training": {f"distill_weight={w:g}": {"out": str(out), **info} for w, (out, info) in runs.items()}}
+
+    def mixed(weight: float, alpha: float) -> str:
+        """The WiSE-FT mix of a run's output; the file name carries the run's hash (no stale reuse)."""
         if alpha == 0.0:
             return args.init
-        path = work / f"fit.{tuned_sha}.alpha{alpha:g}.pth"
+        out = runs[weight][0]
+        path = work / f"{out.stem}.{resolve_weights(str(out), '.pth').sha256[:12]}.alpha{alpha:g}.pth"
         if not path.is_file():  # atomically: a second process sweeping the other way may read it
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save({"state_dict": wise_interpolate(base_state, tuned_state, alpha)}, tmp)
+            tuned = torch.load(out, weights_only=True)["state_dict"]
+            torch.save({"state_dict": wise_interpolate(base_state, tuned, alpha)}, tmp)
             tmp.replace(path)
         return str(path)
 
@@ -237,28 +262,31 @@ def forgetting(args) -> dict:
     test = ("conreid-test", str(con / "query"), str(con / "bounding_box_test"))
     other = ("cuhk03", str(cuhk / "query"), str(cuhk / "gallery"))
     base_val, base_other = scores(args.init, *val), scores(args.init, *other, halves=True)
+    candidates = [(0.0, a) for a in args.alphas] + [(w, a) for w in args.distill_weights for a in args.distill_alphas]
     rows = []
-    for alpha in args.alphas:  # selection: Con-ReID validation identities and cuhk03's even person ids
-        v, o = scores(mixed(alpha), *val), scores(mixed(alpha), *other, halves=True)
-        rows.append({"alpha": alpha, "conreid_val_mAP": v["all"]["mAP"],
+    for weight, alpha in candidates:  # selection: Con-ReID's held-out training identities, cuhk03's even ids
+        v, o = scores(mixed(weight, alpha), *val), scores(mixed(weight, alpha), *other, halves=True)
+        rows.append({"distill_weight": weight, "alpha": alpha, "conreid_val_mAP": v["all"]["mAP"],
                      "conreid_val_gain": round(v["all"]["mAP"] - base_val["all"]["mAP"], 2),
                      "cuhk03_select_mAP": o["select"]["mAP"],
                      "cuhk03_select_drop": round(base_other["select"]["mAP"] - o["select"]["mAP"], 2)})
-    chosen = pick_alpha(rows, args.max_drop)
-    result.update(selection=rows, chosen_alpha=chosen, base_conreid_val=base_val["all"],
-                  base_cuhk03_select=base_other["select"])
+    chosen = pick(rows, args.max_drop)
+    result.update(selection=rows, chosen={k: chosen[k] for k in ("distill_weight", "alpha")},
+                  base_conreid_val=base_val["all"], base_cuhk03_select=base_other["select"])
     report = []
-    for alpha in [a for a in args.alphas if args.report_all or a in (0.0, 1.0, chosen)]:
-        t, o = scores(mixed(alpha), *test), scores(mixed(alpha), *other, halves=True)
-        report.append({"alpha": alpha, "conreid_test": t["all"], "cuhk03": o["all"], "cuhk03_report_half": o["report"]})
+    for weight, alpha in candidates:
+        if args.report_all or alpha in (0.0, 1.0) or (weight, alpha) == (chosen["distill_weight"], chosen["alpha"]):
+            t, o = scores(mixed(weight, alpha), *test), scores(mixed(weight, alpha), *other, halves=True)
+            report.append({"distill_weight": weight, "alpha": alpha, "conreid_test": t["all"], "cuhk03": o["all"],
+                           "cuhk03_report_half": o["report"]})
     base = next(r for r in report if r["alpha"] == 0.0)
     for row in report:
         row["cuhk03_drop"] = round(base["cuhk03"]["mAP"] - row["cuhk03"]["mAP"], 2)
         row["cuhk03_report_half_drop"] = round(base["cuhk03_report_half"]["mAP"] - row["cuhk03_report_half"]["mAP"], 2)
-    result["report"] = sorted(report, key=lambda r: r["alpha"])
-    pick = next(r for r in report if r["alpha"] == chosen)
-    result["acceptance"] = {"conreid_test_mAP": pick["conreid_test"]["mAP"], "cuhk03_drop": pick["cuhk03_drop"],
-                            "met": pick["conreid_test"]["mAP"] >= 90.0 and pick["cuhk03_drop"] <= 2.0}
+    result["report"] = sorted(report, key=lambda r: (r["distill_weight"], r["alpha"]))
+    final = next(r for r in report if (r["distill_weight"], r["alpha"]) == (chosen["distill_weight"], chosen["alpha"]))
+    result["acceptance"] = {"conreid_test_mAP": final["conreid_test"]["mAP"], "cuhk03_drop": final["cuhk03_drop"],
+                            "met": final["conreid_test"]["mAP"] >= 90.0 and final["cuhk03_drop"] <= 2.0}
     return result
 
 
@@ -285,6 +313,10 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/reidx-train", help="--forgetting: splits, checkpoints, cache.")
     parser.add_argument("--alphas", type=lambda v: [float(a) for a in v.split(",")],
                         default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    parser.add_argument("--distill-weights", type=lambda v: [float(w) for w in v.split(",") if w],
+                        default=[1.0], help="--forgetting: λ of the distilled fine-tunings ('' for none).")
+    parser.add_argument("--distill-alphas", type=lambda v: [float(a) for a in v.split(",")], default=[1.0],
+                        help="--forgetting: WiSE-FT α tried on the distilled fine-tunings.")
     parser.add_argument("--max-drop", type=float, default=2.0, help="--forgetting: allowed cuhk03 mAP drop.")
     parser.add_argument("--report-all", action="store_true", help="--forgetting: every α on the report sets.")
     parser.add_argument("train_options", nargs="*", help="Further `reidx train` options, after --.")
