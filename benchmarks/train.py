@@ -312,7 +312,7 @@ def main() -> None:
                              "reported on Con-ReID's split and cuhk03-train.")
     parser.add_argument("--workdir", default="/tmp/reidx-train", help="--forgetting: splits, checkpoints, cache.")
     parser.add_argument("--alphas", type=lambda v: [float(a) for a in v.split(",")],
-                        default=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+                        default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0])
     parser.add_argument("--distill-weights", type=lambda v: [float(w) for w in v.split(",") if w],
                         default=[1.0], help="--forgetting: λ of the distilled fine-tunings ('' for none).")
     parser.add_argument("--distill-alphas", type=lambda v: [float(a) for a in v.split(",")], default=[1.0],

@@ -198,7 +198,7 @@ def evaluate_detections_command(ground_truth, detections, images, split, iou_thr
 # --- fine-tuning ---------------------------------------------------------------------------------
 
 LOSS_NAMES = ("id", "triplet", "oim")  # = reidx.pipeline.training.LOSSES (checked by a test; no import here)
-WISE_ALPHA = 1.0  # = reidx.pipeline.training.WISE_ALPHA (likewise)
+WISE_ALPHA = 0.3  # = reidx.pipeline.training.WISE_ALPHA (likewise)
 
 
 def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
