@@ -304,8 +304,10 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
     summary = run_training(config, resume=resume, progress=_progress(), log=_log, validate=validate)
 
     def text(r):
+        speed = f"{r['train_images_per_s']} images/s" if r["train_images_per_s"] else "no epoch left: re-mixed only"
         yield (f"trained {r['epochs']} epochs on {r['num_images']} crops of {r['num_identities']} identities "
-               f"({r['precision']}, {r['device']}, {r['train_images_per_s']} images/s, {r['wall_s']} s) → {r['out']}")
+               f"({r['precision']}, {r['device']}, {speed}, {r['wall_s']} s, WiSE-FT α {r['wise_alpha']:g}) "
+               f"→ {r['out']}")
         for side, e in r["evaluation"].items():
             before = f"{e['base']['mAP']:.2f}% (base) → " if e["base"] else ""
             yield (f"{side} ({e['query']} vs {e['gallery']}): mAP {before}{e['fine_tuned']['mAP']:.2f}%"
