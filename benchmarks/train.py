@@ -102,17 +102,17 @@ def step_speed(data: str, init: str, repeats: int = 3, steps: int = 4) -> dict:
 
 
 def make_splits(root: Path) -> dict[str, str]:
-    """Selection splits, as folders of symbolic links (Market naming kept; deterministic):
+    """Con-ReID's training identities split for choosing, as folders of symbolic links (Market
+    naming kept; deterministic):
 
-    - ``conreid-fit``: Con-ReID bounding_box_train without every 4th identity (in sorted person-id
-      order), to fine-tune the selection models on;
-    - ``conreid-val-query`` / ``conreid-val-gallery``: those held-out identities (18 of 71), the
-      first image of each (person, camera) as a query, the rest as the gallery;
-    - ``cuhk03-select-*``: cuhk03-train's even person ids (selection half); ``cuhk03-report-*``:
-      its odd person ids (the other half, reported beside the whole set).
+    - ``conreid-fit``: bounding_box_train without every 4th identity in sorted person-id order
+      (54 of 71), to fine-tune on;
+    - ``conreid-val-query`` / ``conreid-val-gallery``: the 17 held-out identities, the first image
+      of each (person, camera) as a query, the rest as the gallery.
 
-    No image of Con-ReID's query/bounding_box_test is used for any choice."""
-    train_dir, cuhk = SHARED / "data" / "con-reid" / "bounding_box_train", SHARED / "data" / "cuhk03-train"
+    cuhk03-train is halved by person-id parity where it is scored (:class:`Scores`). No image of
+    Con-ReID's query/bounding_box_test is used for any choice."""
+    train_dir = SHARED / "data" / "con-reid" / "bounding_box_train"
     files = sorted(train_dir.glob("*.jpg"))
     pids = sorted({f.name.split("_")[0] for f in files})
     held_out = set(pids[3::4])
@@ -127,10 +127,6 @@ def make_splits(root: Path) -> dict[str, str]:
             split["conreid-val-query"].append(f)
         else:
             split["conreid-val-gallery"].append(f)
-    for side in ("query", "gallery"):
-        for f in sorted((cuhk / side).glob("*.jpg")):
-            half = "select" if int(f.name.split("_")[0]) % 2 == 0 else "report"
-            split.setdefault(f"cuhk03-{half}-{side}", []).append(f)
     folders = {}
     for name, members in split.items():
         folder = root / name
@@ -237,7 +233,7 @@ def forgetting(args) -> dict:
     splits = make_splits(work / "splits")
     scores = Scores(work / "scores.json")
     base_state = load_base(args.init).state_dict()
-    runs = {0.0: fine_tune(args, work, "fit", splits["conreid-fit"], [])}
+    runs = {0.0: fine_tune(args, work, "fit", splits["conreid-fit"], ["--distill-weight", "0"])}
     for weight in args.distill_weights:
         runs[weight] = fine_tune(args, work, f"fit.distill{weight:g}", splits["conreid-fit"],
                                  ["--distill-weight", f"{weight:g}"])
@@ -315,8 +311,8 @@ def main() -> None:
                         default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0])
     parser.add_argument("--distill-weights", type=lambda v: [float(w) for w in v.split(",") if w],
                         default=[1.0], help="--forgetting: λ of the distilled fine-tunings ('' for none).")
-    parser.add_argument("--distill-alphas", type=lambda v: [float(a) for a in v.split(",")], default=[1.0],
-                        help="--forgetting: WiSE-FT α tried on the distilled fine-tunings.")
+    parser.add_argument("--distill-alphas", type=lambda v: [float(a) for a in v.split(",")],
+                        default=[0.3, 0.4, 0.6, 1.0], help="--forgetting: WiSE-FT α of the distilled fine-tunings.")
     parser.add_argument("--max-drop", type=float, default=2.0, help="--forgetting: allowed cuhk03 mAP drop.")
     parser.add_argument("--report-all", action="store_true", help="--forgetting: every α on the report sets.")
     parser.add_argument("train_options", nargs="*", help="Further `reidx train` options, after --.")

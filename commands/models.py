@@ -198,7 +198,7 @@ def evaluate_detections_command(ground_truth, detections, images, split, iou_thr
 # --- fine-tuning ---------------------------------------------------------------------------------
 
 LOSS_NAMES = ("id", "triplet", "oim")  # = reidx.pipeline.training.LOSSES (checked by a test; no import here)
-WISE_ALPHA = 0.3  # = reidx.pipeline.training.WISE_ALPHA (likewise)
+WISE_ALPHA, DISTILL_WEIGHT = 0.3, 1.0  # = reidx.pipeline.training.WISE_ALPHA, DISTILL_WEIGHT (likewise)
 
 
 def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
@@ -260,11 +260,13 @@ def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
 @click.option("--val-other", nargs=2, metavar="QUERY GALLERY",
               help="A second domain's query and gallery: at the end the base and the output weights are "
                    "scored on it (and on --val-query/--val-gallery), so what fine-tuning costs elsewhere shows.")
-@click.option("--wise-alpha", type=click.FloatRange(0, 1), default=WISE_ALPHA, show_default=True,
-              help="WiSE-FT: the output is (1 − α)·base + α·fine-tuned weights (1: plain fine-tuning). A "
-                   "finished run re-mixed with --resume and another α is not trained again.")
-@click.option("--distill-weight", type=click.FloatRange(0), default=0.0, show_default=True,
-              help="λ of a cosine feature-distillation loss towards the frozen base model (0: off).")
+@click.option("--wise-alpha", type=click.FloatRange(0, 1),
+              help=f"WiSE-FT: the output is (1 − α)·base + α·fine-tuned weights (1: plain fine-tuning). A "
+                   f"finished run re-mixed with --resume and another α is not trained again. [default: "
+                   f"{WISE_ALPHA}; 1 with --init none]")
+@click.option("--distill-weight", type=click.FloatRange(0),
+              help=f"λ of a cosine feature-distillation loss towards the frozen base model (0: off). [default: "
+                   f"{DISTILL_WEIGHT}; 0 with --init none]")
 @click.option("--resume", is_flag=True, help="Continue exactly from the last finished epoch of this --out.")
 @json_option
 def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weight, margin, soft_margin, oim_scale,
@@ -292,8 +294,13 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
     from reidx.indexers.evaluation import checkpoint_validator
     from reidx.pipeline.training.loop import TrainConfig, train as run_training
 
+    init = None if init.lower() == "none" else init
+    if wise_alpha is None:
+        wise_alpha = WISE_ALPHA if init else 1.0
+    if distill_weight is None:
+        distill_weight = DISTILL_WEIGHT if init else 0.0
     config = TrainConfig(
-        data=str(data), out=str(out), init=None if init.lower() == "none" else init, arch=arch, losses=losses,
+        data=str(data), out=str(out), init=init, arch=arch, losses=losses,
         epochs=epochs, p=p, k=k, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
         step_epochs=steps, margin=margin, soft_margin=soft_margin, oim_scale=oim_scale, oim_momentum=oim_momentum,
         oim_queue=oim_queue, device=device, precision=precision, seed=seed, threads=threads,

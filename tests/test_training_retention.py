@@ -121,3 +121,17 @@ def test_cli_train_reports_base_and_output_on_target_and_other_domain(tmp_path):
     assert "other (" in CliRunner().invoke(main, args[:-1] + ["--resume"]).output  # text form, re-mixed only
     bad = CliRunner().invoke(main, ["train", "--data", str(folder), "--out", str(out), "--p", "5"])
     assert bad.exit_code == 1 and "only 4 labelled identities" in bad.output
+
+
+def test_checkpoints_from_before_distillation_resume_as_undistilled(tmp_path):
+    """A resume checkpoint written before --distill-weight existed was trained without it: resuming
+    it under today's default (λ = 1) would change the run, so it is refused; λ = 0 continues."""
+    from reidx.pipeline.training.checkpoint import check_resumable, plain_config
+    from reidx.pipeline.training.loop import TrainConfig
+
+    old = TrainConfig(data="crops", out=str(tmp_path / "m.pth"), distill_weight=0.0)
+    saved = {"reidx_training": {"data_hash": "h", "config": {
+        k: v for k, v in plain_config(old).items() if k not in ("distill_weight", "wise_alpha", "val_other")}}}
+    check_resumable(saved, old, "h", tmp_path / "m.resume.pth")
+    with pytest.raises(ValueError, match="distill_weight: 0.0 → 1.0"):
+        check_resumable(saved, TrainConfig(data="crops", out=old.out), "h", tmp_path / "m.resume.pth")

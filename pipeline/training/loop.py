@@ -47,7 +47,7 @@ from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, O
 from reidx.pipeline.training.retention import distillation_loss, load_base, wise_interpolate
 from reidx.pipeline.training.sampler import PKSampler
 
-from reidx.pipeline.training import LOSSES, WISE_ALPHA
+from reidx.pipeline.training import DISTILL_WEIGHT, LOSSES, WISE_ALPHA
 CHECKPOINT_FORMAT = 1
 LOG_EVERY_S = 60.0  # without a progress bar, one progress line per minute (for logs of long runs)
 Validator = Callable[[str, str, str], dict]  # (weights, query, gallery) → {"mAP": …, "rank1": …} (percent)
@@ -88,7 +88,7 @@ class TrainConfig:
     val_every: int = 0  # with a validation split: every N epochs as well (0: only the output, at the end)
     val_other: list[str] | None = None  # [query, gallery] of a second domain, scored at the end (base vs output)
     wise_alpha: float = WISE_ALPHA  # output = (1 − α)·base + α·fine-tuned (WiSE-FT); 1: the fine-tuned weights
-    distill_weight: float = 0.0  # λ of the cosine feature distillation towards the frozen base (0: off)
+    distill_weight: float = DISTILL_WEIGHT  # λ of the cosine feature distillation towards the frozen base (0: off)
 
     def check(self) -> None:
         unknown = set(self.losses) - set(LOSSES)
