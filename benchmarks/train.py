@@ -3,12 +3,23 @@ the initial and the trained weights on the Con-ReID split (query vs bounding_box
 
     python benchmarks/train.py [--out /tmp/reidx-train/osnet_x0_25_con_reid.pth] [--epochs 12] [-- extra train options]
     python benchmarks/train.py --speed   # training steps/s only: fp32 vs bf16, 1 vs 2 threads
+    python benchmarks/train.py --forgetting [--report-all] -- --threads 1   # fine-tuning without forgetting
 
 The training runs as its own process (`python -m cli train ... --json`), so the wall time is
 everything `reidx train` does: listing, decoding, training, checkpoints. Both evaluations use
 `indexers.evaluation` with the default embedder, the code behind `reidx evaluate`. The
 training identities (bounding_box_train) are disjoint from the evaluation split's. Prints one
 JSON object; the machine's load average is recorded because it is shared.
+
+``--forgetting`` measures what fine-tuning costs on a second domain and picks the WiSE-FT α (and
+the distillation λ) by a rule fixed in advance, on data it never reports: it fine-tunes on 54 of
+Con-ReID's 71 training identities (plain, and with each ``--distill-weights`` λ), scores every
+candidate on the 17 held-out training identities and on cuhk03-train's even person ids, picks
+(:func:`pick`), and reports the base, the plain fine-tuning and the pick (``--report-all``: every
+candidate) on Con-ReID's query vs bounding_box_test and on the whole of cuhk03-train and its odd
+person ids. Finished trainings and evaluations are reused (``scores.json`` in ``--workdir``,
+keyed by the weights' sha256), so a rerun only does what is missing; two processes sweeping the
+candidates in opposite orders (``--alphas 1,0.8,…``) share the work.
 
 ``--speed`` measures training steps alone (P16×K4 batches of real augmented crops, forward,
 id+triplet loss, backward, Adam) for fp32 and bf16 autocast with 1 and 2 threads, interleaved
@@ -21,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -31,9 +43,11 @@ SHARED = Path(os.environ.get("REIDX_SHARED", REPO.parent / "shared"))
 os.environ.setdefault("REIDX_MODEL_DIR", str(SHARED / "models"))
 sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 
-from reidx.indexers.evaluation import evaluate_split
+from reidx.indexers.evaluation import evaluate_split  # noqa: E402
 from reidx.pipeline.labelled_split import embed_side  # noqa: E402
 from reidx.pipeline.embed import build_embedder  # noqa: E402
 
@@ -87,6 +101,191 @@ def step_speed(data: str, init: str, repeats: int = 3, steps: int = 4) -> dict:
     return {f"{p}_{t}_threads": round(statistics.median(r), 1) for (p, t), r in rates.items()}
 
 
+def make_splits(root: Path) -> dict[str, str]:
+    """Con-ReID's training identities split for choosing, as folders of symbolic links (Market
+    naming kept; deterministic):
+
+    - ``conreid-fit``: bounding_box_train without every 4th identity in sorted person-id order
+      (54 of 71), to fine-tune on;
+    - ``conreid-val-query`` / ``conreid-val-gallery``: the 17 held-out identities, the first image
+      of each (person, camera) as a query, the rest as the gallery.
+
+    cuhk03-train is halved by person-id parity where it is scored (:class:`Scores`). No image of
+    Con-ReID's query/bounding_box_test is used for any choice."""
+    train_dir = SHARED / "data" / "con-reid" / "bounding_box_train"
+    files = sorted(train_dir.glob("*.jpg"))
+    pids = sorted({f.name.split("_")[0] for f in files})
+    held_out = set(pids[3::4])
+    seen: set = set()
+    split: dict[str, list[Path]] = {"conreid-fit": [], "conreid-val-query": [], "conreid-val-gallery": []}
+    for f in files:
+        pid, cam = f.name.split("_")[0], f.name.split("_")[1][:2]
+        if pid not in held_out:
+            split["conreid-fit"].append(f)
+        elif (pid, cam) not in seen:
+            seen.add((pid, cam))
+            split["conreid-val-query"].append(f)
+        else:
+            split["conreid-val-gallery"].append(f)
+    folders = {}
+    for name, members in split.items():
+        folder = root / name
+        if not folder.is_dir():
+            tmp = root / f".{name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for f in members:
+                (tmp / f.name).symlink_to(f)
+            tmp.rename(folder)
+        folders[name] = str(folder)
+    return folders
+
+
+def subset(side, keep):
+    """The rows of an embedded split whose person id passes ``keep``."""
+    from reidx.pipeline.labelled_split import EmbeddedSplit
+
+    mask = np.array([keep(pid) for pid in side.table["person_id"].to_pylist()])
+    return EmbeddedSplit(side.table.filter(pa.array(mask)), side.features[mask], side.num_failed)
+
+
+class Scores:
+    """mAP & co. per (weights file, evaluation set), cached in a JSON file keyed by the weights'
+    sha256, so a rerun reuses every finished evaluation."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.cache = json.loads(path.read_text()) if path.is_file() else {}
+
+    def __call__(self, weights: str, name: str, query: str, gallery: str, halves: bool = False) -> dict:
+        from reidx.pipeline.models.weights import resolve_weights
+
+        key = f"{resolve_weights(weights, '.pth').sha256} {name}"
+        if key not in self.cache and self.path.is_file():  # another process may have scored it meanwhile
+            self.cache = json.loads(self.path.read_text())
+        if key not in self.cache:
+            embedder = build_embedder(weights, threads=1)  # the machine is shared
+            q, g = embed_side([query], embedder), embed_side([gallery], embedder)
+            result = {"all": percent(evaluate_split(q, g))}
+            if halves:  # cuhk03: even person ids = the selection half, odd = the report half
+                for half, parity in (("select", 0), ("report", 1)):
+                    keep = lambda pid, parity=parity: pid % 2 == parity  # noqa: E731
+                    result[half] = percent(evaluate_split(subset(q, keep), subset(g, keep)))
+            # merge with what other processes (sweeping other α at the same time) wrote meanwhile
+            self.cache = {**(json.loads(self.path.read_text()) if self.path.is_file() else {}), key: result}
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.cache, indent=1))
+            tmp.replace(self.path)
+            print(f"{Path(weights).name} on {name}: {result}", file=sys.stderr)
+        return self.cache[key]
+
+
+def percent(metrics) -> dict:
+    report = metrics.as_percent_dict()
+    return {k: report[k] for k in ("mAP", "rank1", "mINP")}
+
+
+def pick(rows: list[dict], max_drop: float) -> dict:
+    """The rule fixed before any measurement: among the candidates whose cuhk03 *selection-half*
+    mAP is at most ``max_drop`` below the base's (α = 0, the base itself, always is), the one with
+    the best Con-ReID *validation* mAP; ties go to the smaller α, then to no distillation."""
+    ok = [r for r in rows if r["cuhk03_select_drop"] <= max_drop]
+    return max(ok, key=lambda r: (r["conreid_val_mAP"], -r["alpha"], -r["distill_weight"]))
+
+
+def fine_tune(args, work: Path, name: str, data: str, extra: list[str]) -> tuple[Path, dict]:
+    """`reidx train` into ``work/name.pth`` (a finished run is reused, an interrupted one resumed);
+    its --json summary and wall time are kept in ``work/name.train.json``."""
+    from reidx.pipeline.training.loop import resume_path
+
+    out, summary_path = work / f"{name}.pth", work / f"{name}.train.json"
+    options = ["--data", data, "--init", args.init, "--out", str(out), "--epochs", str(args.epochs),
+               "--wise-alpha", "1", *extra, *args.train_options]
+    if not out.is_file():
+        resume = ["--resume"] if resume_path(out).is_file() else []
+        start = time.perf_counter()
+        process = subprocess.run(train_command() + options + resume + ["--json"], cwd=REPO, stdout=subprocess.PIPE,
+                                 text=True)
+        if process.returncode != 0:
+            raise SystemExit(f"reidx train failed with status {process.returncode}")
+        summary = {"command": " ".join(["reidx", "train", *options]), "resumed": bool(resume),
+                   "train_wall_s": round(time.perf_counter() - start, 1), "train": json.loads(process.stdout)}
+        summary_path.write_text(json.dumps(summary))
+    summary = json.loads(summary_path.read_text())
+    history = summary["train"]["history"]
+    seconds = sum(e["seconds"] for e in history)
+    return out, {"command": summary["command"], "train_wall_s": summary["train_wall_s"],
+                 "resumed": summary.get("resumed", False), "train_epoch_seconds_total": round(seconds, 1),
+                 "train_images_per_s": round(sum(e["images"] for e in history) / seconds, 1)}
+
+
+def forgetting(args) -> dict:
+    """Fine-tune on `conreid-fit` (plain, and with each --distill-weights λ), choose (α, λ) on
+    held-out data, report on Con-ReID's test split and cuhk03-train."""
+    import torch
+
+    from reidx.pipeline.models.weights import resolve_weights
+    from reidx.pipeline.training.retention import load_base, wise_interpolate
+
+    if 0.0 not in args.alphas:  # the base is the reference (and always a candidate)
+        args.alphas = [0.0, *args.alphas]
+    work = Path(args.workdir)
+    splits = make_splits(work / "splits")
+    scores = Scores(work / "scores.json")
+    base_state = load_base(args.init).state_dict()
+    runs = {0.0: fine_tune(args, work, "fit", splits["conreid-fit"], ["--distill-weight", "0"])}
+    for weight in args.distill_weights:
+        runs[weight] = fine_tune(args, work, f"fit.distill{weight:g}", splits["conreid-fit"],
+                                 ["--distill-weight", f"{weight:g}"])
+    result: dict = {"benchmark": "train-forgetting", "splits": splits,
+                    "training": {f"distill_weight={w:g}": {"out": str(out), **info} for w, (out, info) in runs.items()}}
+
+    def mixed(weight: float, alpha: float) -> str:
+        """The WiSE-FT mix of a run's output; the file name carries the run's hash (no stale reuse)."""
+        if alpha == 0.0:
+            return args.init
+        out = runs[weight][0]
+        path = work / f"{out.stem}.{resolve_weights(str(out), '.pth').sha256[:12]}.alpha{alpha:g}.pth"
+        if not path.is_file():  # atomically: a second process sweeping the other way may read it
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tuned = torch.load(out, weights_only=True)["state_dict"]
+            torch.save({"state_dict": wise_interpolate(base_state, tuned, alpha)}, tmp)
+            tmp.replace(path)
+        return str(path)
+
+    con, cuhk = SHARED / "data" / "con-reid", SHARED / "data" / "cuhk03-train"
+    val = ("conreid-val", splits["conreid-val-query"], splits["conreid-val-gallery"])
+    test = ("conreid-test", str(con / "query"), str(con / "bounding_box_test"))
+    other = ("cuhk03", str(cuhk / "query"), str(cuhk / "gallery"))
+    base_val, base_other = scores(args.init, *val), scores(args.init, *other, halves=True)
+    candidates = [(0.0, a) for a in args.alphas] + [(w, a) for w in args.distill_weights for a in args.distill_alphas]
+    rows = []
+    for weight, alpha in candidates:  # selection: Con-ReID's held-out training identities, cuhk03's even ids
+        v, o = scores(mixed(weight, alpha), *val), scores(mixed(weight, alpha), *other, halves=True)
+        rows.append({"distill_weight": weight, "alpha": alpha, "conreid_val_mAP": v["all"]["mAP"],
+                     "conreid_val_gain": round(v["all"]["mAP"] - base_val["all"]["mAP"], 2),
+                     "cuhk03_select_mAP": o["select"]["mAP"],
+                     "cuhk03_select_drop": round(base_other["select"]["mAP"] - o["select"]["mAP"], 2)})
+    chosen = pick(rows, args.max_drop)
+    result.update(selection=rows, chosen={k: chosen[k] for k in ("distill_weight", "alpha")},
+                  base_conreid_val=base_val["all"], base_cuhk03_select=base_other["select"])
+    report = []
+    for weight, alpha in candidates:
+        if args.report_all or alpha in (0.0, 1.0) or (weight, alpha) == (chosen["distill_weight"], chosen["alpha"]):
+            t, o = scores(mixed(weight, alpha), *test), scores(mixed(weight, alpha), *other, halves=True)
+            report.append({"distill_weight": weight, "alpha": alpha, "conreid_test": t["all"], "cuhk03": o["all"],
+                           "cuhk03_report_half": o["report"]})
+    base = next(r for r in report if r["alpha"] == 0.0)
+    for row in report:
+        row["cuhk03_drop"] = round(base["cuhk03"]["mAP"] - row["cuhk03"]["mAP"], 2)
+        row["cuhk03_report_half_drop"] = round(base["cuhk03_report_half"]["mAP"] - row["cuhk03_report_half"]["mAP"], 2)
+    result["report"] = sorted(report, key=lambda r: (r["distill_weight"], r["alpha"]))
+    final = next(r for r in report if (r["distill_weight"], r["alpha"]) == (chosen["distill_weight"], chosen["alpha"]))
+    result["acceptance"] = {"conreid_test_mAP": final["conreid_test"]["mAP"], "cuhk03_drop": final["cuhk03_drop"],
+                            "met": final["conreid_test"]["mAP"] >= 90.0 and final["cuhk03_drop"] <= 2.0}
+    return result
+
+
 def train_command() -> list[str]:
     """`reidx train` as a process."""
     return [sys.executable, "-m", "reidx.cli", "train"]
@@ -100,12 +299,33 @@ def main() -> None:
     parser.add_argument("--gallery", default=str(data / "bounding_box_test"))
     parser.add_argument("--init", default="osnet_x0_25_msmt17")
     parser.add_argument("--out", default="/tmp/reidx-train/osnet_x0_25_con_reid.pth")
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=None, help="[default: 12; with --forgetting 6]")
     parser.add_argument("--skip-baseline", action="store_true", help="Do not evaluate the initial weights.")
     parser.add_argument("--skip-training", action="store_true", help="Only evaluate an existing --out.")
     parser.add_argument("--speed", action="store_true", help="Only measure training steps (see above).")
+    parser.add_argument("--forgetting", action="store_true",
+                        help="Fine-tuning without forgetting: WiSE-FT α chosen on held-out data (see make_splits), "
+                             "reported on Con-ReID's split and cuhk03-train.")
+    parser.add_argument("--workdir", default="/tmp/reidx-train", help="--forgetting: splits, checkpoints, cache.")
+    parser.add_argument("--alphas", type=lambda v: [float(a) for a in v.split(",")],
+                        default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0])
+    parser.add_argument("--distill-weights", type=lambda v: [float(w) for w in v.split(",") if w],
+                        default=[1.0], help="--forgetting: λ of the distilled fine-tunings ('' for none).")
+    parser.add_argument("--distill-alphas", type=lambda v: [float(a) for a in v.split(",")],
+                        default=[0.3, 0.4, 0.6, 1.0], help="--forgetting: WiSE-FT α of the distilled fine-tunings.")
+    parser.add_argument("--max-drop", type=float, default=2.0, help="--forgetting: allowed cuhk03 mAP drop.")
+    parser.add_argument("--report-all", action="store_true", help="--forgetting: every α on the report sets.")
     parser.add_argument("train_options", nargs="*", help="Further `reidx train` options, after --.")
     args = parser.parse_args()
+    if args.epochs is None:
+        args.epochs = 6 if args.forgetting else 12
+    if args.forgetting:
+        started = time.perf_counter()
+        result = forgetting(args)
+        result.update(wall_s=round(time.perf_counter() - started, 1),
+                      load_average=[round(v, 2) for v in os.getloadavg()])
+        print(json.dumps(result))
+        return
 
     result = {"benchmark": "train", "data": args.data, "init": args.init, "out": args.out,
               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),

@@ -198,6 +198,7 @@ def evaluate_detections_command(ground_truth, detections, images, split, iou_thr
 # --- fine-tuning ---------------------------------------------------------------------------------
 
 LOSS_NAMES = ("id", "triplet", "oim")  # = reidx.pipeline.training.LOSSES (checked by a test; no import here)
+WISE_ALPHA, DISTILL_WEIGHT = 0.3, 1.0  # = reidx.pipeline.training.WISE_ALPHA, DISTILL_WEIGHT (likewise)
 
 
 def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
@@ -255,12 +256,23 @@ def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
 @click.option("--val-query", help="Validation query images: folder, glob or file (with --val-gallery).")
 @click.option("--val-gallery", help="Validation gallery images: folder, glob or file.")
 @click.option("--val-every", type=click.IntRange(0), default=0, show_default=True,
-              help="Validate every N epochs as well as after the last (0: after the last only).")
+              help="Validate every N epochs as well (0: only the output, at the end).")
+@click.option("--val-other", nargs=2, metavar="QUERY GALLERY",
+              help="A second domain's query and gallery: at the end the base and the output weights are "
+                   "scored on it (and on --val-query/--val-gallery), so what fine-tuning costs elsewhere shows.")
+@click.option("--wise-alpha", type=click.FloatRange(0, 1),
+              help=f"WiSE-FT: the output is (1 − α)·base + α·fine-tuned weights (1: plain fine-tuning). A "
+                   f"finished run re-mixed with --resume and another α is not trained again. [default: "
+                   f"{WISE_ALPHA}; 1 with --init none]")
+@click.option("--distill-weight", type=click.FloatRange(0),
+              help=f"λ of a cosine feature-distillation loss towards the frozen base model (0: off). [default: "
+                   f"{DISTILL_WEIGHT}; 0 with --init none]")
 @click.option("--resume", is_flag=True, help="Continue exactly from the last finished epoch of this --out.")
 @json_option
 def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weight, margin, soft_margin, oim_scale,
           oim_momentum, oim_queue, epochs, p, k, lr, weight_decay, warmup_epochs, schedule, step_epochs, device,
-          precision, seed, threads, val_query, val_gallery, val_every, resume, as_json):
+          precision, seed, threads, val_query, val_gallery, val_every, val_other, wise_alpha, distill_weight, resume,
+          as_json):
     """Fine-tune an OSNet embedder on labelled person crops.
 
     Starts from a published checkpoint (default osnet_x0_25_msmt17) with a new classifier sized
@@ -282,19 +294,30 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
     from reidx.indexers.evaluation import checkpoint_validator
     from reidx.pipeline.training.loop import TrainConfig, train as run_training
 
+    init = None if init.lower() == "none" else init
+    if wise_alpha is None:
+        wise_alpha = WISE_ALPHA if init else 1.0
+    if distill_weight is None:
+        distill_weight = DISTILL_WEIGHT if init else 0.0
     config = TrainConfig(
-        data=str(data), out=str(out), init=None if init.lower() == "none" else init, arch=arch, losses=losses,
+        data=str(data), out=str(out), init=init, arch=arch, losses=losses,
         epochs=epochs, p=p, k=k, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
         step_epochs=steps, margin=margin, soft_margin=soft_margin, oim_scale=oim_scale, oim_momentum=oim_momentum,
         oim_queue=oim_queue, device=device, precision=precision, seed=seed, threads=threads,
         val_query=val_query, val_gallery=val_gallery, val_every=val_every,
+        val_other=list(val_other) if val_other else None, wise_alpha=wise_alpha, distill_weight=distill_weight,
     )
-    validate = checkpoint_validator(val_query, val_gallery, device) if val_query and val_gallery else None
+    validate = checkpoint_validator(device, threads) if val_query or val_other else None
     summary = run_training(config, resume=resume, progress=_progress(), log=_log, validate=validate)
 
     def text(r):
+        speed = f"{r['train_images_per_s']} images/s" if r["train_images_per_s"] else "no epoch left: re-mixed only"
         yield (f"trained {r['epochs']} epochs on {r['num_images']} crops of {r['num_identities']} identities "
-               f"({r['precision']}, {r['device']}, {r['train_images_per_s']} images/s, {r['wall_s']} s) → {r['out']}")
-        if r.get("validation"):
-            yield f"validation: mAP {r['validation']['mAP']:.2f}%, rank-1 {r['validation']['rank1']:.2f}%"
+               f"({r['precision']}, {r['device']}, {speed}, {r['wall_s']} s, WiSE-FT α {r['wise_alpha']:g}) "
+               f"→ {r['out']}")
+        for side, e in r["evaluation"].items():
+            before = f"{e['base']['mAP']:.2f}% (base) → " if e["base"] else ""
+            yield (f"{side} ({e['query']} vs {e['gallery']}): mAP {before}{e['fine_tuned']['mAP']:.2f}%"
+                   + (f" ({e['delta_mAP']:+.2f})" if e["delta_mAP"] is not None else "")
+                   + f", rank-1 {e['fine_tuned']['rank1']:.2f}%")
     _emit(summary, as_json, text)

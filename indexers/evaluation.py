@@ -6,7 +6,6 @@ The embedding of each side is :mod:`reidx.pipeline.labelled_split`; this module 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 from reidx.indexers.distances import cosine_distances
@@ -33,14 +32,15 @@ def evaluate_split(query: EmbeddedSplit, gallery: EmbeddedSplit, rerank: str = "
                             query.table["camera"].to_numpy(zero_copy_only=False), g_pids, g_cams)
 
 
-def checkpoint_validator(val_query: str, val_gallery: str, device: str = "auto") -> Callable[[Path], dict]:
-    """A function scoring a checkpoint on a validation split by the code behind ``reidx evaluate``
-    (for ``reidx train``: training itself never imports the indexers)."""
-    def validate(weights: Path) -> dict:
+def checkpoint_validator(device: str = "auto", threads: int | None = None) -> Callable[[str, str, str], dict]:
+    """A function scoring weights (a checkpoint path or a known name) on a query/gallery split by
+    the code behind ``reidx evaluate`` (for ``reidx train``: training itself never imports the
+    indexers)."""
+    def validate(weights: str, query: str, gallery: str) -> dict:
         from reidx.pipeline.embed import build_embedder
 
-        embedder = build_embedder(str(weights), device=device)
-        metrics = evaluate_split(embed_side([val_query], embedder), embed_side([val_gallery], embedder))
+        embedder = build_embedder(str(weights), device=device, threads=threads)
+        metrics = evaluate_split(embed_side([query], embedder), embed_side([gallery], embedder))
         report = metrics.as_percent_dict()
         return {k: report[k] for k in ("mAP", "rank1", "rank5", "mINP") if k in report}
 

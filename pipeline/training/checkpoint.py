@@ -10,7 +10,10 @@ from pathlib import Path
 from reidx.pipeline.atomic import save_torch_atomic
 
 # Options that may change between a run and its resumption (device and threads change float rounding only).
-RESUME_MAY_DIFFER = {"out", "device", "threads", "val_query", "val_gallery", "val_every"}
+# wise_alpha only mixes the output at the end: a finished run resumed with another α re-mixes it.
+RESUME_MAY_DIFFER = {"out", "device", "threads", "val_query", "val_gallery", "val_every", "val_other", "wise_alpha"}
+# Options added after the first checkpoints: what their absence from an older checkpoint means.
+ADDED_LATER = {"distill_weight": 0.0}
 
 
 def resume_path(out: str | os.PathLike) -> Path:
@@ -34,8 +37,8 @@ def check_resumable(saved: dict, config, data_hash: str, path: Path) -> None:
         raise ValueError(f"{path} was trained on other data (hash {str(meta.get('data_hash'))[:12]}, now "
                          f"{data_hash[:12]}); resume needs the same training data")
     before, now = meta.get("config", {}), plain_config(config)
-    changed = [f"{k}: {before.get(k)!r} → {now[k]!r}" for k in now
-               if k not in RESUME_MAY_DIFFER and before.get(k) != now[k]]
+    changed = [f"{k}: {before.get(k, ADDED_LATER.get(k))!r} → {now[k]!r}" for k in now
+               if k not in RESUME_MAY_DIFFER and before.get(k, ADDED_LATER.get(k)) != now[k]]
     if changed:
         raise ValueError(f"cannot resume {path} exactly with changed options ({'; '.join(changed)}); "
                          f"rerun with the options it was started with")

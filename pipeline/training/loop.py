@@ -12,7 +12,13 @@ One function, :func:`train`, that the CLI and the tests call. What it does, and 
 - Optional validation every N epochs scores the checkpoint just written with a ``validate``
   function the caller passes (``reidx train`` passes
   :func:`reidx.indexers.evaluation.checkpoint_validator`: the same code and numbers as
-  ``reidx evaluate``); training itself never imports the indexers.
+  ``reidx evaluate``); training itself never imports the indexers. At the end the base and the
+  output weights are both scored on the validation split and on a second domain (``val_other``),
+  so what fine-tuning costs elsewhere is in the summary.
+- Forgetting (:mod:`.retention`): ``wise_alpha`` < 1 writes ``(1 − α)·base + α·fine-tuned``
+  weights (WiSE-FT); ``distill_weight`` > 0 adds a cosine feature-distillation loss towards the
+  frozen base model. A finished run given ``resume=True`` with another ``wise_alpha`` only
+  re-mixes and re-scores its output (the resume checkpoint keeps the unmixed weights).
 - The final checkpoint is torchreid's layout under ``state_dict`` (features + the new
   classifier, which inference ignores) plus plain metadata under ``reidx_training`` (base model
   and its sha256, training data hash, losses, epochs, history), so ``reidx evaluate``,
@@ -38,12 +44,13 @@ from reidx.pipeline.training.augment import Augment
 from reidx.pipeline.training.checkpoint import check_resumable, plain_config, resume_path, save_checkpoint
 from reidx.pipeline.training.data import TrainingSet, load_training_set
 from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_logits
+from reidx.pipeline.training.retention import distillation_loss, load_base, wise_interpolate
 from reidx.pipeline.training.sampler import PKSampler
 
-from reidx.pipeline.training import LOSSES
+from reidx.pipeline.training import DISTILL_WEIGHT, LOSSES, WISE_ALPHA
 CHECKPOINT_FORMAT = 1
 LOG_EVERY_S = 60.0  # without a progress bar, one progress line per minute (for logs of long runs)
-Validator = Callable[[Path], dict]  # checkpoint path → {"mAP": …, "rank1": …} (percent)
+Validator = Callable[[str, str, str], dict]  # (weights, query, gallery) → {"mAP": …, "rank1": …} (percent)
 
 __all__ = ["LOSSES", "TrainConfig", "build_model", "learning_rate", "resume_path", "train"]
 
@@ -78,7 +85,10 @@ class TrainConfig:
     threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
     val_query: str | None = None
     val_gallery: str | None = None
-    val_every: int = 0  # with a validation split: every N epochs and after the last (0: after the last only)
+    val_every: int = 0  # with a validation split: every N epochs as well (0: only the output, at the end)
+    val_other: list[str] | None = None  # [query, gallery] of a second domain, scored at the end (base vs output)
+    wise_alpha: float = WISE_ALPHA  # output = (1 − α)·base + α·fine-tuned (WiSE-FT); 1: the fine-tuned weights
+    distill_weight: float = DISTILL_WEIGHT  # λ of the cosine feature distillation towards the frozen base (0: off)
 
     def check(self) -> None:
         unknown = set(self.losses) - set(LOSSES)
@@ -96,6 +106,12 @@ class TrainConfig:
             raise ValueError("validation needs both --val-query and --val-gallery")
         if self.epochs < 1:
             raise ValueError("epochs must be at least 1")
+        if not 0.0 <= self.wise_alpha <= 1.0 or self.distill_weight < 0:
+            raise ValueError("wise_alpha must lie in [0, 1] and distill_weight be ≥ 0")
+        if self.init is None and (self.wise_alpha < 1.0 or self.distill_weight > 0):
+            raise ValueError("--wise-alpha < 1 and --distill-weight need a base model to keep (--init)")
+        if self.val_other is not None and len(self.val_other) != 2:
+            raise ValueError("val_other is [query, gallery]")
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -149,8 +165,8 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False,
     during the call only (torch's thread count is per process).
     """
     config.check()
-    if config.val_query and validate is None:
-        raise ValueError("validation was asked for (val_query) but no validate function was given")
+    if (config.val_query or config.val_other) and validate is None:
+        raise ValueError("validation was asked for (val_query/val_other) but no validate function was given")
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -159,7 +175,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False,
         end_epoch = config.epochs if stop_after is None else min(config.epochs, run.start_epoch + stop_after)
         for epoch in range(run.start_epoch, end_epoch):
             run.train_epoch(epoch, validate)
-        return run.finish()
+        return run.finish(validate)
     finally:
         torch.set_num_threads(threads)
 
@@ -207,7 +223,11 @@ class _Run:
         if device.type == "cuda":
             model.to(memory_format=torch.channels_last)
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        parts = {"id": IdentityLoss(config.label_smoothing),
+        teacher = load_base(config.init).to(device) if config.distill_weight > 0 else None
+        if teacher is not None and device.type == "cuda":
+            teacher.to(memory_format=torch.channels_last)
+        parts = {"teacher": teacher,
+                 "id": IdentityLoss(config.label_smoothing),
                  "triplet": BatchHardTripletLoss(config.margin, config.soft_margin),
                  "sampler": PKSampler(data.targets, config.p, config.k, config.seed,
                                       unlabelled=config.k if "oim" in config.losses else 0),
@@ -255,13 +275,18 @@ class _Run:
             terms["id"] = losses["id"](logits.float(), y)
         if "triplet" in config.losses:
             terms["triplet"] = losses["triplet"](features, y)
+        if self.parts["teacher"] is not None:
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+                teacher = self.parts["teacher"](x)
+            terms["distill"] = distillation_loss(features, teacher)
         if self.oim is not None:
             if logits is None:  # accuracy from the OIM table when there is no classifier
                 with torch.no_grad():
                     x_unit = torch.nn.functional.normalize(features, dim=1)
                     logits = oim_logits(x_unit, self.oim.lut, self.oim.queue[:0], config.oim_scale)
             terms["oim"] = self.oim(features, y)
-        loss = sum(config.losses[name] * value for name, value in terms.items())
+        weights = {**config.losses, "distill": config.distill_weight}
+        loss = sum(weights[name] * value for name, value in terms.items())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -311,9 +336,8 @@ class _Run:
                   "images_per_s": round(totals["images"] / seconds, 1), "lr": lr}
         self.history.append(record)
         self.save_epoch(epoch)
-        last = epoch + 1 == config.epochs
-        if config.val_query and (last or (config.val_every and (epoch + 1) % config.val_every == 0)):
-            record["validation"] = validate(self.state_path)
+        if config.val_query and config.val_every and (epoch + 1) % config.val_every == 0:
+            record["validation"] = validate(str(self.state_path), config.val_query, config.val_gallery)
             self.save_epoch(epoch)  # now with the validation in its history
         self.log(f"epoch {epoch + 1}/{config.epochs}: loss {record['loss']:.4f}, accuracy {record['accuracy']:.3f}, "
                  f"{record['images_per_s']} images/s, {seconds:.0f} s"
@@ -327,15 +351,24 @@ class _Run:
                       "reidx_training": {**self.metadata(), "epochs": epoch + 1, "history": self.history}}
         save_checkpoint(checkpoint, self.state_path)
 
-    def finish(self) -> dict:
-        """Write the final checkpoint (loads like published weights) and summarise the run."""
-        history, data, out = self.history, self.data, Path(self.config.out)
+    def finish(self, validate: Validator | None = None) -> dict:
+        """Write the final checkpoint (loads like published weights; WiSE-FT-mixed when
+        ``wise_alpha`` < 1), score base and output on the validation splits, summarise the run."""
+        config, history, data, out = self.config, self.history, self.data, Path(self.config.out)
         metadata = self.metadata()
-        final = {"state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
-                 "reidx_training": {**metadata, "epochs": len(history), "history": history}}
+        state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if config.wise_alpha < 1.0:
+            state = wise_interpolate(load_base(config.init).state_dict(), state, config.wise_alpha)
+        final = {"state_dict": state, "reidx_training": {**metadata, "epochs": len(history), "history": history,
+                                                         "wise_alpha": config.wise_alpha}}
         save_checkpoint(final, out)
+        evaluation = self.compare(validate)
+        if evaluation:
+            final["reidx_training"]["evaluation"] = evaluation
+            save_checkpoint(final, out)
         return {"out": str(out), "resume_checkpoint": str(self.state_path), "epochs": len(history),
-                "validation": history[-1].get("validation") if history else None,
+                "validation": evaluation["target"]["fine_tuned"] if "target" in evaluation else None,
+                "evaluation": evaluation, "wise_alpha": config.wise_alpha, "distill_weight": config.distill_weight,
                 "base_model": self.origin["base_model"], "data_hash": data.data_hash, "num_images": len(data.paths),
                 "num_identities": data.num_classes, "losses": dict(self.config.losses),
                 "precision": metadata["precision"], "device": self.device.type,
@@ -343,3 +376,19 @@ class _Run:
                 "final_loss": history[-1]["loss"] if history else None,
                 "first_loss": history[0]["loss"] if history else None, "history": history,
                 "wall_s": round(time.perf_counter() - self.started, 1)}
+
+    def compare(self, validate: Validator | None) -> dict:
+        """mAP & co. of the base and the output weights on the validation split ("target") and
+        on the second domain ("other"), with the change in mAP."""
+        config, result = self.config, {}
+        sides = {"target": (config.val_query, config.val_gallery), "other": tuple(config.val_other or (None, None))}
+        for side, (query, gallery) in sides.items():
+            if not query:
+                continue
+            base = validate(config.init, query, gallery) if config.init else None
+            tuned = validate(str(config.out), query, gallery)
+            result[side] = {"query": query, "gallery": gallery, "base": base, "fine_tuned": tuned,
+                            "delta_mAP": round(tuned["mAP"] - base["mAP"], 2) if base else None}
+            self.log(f"{side} ({query} vs {gallery}): mAP "
+                     + (f"{base['mAP']:.2f} (base) → " if base else "") + f"{tuned['mAP']:.2f}")
+        return result

@@ -81,12 +81,13 @@ def test_help_answers_fast():
 
 
 def test_cli_constants_match_the_stages_they_mirror():
-    """The CLI spells two defaults itself (to stay light); they must equal the stages' own."""
+    """The CLI spells a few defaults itself (to stay light); they must equal the stages' own."""
     import reidx.cli as cli
     from reidx.pipeline.imaging import DEFAULT_MAX_PIXELS
-    from reidx.pipeline.training import LOSSES
+    from reidx.pipeline.training import DISTILL_WEIGHT, LOSSES, WISE_ALPHA
 
     assert cli.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS and cli.LOSS_NAMES == LOSSES
+    assert (cli.WISE_ALPHA, cli.DISTILL_WEIGHT) == (WISE_ALPHA, DISTILL_WEIGHT)
 
 
 @pytest.mark.parametrize("args, message", [

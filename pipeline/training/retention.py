@@ -1,0 +1,54 @@
+"""Keeping the base model's behaviour where the new data says nothing (fine-tuning without forgetting).
+
+Two tools, both measured in ``docs/training.md``:
+
+- **WiSE-FT** (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): the output
+  weights are ``(1 − α)·base + α·fine-tuned``, element-wise over every floating-point tensor the
+  two share: convolution and BatchNorm weights *and* BatchNorm's running mean and variance (the
+  statistics then describe the interpolated network's activations only approximately; the
+  measurements are made with them as they are). Tensors the base lacks or shapes it does not
+  share (the new classifier) and integer counters are the fine-tuned model's. α = 0 gives the
+  base's weights and α = 1 the fine-tuned ones bit for bit (``torch.lerp`` is exact at both ends).
+  It costs nothing during training and α can be changed afterwards from the fine-tuned weights.
+- **Feature distillation from the frozen base model**: the base (eval mode, no gradient) embeds
+  each training batch too, and ``λ · mean(1 − cos(f_student, f_base))`` joins the loss — the
+  cosine distance that retrieval ranks by, so the student is held near the base's geometry on the
+  training images while the ReID losses move it where the labels say so.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reidx.pipeline.models.registry import load_model
+
+
+def load_base(init: str) -> nn.Module:
+    """The model fine-tuning starts from, frozen in eval mode (CPU; move it where needed)."""
+    module = load_model(init, "osnet", allow_onnx=False).module.eval()
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
+    return module
+
+
+def wise_interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor],
+                     alpha: float) -> dict[str, torch.Tensor]:
+    """``(1 − alpha)·base + alpha·tuned`` for every floating tensor both hold with the same shape;
+    everything else (the new classifier, ``num_batches_tracked``) as ``tuned`` has it."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"the WiSE-FT coefficient must lie in [0, 1], not {alpha}")
+    mixed = {}
+    for key, value in tuned.items():
+        start = base.get(key)
+        if start is not None and start.shape == value.shape and value.is_floating_point():
+            mixed[key] = torch.lerp(start.to(value), value, alpha)
+        else:
+            mixed[key] = value
+    return mixed
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean cosine distance between each student feature and the base model's feature of the same crop."""
+    return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=1)).mean()

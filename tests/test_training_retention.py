@@ -1,0 +1,137 @@
+"""Fine-tuning without forgetting: WiSE-FT mixing of base and fine-tuned weights, distillation from
+the frozen base, and the base-vs-output report on a second domain (``--val-other``), on a tiny
+real run (one epoch on six Con-ReID identities)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from reidx.pipeline.datasets import list_images
+from reidx.pipeline.embed import build_embedder
+from reidx.pipeline.labels import parse_market_name
+from reidx.pipeline.models.weights import load_state_dict
+from reidx.pipeline.training.loop import train
+from reidx.pipeline.training.retention import load_base, wise_interpolate
+from conftest import CON_REID, MODELS, SHARED
+from test_training import SMOKE_IDS, TRAIN_DIR, smoke_config, smoke_data, smoke_table  # noqa: F401 (fixtures)
+
+CUHK03 = SHARED / "data" / "cuhk03-train"
+
+
+def embed(weights, crops) -> np.ndarray:
+    return build_embedder(str(weights), backend="torch", device="cpu").embed(crops)
+
+
+def test_wise_alpha_mixes_base_and_fine_tuned_weights(tmp_path, smoke_data, smoke_table):
+    out = tmp_path / "model.pth"
+    tuned = train(smoke_config(smoke_table, out, epochs=1), data=smoke_data)
+    assert tuned["wise_alpha"] == 1.0 and tuned["epochs"] == 1
+    tuned_state = torch.load(out, weights_only=True)["state_dict"]
+    crops = smoke_data.crops(np.arange(0, 116, 9))
+    tuned_features, base_features = embed(out, crops), embed("osnet_x0_25_msmt17", crops)
+    assert (tuned_features * base_features).sum(1).min() < 0.999  # training moved the features
+
+    # a finished run resumed with another α is re-mixed from the unmixed weights, not trained again
+    with pytest.raises(ValueError, match="lr"):
+        train(smoke_config(smoke_table, out, epochs=1, lr=1e-3, wise_alpha=0.0), resume=True, data=smoke_data)
+    remixed = train(smoke_config(smoke_table, out, epochs=1, wise_alpha=0.0), resume=True, data=smoke_data)
+    assert remixed["epochs"] == 1 and remixed["history"] == tuned["history"]
+    saved = torch.load(out, weights_only=True)
+    assert saved["reidx_training"]["wise_alpha"] == 0.0 and saved["reidx_training"]["config"]["wise_alpha"] == 0.0
+    base_state = load_state_dict(MODELS / "osnet_x0_25_msmt17.pth")  # the published file itself
+    for key, value in saved["state_dict"].items():  # α = 0: the base's tensors bit for bit (BN statistics too)
+        if key.startswith("classifier.") or key.endswith("num_batches_tracked"):
+            assert torch.equal(value, tuned_state[key])  # the new classifier and BN's step counters
+        else:
+            assert torch.equal(value, base_state[key]), key
+    assert np.array_equal(embed(out, crops), base_features)
+
+    train(smoke_config(smoke_table, out, epochs=1, wise_alpha=1.0), resume=True, data=smoke_data)
+    assert np.array_equal(embed(out, crops), tuned_features)
+
+    train(smoke_config(smoke_table, out, epochs=1, wise_alpha=0.5), resume=True, data=smoke_data)
+    half = torch.load(out, weights_only=True)["state_dict"]
+    for key in ("conv1.conv.weight", "conv1.bn.running_var", "fc.0.weight"):
+        assert torch.allclose(half[key], (base_state[key] + tuned_state[key]) / 2, atol=1e-6), key
+    assert torch.equal(half["conv1.bn.num_batches_tracked"], tuned_state["conv1.bn.num_batches_tracked"])
+    mixed = embed(out, crops)
+    assert not np.allclose(mixed, base_features, atol=1e-4) and not np.allclose(mixed, tuned_features, atol=1e-4)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        wise_interpolate(base_state, tuned_state, 1.5)
+
+
+def test_distillation_keeps_features_near_the_base(tmp_path, smoke_data, smoke_table):
+    crops = smoke_data.crops(np.arange(0, 116, 5))
+    base_features = embed("osnet_x0_25_msmt17", crops)
+    closeness = {}
+    for weight in (0.0, 20.0):
+        out = tmp_path / f"distill{weight}.pth"
+        summary = train(smoke_config(smoke_table, out, epochs=1, distill_weight=weight), data=smoke_data)
+        assert summary["distill_weight"] == weight
+        assert torch.load(out, weights_only=True)["reidx_training"]["config"]["distill_weight"] == weight
+        closeness[weight] = float((embed(out, crops) * base_features).sum(1).mean())
+    assert closeness[20.0] > closeness[0.0] + 0.002, closeness
+    teacher = load_base("osnet_x0_25_msmt17")
+    assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_cli_train_reports_base_and_output_on_target_and_other_domain(tmp_path):
+    """`reidx train --val-query/--val-gallery --val-other` prints both domains' mAP for the base and
+    the output weights in --json: the numbers `reidx evaluate`'s code gives for each."""
+    from click.testing import CliRunner
+
+    from reidx.cli import main
+    from reidx.indexers.evaluation import evaluate_split
+    from reidx.pipeline.labelled_split import embed_side
+
+    folder = tmp_path / "crops"
+    folder.mkdir()
+    for image in list_images([TRAIN_DIR]):
+        if parse_market_name(image.name)[0] in SMOKE_IDS[1:5]:
+            shutil.copy(image, folder)
+    out = tmp_path / "cli.pth"
+    target = [str(CON_REID / "query" / "001[5-7]_*"), str(CON_REID / "bounding_box_test" / "001[5-7]_c[1-3]*")]
+    other = [str(CUHK03 / "query" / "00[0-1]?_*"), str(CUHK03 / "gallery" / "00[0-1]?_*")]
+    args = ["train", "--data", str(folder), "--out", str(out), "--epochs", "1", "--p", "4", "--k", "4",
+            "--loss", "id+triplet+oim", "--oim-weight", "0.5", "--device", "cpu", "--threads", "1",
+            "--val-query", target[0], "--val-gallery", target[1], "--val-other", *other,
+            "--wise-alpha", "0.7", "--distill-weight", "0.5", "--json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["epochs"] == 1 and report["num_identities"] == 4 and report["losses"] == {
+        "id": 1.0, "triplet": 1.0, "oim": 0.5}
+    assert report["wise_alpha"] == 0.7 and report["distill_weight"] == 0.5
+    saved = torch.load(out, weights_only=True)["reidx_training"]
+    assert saved["data_hash"] == report["data_hash"] and saved["evaluation"] == report["evaluation"]
+    for side, (query, gallery) in {"target": target, "other": other}.items():
+        figures = report["evaluation"][side]
+        assert (figures["query"], figures["gallery"]) == (query, gallery)
+        for key, weights in (("base", "osnet_x0_25_msmt17"), ("fine_tuned", str(out))):
+            embedder = build_embedder(weights)
+            expected = evaluate_split(embed_side([query], embedder), embed_side([gallery], embedder))
+            assert figures[key]["mAP"] == expected.as_percent_dict()["mAP"], (side, key)
+        assert figures["delta_mAP"] == round(figures["fine_tuned"]["mAP"] - figures["base"]["mAP"], 2)
+    assert report["validation"] == report["evaluation"]["target"]["fine_tuned"]
+    assert "other (" in CliRunner().invoke(main, args[:-1] + ["--resume"]).output  # text form, re-mixed only
+    bad = CliRunner().invoke(main, ["train", "--data", str(folder), "--out", str(out), "--p", "5"])
+    assert bad.exit_code == 1 and "only 4 labelled identities" in bad.output
+
+
+def test_checkpoints_from_before_distillation_resume_as_undistilled(tmp_path):
+    """A resume checkpoint written before --distill-weight existed was trained without it: resuming
+    it under today's default (λ = 1) would change the run, so it is refused; λ = 0 continues."""
+    from reidx.pipeline.training.checkpoint import check_resumable, plain_config
+    from reidx.pipeline.training.loop import TrainConfig
+
+    old = TrainConfig(data="crops", out=str(tmp_path / "m.pth"), distill_weight=0.0)
+    saved = {"reidx_training": {"data_hash": "h", "config": {
+        k: v for k, v in plain_config(old).items() if k not in ("distill_weight", "wise_alpha", "val_other")}}}
+    check_resumable(saved, old, "h", tmp_path / "m.resume.pth")
+    with pytest.raises(ValueError, match="distill_weight: 0.0 → 1.0"):
+        check_resumable(saved, TrainConfig(data="crops", out=old.out), "h", tmp_path / "m.resume.pth")
