@@ -87,13 +87,22 @@ def gallery_rerank_profile(knn_ids: np.ndarray, knn_dist: np.ndarray, metric: st
     first, missing slots -1/inf; ``metric`` cosine as build-index stores it, or euclidean).
     ``group_size`` is the median estimated number of same-identity neighbours (29: more than
     the graph holds); ``strength`` what re-ranking may use at most on this gallery."""
+    return gallery_rerank_profile_of([(knn_ids, knn_dist)], metric)
+
+
+def gallery_rerank_profile_of(blocks, metric: str = "cosine") -> dict:
+    """``gallery_rerank_profile`` of a graph given as row blocks (ids, distances), in any order."""
+    counts = [graph_counts(_euclidean_rows(ids, dist, metric)) for ids, dist in blocks]
+    return profile_of_counts(np.concatenate(counts) if counts else np.zeros(0))
+
+
+def _euclidean_rows(knn_ids, knn_dist, metric: str) -> np.ndarray:
     knn_dist = np.asarray(knn_dist, np.float64)
     if metric == "cosine":
         knn_dist = np.sqrt(np.clip(2.0 * knn_dist, 0.0, None))
     elif metric != "euclidean":
         raise ValueError(f"metric must be cosine or euclidean, got {metric!r}")
-    knn_dist = np.where(np.asarray(knn_ids) < 0, np.inf, knn_dist)
-    return profile_of_counts(graph_counts(knn_dist))
+    return np.where(np.asarray(knn_ids) < 0, np.inf, knn_dist)
 
 
 def strength(group_size: float) -> float:
@@ -141,5 +150,5 @@ def adaptive_k1(profile: dict, k1: int, dense_k1: int | None) -> int:
 
 
 __all__ = ["DENSE", "GRAPH_NEIGHBOURS", "OFF", "ON", "QUERY_NEIGHBOURS", "adaptive_k1", "candidate_strengths",
-           "gallery_rerank_profile",
-           "graph_counts", "neighbour_counts", "profile_of_counts", "query_strengths", "strength"]
+           "gallery_rerank_profile", "gallery_rerank_profile_of", "graph_counts", "neighbour_counts",
+           "profile_of_counts", "query_strengths", "strength"]
