@@ -151,6 +151,31 @@ def test_the_profile_of_a_faiss_graph_matches_exact_mode():
     assert stored == exact_strengths(unit_euclidean(gallery[:2], gallery), unit_euclidean(gallery, gallery))[0]
 
 
+def test_build_index_stores_the_profile_and_updates_it_incrementally(tmp_path):
+    """build-index writes the profile of its stored graph into meta.json (full and incremental
+    builds); it equals the profile read back from the whole graph, which `reidx query` would
+    otherwise compute."""
+    from test_index_scale import add_shards
+
+    from reidx.indexers.build import build_index
+    from reidx.indexers.query import stored_profile
+    from reidx.indexers.versions import load_index
+
+    features, _ = grouped_features([4] * 60 + [1] * 40, seed=12)
+    gallery = tmp_path / "g"
+    add_shards(gallery, features[:200], "base")
+    build_index(gallery, index_type="flat", knn_k=30)
+    for step in ("full", "incremental"):
+        index = load_index(gallery, gpu="off")
+        stored = index.meta.rerank_profile
+        assert stored == adaptive.gallery_rerank_profile(*index.knn()) == stored_profile(stored)
+        assert stored["items"] == index.count and 0 < stored["strength"] <= 1
+        if step == "full":
+            add_shards(gallery, features[200:], "night")
+            assert build_index(gallery, index_type="flat", knn_k=30)["mode"] == "incremental"
+    assert stored["items"] == len(features) and stored_profile({**stored, "version": 0}) is None
+
+
 # ---------------------------------------------------------------- cuhk03-train, real features (slow)
 
 _CUHK03 = {}
