@@ -80,8 +80,8 @@ def test_small_or_padded_graphs_mean_plain_ranking():
     cosine = np.concatenate([cosine, np.full((20, 10), np.inf, np.float32)], 1)
     assert adaptive.gallery_rerank_profile(ids, cosine)["strength"] == 0.0
     q_g = unit_euclidean(features[:3], features)
-    _, strength = exact_strengths(q_g, unit_euclidean(features, features))
-    assert (strength == 0).all()
+    _, strength, own = exact_strengths(q_g, unit_euclidean(features, features))
+    assert (strength == 0).all() and (own == 0).all()
 
 
 def test_query_strength_is_at_most_the_gallerys():
@@ -116,9 +116,11 @@ def test_scalable_equals_exact_with_adaptive_strengths(sizes):
     q_g, q_q, g_g = unit_euclidean(query, gallery), unit_euclidean(query, query), unit_euclidean(gallery, gallery)
     ids, dist = nearest_lists(query, gallery, len(gallery))
     graph_ids, graph_dist = nearest_lists(gallery, gallery, len(gallery))
-    profile, strength = exact_strengths(q_g, g_g)
-    assert profile == adaptive.candidate_strengths(ids, dist, graph_dist)[0]
-    np.testing.assert_array_equal(strength, adaptive.candidate_strengths(ids, dist, graph_dist)[1])
+    profile, strength, own = exact_strengths(q_g, g_g)
+    scalable_profile, scalable_strength, scalable_own = adaptive.candidate_strengths(ids, dist, graph_dist)
+    assert profile == scalable_profile
+    np.testing.assert_array_equal(strength, scalable_strength)
+    np.testing.assert_array_equal(own.numpy()[ids], scalable_own)
     for method in METHODS:
         scalable = rerank_candidates(method, ids, dist, graph_ids, graph_dist)
         if method == "k-reciprocal":
