@@ -280,29 +280,25 @@ class _TuningGallery:
         self.gallery_nearest = np.sort(others, axis=1)[:, :29]
         self.query_nearest = np.argsort(self.q_g, axis=1, kind="stable")[:, :20]
 
-    def strengths(self) -> tuple[dict, np.ndarray, np.ndarray]:
+    def strengths(self) -> tuple[dict, np.ndarray]:
         """exact_strengths with the module's current constants, from the sorted rows."""
         from reidx.indexers import rerank_adaptive
 
         counts = rerank_adaptive.neighbour_counts(self.gallery_nearest)
         profile = rerank_adaptive.profile_of_counts(counts)
         nearest = self.query_nearest[:, :rerank_adaptive.QUERY_NEIGHBOURS]
-        return (profile, rerank_adaptive.query_strengths(profile, counts[nearest]),
-                rerank_adaptive.item_strengths(counts))
+        return profile, rerank_adaptive.query_strengths(profile, counts[nearest])
 
     def mAP(self, distances) -> float:
         return 100 * self.evaluate(distances, *labels(self.split)).mAP
 
-    def gain(self, method: str, params, strength: np.ndarray, own: np.ndarray, k1: int) -> float:
-        result_key = (method, k1, strength.tobytes(), own.tobytes() if method != "k-reciprocal" else None)
+    def gain(self, method: str, params, strength: np.ndarray, k1: int) -> float:
+        result_key = (method, k1, strength.tobytes())
         if result_key not in self.cache:
-            self.cache[result_key] = self._gain(method, params, strength[:, None].astype(np.float64), strength,
-                                                own, k1)
+            self.cache[result_key] = self._gain(method, params, strength[:, None].astype(np.float64), strength, k1)
         return self.cache[result_key]
 
-    def _gain(self, method, params, s, strength, own, k1) -> float:
-        import torch
-
+    def _gain(self, method, params, s, strength, k1) -> float:
         from reidx.indexers.rerank import GRAPH_TIE, k_reciprocal_rerank, sim_graph_distance, sim_rerank
 
         if method == "k-reciprocal":
@@ -319,12 +315,10 @@ class _TuningGallery:
                 self.cache[key] = sim_graph_distance(self.q_g, self.g_g, params.graph_lambda, params.k_graph,
                                                      params.k_mean)
             # sim_graph_distance(strength=None) is d_S + GRAPH_TIE·d; the product's blend is
-            # s·d_S + (1 − s)·d + GRAPH_TIE·d with s = s_q·s_j
-            s = s * own[None, :]
+            # s·d_S + (1 − s)·d + GRAPH_TIE·d
             return self.mAP(s * self.cache[key] + (1 - s) * self.q_g * (1 + GRAPH_TIE)) - self.plain
         return self.mAP(sim_rerank(self.q_g, self.g_g, params.graph_lambda, params.k_graph, params.k_mean,
-                                   params.k0, params.k1, params.lambda_value, strength,
-                                   torch.from_numpy(own))) - self.plain
+                                   params.k0, params.k1, params.lambda_value, strength)) - self.plain
 
 
 def select() -> dict:
@@ -344,11 +338,11 @@ def select() -> dict:
         values = []
         with constants(**point):
             for weights, kind, seed, gallery in galleries:
-                profile, strength, own = gallery.strengths()
+                profile, strength = gallery.strengths()
                 for method in methods:
                     params = default_params(method)
                     k1 = rerank_adaptive.adaptive_k1(profile, params.k1, params.dense_k1)
-                    values.append(gallery.gain(method, params, strength, own, k1))
+                    values.append(gallery.gain(method, params, strength, k1))
         return values
 
     def rank(gains: dict) -> list[int]:

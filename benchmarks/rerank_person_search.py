@@ -108,7 +108,7 @@ def main() -> None:
     for weights in WEIGHTS:
         q, g = features(weights, names, boxes)
         q_g, q_q, g_g = unit_euclidean(q, g), unit_euclidean(q, q), unit_euclidean(g, g)
-        profile, strength, _ = exact_strengths(q_g, g_g)
+        profile, strength = exact_strengths(q_g, g_g)
         row = {"gallery_profile": profile, "query_strengths": [round(float(s), 3) for s in strength],
                "plain": [round(100 * average_precision(d, relevant), 2) for d in q_g]}
         for method in METHODS:

@@ -173,20 +173,18 @@ def k_reciprocal_rerank(q_g, q_q, g_g, k1: int = 20, k2: int = 6, lambda_value: 
 
 
 @rerank_threads()
-def sim_graph_distance(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9, strength=None,
-                       item_strength=None) -> np.ndarray:
+def sim_graph_distance(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9, strength=None) -> np.ndarray:
     """SIM similarity-graph reasoning: d_S(q, j) = mean of the k_mean smallest d(q, t) + lam·d(j, t)
     over j's k_graph nearest gallery items t (j included), all read from the original q-g matrix,
-    + GRAPH_TIE·d(q, j) (ties by plain distance). ``strength`` (Q,) and ``item_strength`` (G,)
-    (default 1): s_q·s_j·d_S + (1 − s_q·s_j)·d (``blend_graph``)."""
+    + GRAPH_TIE·d(q, j) (ties by plain distance). ``strength`` (Q,): s·d_S + (1 − s)·d per query."""
     device = _device_of(q_g, g_g)
     q_g, g_g = as_tensor(q_g, device), as_tensor(g_g, device)
     check_distances(q_g, g_g)
-    return _sim_graph(q_g, g_g, lam, k_graph, k_mean, strength, item_strength).cpu().numpy()
+    return _sim_graph(q_g, g_g, lam, k_graph, k_mean, strength).cpu().numpy()
 
 
 def _sim_graph(q_g: torch.Tensor, g_g: torch.Tensor, lam: float, k_graph: int, k_mean: int,
-               strength=None, item_strength=None) -> torch.Tensor:
+               strength=None) -> torch.Tensor:
     # Ranked on the scaled values, like the paper (scaling can merge near-equal distances).
     neighbours = nearest_neighbours([g_g], k_graph, key=lambda values, rows: values * lam)  # (G, k)
     hop = g_g.gather(1, neighbours) * lam
@@ -204,20 +202,14 @@ def _sim_graph(q_g: torch.Tensor, g_g: torch.Tensor, lam: float, k_graph: int, k
             paths = q_g[rows][:, neighbours] + hop
             shortest = torch.topk(paths, k_mean, dim=2, largest=False, sorted=False).values
             graph[rows] = (shortest.double().sum(2) / k_mean).float()
-    return blend_graph(graph, q_g, strength, None if item_strength is None else item_strength[None, :])
+    return blend_graph(graph, q_g, strength)
 
 
-def blend_graph(graph: torch.Tensor, plain: torch.Tensor, strength=None, item_strength=None) -> torch.Tensor:
-    """s·d_S + (1 − s)·d + GRAPH_TIE·d, the one rule both modes apply to SIM's graph distance:
-    s = s_q·s_j, the query's strength (``strength`` (Q,)) times the candidate's own
-    (``item_strength``, broadcast to the (Q, K) graph: a gallery item whose neighbours are not its
-    own identity lends its paths no weight); None for 1."""
-    s = None
-    for part in (strength if strength is None else torch.as_tensor(strength)[:, None], item_strength):
-        if part is not None:
-            part = torch.as_tensor(part, dtype=graph.dtype, device=graph.device)
-            s = part if s is None else s * part
-    if s is not None:
+def blend_graph(graph: torch.Tensor, plain: torch.Tensor, strength=None) -> torch.Tensor:
+    """s·d_S + (1 − s)·d + GRAPH_TIE·d per query row (s: (Q,) or None for 1), the one rule both
+    modes apply to SIM's graph distance."""
+    if strength is not None:
+        s = torch.as_tensor(strength, dtype=graph.dtype, device=graph.device)[:, None]
         graph = s * graph + (1 - s) * plain
     return graph + GRAPH_TIE * plain
 
@@ -232,21 +224,21 @@ def _query_lambda(lambda_value: float, strength, num_query: int, device) -> torc
 
 @rerank_threads()
 def sim_rerank(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9,
-               k0: int = 12, k1: int = 20, lambda_value: float = 0.3, strength=None, item_strength=None) -> np.ndarray:
+               k0: int = 12, k1: int = 20, lambda_value: float = 0.3, strength=None) -> np.ndarray:
     """Full SIM: graph reasoning, then mutual-nearest-neighbour reasoning on its output.
 
     Query side: plain k0+1 nearest gallery items; gallery side: expanded k-reciprocal sets on
     the gallery-gallery distances; no query expansion; (1 − λ)·Jaccard + λ·original, where
     original is d_S² with each query row divided by its maximum (the published joint matrix
     holds only gallery columns). ``strength`` (Q,) blends both steps: the graph distance as in
-    ``sim_graph_distance`` (with ``item_strength``), and λ_q = 1 − s·(1 − λ); 0 gives the plain ranking.
+    ``sim_graph_distance``, and λ_q = 1 − s·(1 − λ); 0 gives the plain ranking.
     """
     RerankParams(k1=k1, lambda_value=lambda_value, k0=k0, graph_lambda=lam, k_graph=k_graph, k_mean=k_mean)
     device = _device_of(q_g, g_g)
     q_g, g_g = as_tensor(q_g, device), as_tensor(g_g, device)
     check_distances(q_g, g_g)
     num_gallery = q_g.shape[1]
-    graph = NormalisedSquares([[_sim_graph(q_g, g_g, lam, k_graph, k_mean, strength, item_strength).to(device)]])
+    graph = NormalisedSquares([[_sim_graph(q_g, g_g, lam, k_graph, k_mean, strength).to(device)]])
     query_original = graph.block(0, 0)
     query_sets = nearest_neighbours([query_original], k0 + 1)
     query_vectors = gaussian_weights(query_sets, num_gallery, lambda rows, cols: query_original[rows, cols])
@@ -271,9 +263,9 @@ def rerank(method: str, q_g, q_q=None, g_g=None, params: RerankParams | None = N
         return np.asarray(q_g.cpu() if torch.is_tensor(q_g) else q_g, dtype=np.float32).copy()
     if g_g is None:
         raise ValueError(f"re-ranking with {method} needs the gallery-gallery distances")
-    strength = item_strength = None
+    strength = None
     if params.adaptive:
-        profile, strength, item_strength = exact_strengths(q_g, g_g)
+        profile, strength = exact_strengths(q_g, g_g)
         params = replace(params, k1=rerank_adaptive.adaptive_k1(profile, params.k1, params.dense_k1))
     if method == "k-reciprocal":
         if q_q is None:
@@ -281,18 +273,16 @@ def rerank(method: str, q_g, q_q=None, g_g=None, params: RerankParams | None = N
         return k_reciprocal_rerank(q_g, q_q, g_g, params.k1, params.k2, params.lambda_value, strength)
     if method == "sim":
         return sim_rerank(q_g, g_g, params.graph_lambda, params.k_graph, params.k_mean,
-                          params.k0, params.k1, params.lambda_value, strength, item_strength)
+                          params.k0, params.k1, params.lambda_value, strength)
     if method == "sim-graph":
-        return sim_graph_distance(q_g, g_g, params.graph_lambda, params.k_graph, params.k_mean, strength,
-                                  item_strength)
+        return sim_graph_distance(q_g, g_g, params.graph_lambda, params.k_graph, params.k_mean, strength)
     raise ValueError(f"unknown re-ranking method {method!r}; choose one of {', '.join(METHODS)}")
 
 
-def exact_strengths(q_g, g_g) -> tuple[dict, np.ndarray, torch.Tensor]:
-    """The gallery's profile, each query's strength and each gallery item's own
-    (``indexers.rerank_adaptive``) from full distance rows: each gallery item's GRAPH_NEIGHBOURS
-    nearest others, as a kNN graph row lists them, and each query's QUERY_NEIGHBOURS nearest
-    gallery items (ties by index)."""
+def exact_strengths(q_g, g_g) -> tuple[dict, np.ndarray]:
+    """The gallery's profile and each query's strength (``indexers.rerank_adaptive``) from full
+    distance rows: each gallery item's GRAPH_NEIGHBOURS nearest others, as a kNN graph row lists
+    them, and each query's QUERY_NEIGHBOURS nearest gallery items (ties by index)."""
     q_g, g_g = as_tensor(q_g), as_tensor(g_g)
     check_distances(q_g, g_g)
     num_gallery, width = g_g.shape[0], rerank_adaptive.GRAPH_NEIGHBOURS
@@ -307,8 +297,7 @@ def exact_strengths(q_g, g_g) -> tuple[dict, np.ndarray, torch.Tensor]:
         counts = rerank_adaptive.neighbour_counts(torch.cat(nearest).numpy())
     profile = rerank_adaptive.profile_of_counts(counts)
     candidates = nearest_neighbours([q_g], rerank_adaptive.QUERY_NEIGHBOURS).numpy()
-    return (profile, rerank_adaptive.query_strengths(profile, counts[candidates]),
-            torch.from_numpy(rerank_adaptive.item_strengths(counts)))
+    return profile, rerank_adaptive.query_strengths(profile, counts[candidates])
 
 
 def rerank_features(method: str, query: np.ndarray, gallery: np.ndarray,

@@ -107,12 +107,7 @@ def _euclidean_rows(knn_ids, knn_dist, metric: str) -> np.ndarray:
 
 def strength(group_size: float) -> float:
     """0 at or below OFF, 1 at or above ON, linear between."""
-    return float(item_strengths(group_size))
-
-
-def item_strengths(counts) -> np.ndarray:
-    """``strength`` of each count (float32): a gallery item's own weight in SIM's graph reasoning."""
-    return np.clip((np.asarray(counts, np.float64) - OFF) / (ON - OFF), 0.0, 1.0).astype(np.float32)
+    return float(np.clip((group_size - OFF) / (ON - OFF), 0.0, 1.0))
 
 
 def query_strengths(profile: dict, candidate_counts: np.ndarray) -> np.ndarray:
@@ -121,15 +116,15 @@ def query_strengths(profile: dict, candidate_counts: np.ndarray) -> np.ndarray:
     nan where a candidate is padding."""
     counts = np.asarray(candidate_counts, np.float64)[:, :QUERY_NEIGHBOURS]
     local = np.nanmedian(np.where(np.isnan(counts).all(axis=1, keepdims=True), 0.0, counts), axis=1)
-    return np.minimum(item_strengths(local), np.float32(profile["strength"]))
+    own = np.clip((local - OFF) / (ON - OFF), 0.0, 1.0)
+    return np.minimum(own, profile["strength"]).astype(np.float32)
 
 
 def candidate_strengths(query_ids: np.ndarray, query_dist: np.ndarray, knn_dist: np.ndarray,
-                        profile: dict | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
-    """Scalable mode: the gallery's profile (given, or from the whole graph), each query's
+                        profile: dict | None = None) -> tuple[dict, np.ndarray]:
+    """Scalable mode: the gallery's profile (given, or from the whole graph) and each query's
     strength, from the graph rows (Euclidean, itself first) of its QUERY_NEIGHBOURS nearest
-    candidates, ordered by (distance, id) as exact mode orders them, and each candidate's own
-    strength (Q, K), from its graph row; -1 ids are padding (strength 0)."""
+    candidates, ordered by (distance, id) as exact mode orders them; -1 ids are padding."""
     knn_dist = np.asarray(knn_dist)[:, :GRAPH_NEIGHBOURS + 1]
     if knn_dist.shape[1] < min(GRAPH_NEIGHBOURS + 1, len(knn_dist)):
         raise ValueError(f"the gallery kNN graph lists {knn_dist.shape[1]} neighbours per item; adaptive re-ranking "
@@ -139,13 +134,13 @@ def candidate_strengths(query_ids: np.ndarray, query_dist: np.ndarray, knn_dist:
         profile = profile_of_counts(graph_counts(knn_dist))
     ids, dist = np.asarray(query_ids), np.where(np.asarray(query_ids) < 0, np.inf, query_dist)
     order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), dist), axis=1)[:, :QUERY_NEIGHBOURS]
-    listed = ids >= 0
-    counts = np.full(ids.shape, np.nan)
+    nearest = np.take_along_axis(ids, order, 1)
+    listed = nearest >= 0
+    counts = np.full(nearest.shape, np.nan)
     if listed.any():
-        rows = np.unique(ids[listed])
-        counts[listed] = graph_counts(knn_dist[rows])[np.searchsorted(rows, ids[listed])]
-    own = np.where(listed, item_strengths(np.nan_to_num(counts)), np.float32(0))
-    return profile, query_strengths(profile, np.take_along_axis(counts, order, 1)), own
+        rows = np.unique(nearest[listed])
+        counts[listed] = graph_counts(knn_dist[rows])[np.searchsorted(rows, nearest[listed])]
+    return profile, query_strengths(profile, counts)
 
 
 def adaptive_k1(profile: dict, k1: int, dense_k1: int | None) -> int:
@@ -155,5 +150,5 @@ def adaptive_k1(profile: dict, k1: int, dense_k1: int | None) -> int:
 
 
 __all__ = ["DENSE", "GRAPH_NEIGHBOURS", "OFF", "ON", "QUERY_NEIGHBOURS", "adaptive_k1", "candidate_strengths",
-           "gallery_rerank_profile", "gallery_rerank_profile_of", "graph_counts", "item_strengths", "neighbour_counts",
+           "gallery_rerank_profile", "gallery_rerank_profile_of", "graph_counts", "neighbour_counts",
            "profile_of_counts", "query_strengths", "strength"]

@@ -120,9 +120,9 @@ def rerank_candidates(method: str, query_gallery_ids, query_gallery_dist, galler
     graph = _Graph(*_as_lists(gallery_knn_ids, gallery_knn_dist, "gallery kNN"))
     if int(query_ids.max(initial=-1)) >= graph.size:
         raise ValueError(f"query candidate ids must be gallery rows 0..{graph.size - 1}")
-    strength = own = None
+    strength = None
     if params.adaptive:
-        profile, strength, own = rerank_adaptive.candidate_strengths(query_ids, query_dist, graph.dist.numpy(), profile)
+        profile, strength = rerank_adaptive.candidate_strengths(query_ids, query_dist, graph.dist.numpy(), profile)
         params = replace(params, k1=rerank_adaptive.adaptive_k1(profile, params.k1, params.dense_k1))
     graph.check_width(method, params)
     if not max_distance > 0:
@@ -135,12 +135,11 @@ def rerank_candidates(method: str, query_gallery_ids, query_gallery_dist, galler
     for start in range(0, query_ids.shape[0], batch_size):
         rows = slice(start, start + batch_size)
         batch = _Candidates(torch.from_numpy(query_ids[rows]), torch.from_numpy(query_dist[rows]), graph.size)
-        batch_strength, batch_own = (None, None) if strength is None else (torch.from_numpy(strength[rows]),
-                                                                          torch.from_numpy(own[rows]))
+        batch_strength = None if strength is None else torch.from_numpy(strength[rows])
         if method == "k-reciprocal":
             result = _k_reciprocal(batch, graph, params, max_distance, batch_strength)
         else:
-            result = _sim(batch, graph, params, max_distance, method == "sim-graph", batch_strength, batch_own)
+            result = _sim(batch, graph, params, max_distance, method == "sim-graph", batch_strength)
         out[rows] = torch.where(batch.valid, result, torch.inf).numpy()
     return out
 
@@ -345,8 +344,8 @@ def _query_lambda(lambda_value: float, strength: torch.Tensor | None, owner: tor
 
 
 def _sim(batch: _Candidates, graph: _Graph, params: RerankParams, max_distance: float,
-         graph_only: bool, strength: torch.Tensor | None = None, own: torch.Tensor | None = None) -> torch.Tensor:
-    graph_dist = blend_graph(_graph_distances(batch, graph, params), batch.dist, strength, own)
+         graph_only: bool, strength: torch.Tensor | None = None) -> torch.Tensor:
+    graph_dist = blend_graph(_graph_distances(batch, graph, params), batch.dist, strength)
     if graph_only:
         return graph_dist
     k1, half = params.k1, int(round(params.k1 / 2))
