@@ -29,7 +29,8 @@ QUERY_NEIGHBOURS) are chosen on the Con-ReID *training* identities only (71 iden
 from every evidence gallery; one query per identity and camera, the rest as gallery; dense,
 ≤2 / ≤1 per identity and camera, 2 and 5 per identity, each also with Gaussian noise added to the
 features to mimic weak weights): the grid point with the largest worst-case gain over plain
-over all tuning galleries, methods and both weights (ties: larger mean gain).
+over all tuning galleries, methods and both weights (ties: larger mean gain); every point is
+scored on k-reciprocal and sim-graph, the ``FINALISTS`` best also on full SIM.
 """
 
 from __future__ import annotations
