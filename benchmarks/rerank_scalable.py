@@ -202,8 +202,8 @@ def con_reid_accuracy(top_ks, knn: int) -> dict:
 
 def exactness() -> dict:
     """Issue 15, item 2: with candidate lists and graph covering the gallery, scalable mode against
-    exact mode on real features (a Con-ReID draw of ≤1 image per identity and camera, a cuhk03
-    draw of ≤2 per identity), every preset, both weights: mAP / rank-1 of exact mode, of exact
+    exact mode on real features (a Con-ReID draw of ≤1 image per identity and camera; a cuhk03
+    draw of ≤2 gallery images and 1 query per identity), every preset, both weights: mAP / rank-1 of exact mode, of exact
     mode one query at a time (k-reciprocal), and of the scalable mode fed (a) the very distances
     exact mode reads and (b) Faiss-built lists (IndexFlatIP search, knn_graph) as `reidx query`
     reads them. Rankings follow the candidate order for ties, as `reidx query` sorts."""
@@ -220,8 +220,9 @@ def exactness() -> dict:
     for weights in ("osnet_x0_25_msmt17", "osnet_x0_25_market1501"):
         for name, per, by_camera in (("con-reid", 1, True), ("cuhk03", 2, False)):
             full = embedded(name, weights)
-            split = subset(full, keep_per_group(full["g_pids"], full["g_cams"], per, np.random.default_rng(1000),
-                                                by_camera))
+            rng = np.random.default_rng(1000)
+            split = subset(full, keep_per_group(full["g_pids"], full["g_cams"], per, rng, by_camera),
+                           None if by_camera else keep_per_group(full["q_pids"], full["q_cams"], 1, rng, False))
             q, g = split["query"], split["gallery"]
             labels = (split["q_pids"], split["q_cams"], split["g_pids"], split["g_cams"])
             q_g, q_q, g_g = unit_euclidean(q, g), unit_euclidean(q, q), unit_euclidean(g, g)
