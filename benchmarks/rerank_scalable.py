@@ -2,7 +2,6 @@
 
     python benchmarks/rerank_scalable.py [--gallery 1000000] [--queries 1000] [--top-k 100] [--knn 30]
     python benchmarks/rerank_scalable.py --con-reid   # accuracy: scalable vs exact mAP on Con-ReID by top K
-    python benchmarks/rerank_scalable.py --exactness  # lists covering the gallery: scalable vs exact, real data
 
 Data (seeded, synthetic, 512-d, L2-normalised): the gallery is made of scenes (1,000 items each)
 holding identities (about 20 images each): item = normalise(scene centre + 0.8·identity offset
@@ -200,63 +199,6 @@ def con_reid_accuracy(top_ks, knn: int) -> dict:
             "max_distance": "estimate_max_distance (and √2, rerank_candidates' default)", "results": result}
 
 
-def exactness() -> dict:
-    """Issue 15, item 2: with candidate lists and graph covering the gallery, scalable mode against
-    exact mode on real features (a Con-ReID draw of ≤1 image per identity and camera; a cuhk03
-    draw of ≤2 gallery images and 1 query per identity), every preset, both weights: mAP / rank-1 of exact mode, of exact
-    mode one query at a time (k-reciprocal), and of the scalable mode fed (a) the very distances
-    exact mode reads and (b) Faiss-built lists (IndexFlatIP search, knn_graph) as `reidx query`
-    reads them. Rankings follow the candidate order for ties, as `reidx query` sorts."""
-    import faiss
-
-    from benchmarks.rerank_adaptive import embedded, keep_per_group, subset
-    from reidx.indexers.distances import unit_euclidean, unit_euclidean_from_cosine
-    from reidx.indexers.knn_graph import knn_graph
-    from reidx.indexers.metrics import evaluate_ranking
-    from reidx.indexers.rerank import default_params, rerank
-    from reidx.indexers.rerank_sparse import nearest_lists, rerank_candidates
-
-    result = {}
-    for weights in ("osnet_x0_25_msmt17", "osnet_x0_25_market1501"):
-        for name, per, by_camera in (("con-reid", 1, True), ("cuhk03", 2, False)):
-            full = embedded(name, weights)
-            rng = np.random.default_rng(1000)
-            split = subset(full, keep_per_group(full["g_pids"], full["g_cams"], per, rng, by_camera),
-                           None if by_camera else keep_per_group(full["q_pids"], full["q_cams"], 1, rng, False))
-            q, g = split["query"], split["gallery"]
-            labels = (split["q_pids"], split["q_cams"], split["g_pids"], split["g_cams"])
-            q_g, q_q, g_g = unit_euclidean(q, g), unit_euclidean(q, q), unit_euclidean(g, g)
-            same = nearest_lists(q, g, len(g)), nearest_lists(g, g, len(g))
-            index = faiss.IndexFlatIP(g.shape[1])
-            index.add(g)
-            similarity, ids = index.search(q, len(g))
-            graph_ids, graph_cosine = knn_graph(index, g, 0, len(g))
-            built = (ids, unit_euclidean_from_cosine(1 - similarity)), (graph_ids, unit_euclidean_from_cosine(graph_cosine))
-
-            def metrics(ranked_ids=None, values=None, distances=None):
-                if distances is None:  # candidate order breaks ties, as reidx query sorts
-                    order = np.take_along_axis(ranked_ids, np.argsort(values, axis=1, kind="stable"), 1)
-                    distances = np.empty(order.shape, np.float32)
-                    np.put_along_axis(distances, order, np.arange(order.shape[1], dtype=np.float32)[None], 1)
-                m = evaluate_ranking(distances, *labels)
-                return [round(100 * m.mAP, 2), round(100 * m.rank(1), 2)]
-
-            for preset in ("adaptive", "safe", "published"):
-                for method in ("k-reciprocal", "sim-graph", "sim"):
-                    params = default_params(method, preset)
-                    row = {"exact": metrics(distances=rerank(method, q_g, q_q, g_g, params))}
-                    if method == "k-reciprocal":
-                        row["exact_one_query_at_a_time"] = metrics(distances=np.concatenate(
-                            [rerank(method, q_g[i:i + 1], q_q[i:i + 1, i:i + 1], g_g, params) for i in range(len(q))]))
-                    for label, ((c_ids, c_dist), (k_ids, k_dist)) in (("scalable_same_distances", same),
-                                                                      ("scalable_faiss_lists", built)):
-                        row[label] = metrics(c_ids, rerank_candidates(method, c_ids, c_dist, k_ids, k_dist, params))
-                    result[f"{weights.removeprefix('osnet_x0_25_')}/{name}/{preset}/{method}"] = row
-            result[f"{weights.removeprefix('osnet_x0_25_')}/{name}/plain"] = {
-                "gallery": len(g), "queries": len(q), "plain": metrics(distances=1 - q @ g.T)}
-    return {"benchmark": "rerank_scalable_exactness", "metrics": "[mAP, rank-1] percent", "results": result}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gallery", type=int, default=1_000_000)
@@ -272,14 +214,9 @@ def main() -> None:
     parser.add_argument("--con-reid", action="store_true",
                         help="instead: scalable vs exact mAP on the Con-ReID split for each --con-reid-top-k")
     parser.add_argument("--con-reid-top-k", default="100,200,300,400,500")
-    parser.add_argument("--exactness", action="store_true",
-                        help="instead: scalable vs exact mode with lists covering the gallery, real data, every preset")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--build", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.exactness:
-        print(json.dumps(exactness(), indent=1))
-        return
     if args.con_reid:
         print(json.dumps(con_reid_accuracy([int(k) for k in args.con_reid_top_k.split(",")], args.knn), indent=1))
         return
