@@ -121,7 +121,8 @@ class Gallery:
         return table.add_column(0, "query", pa.array(rows, pa.int64())).add_column(1, "rank", pa.array(ranks, pa.int32()))
 
     def query(self, images: Sequence[str], *, top_k: int = 100, detect: bool = False, rerank: str = "none",
-              rerank_preset: str = "safe", group_by: str | Sequence[str] | None = None, fusion: str = "mean",
+              rerank_preset: str = "adaptive", k1: int | None = None, k2: int | None = None,
+              lambda_value: float | None = None, group_by: str | Sequence[str] | None = None, fusion: str = "mean",
               since=None, until=None, cameras: Sequence[str] = (), exclude_same_camera: bool = False,
               exclude_self: bool = False, min_score: float | None = None, **options):
         """Every person in ``images`` (files, folders, globs, manifests) searched and optionally re-ranked →
@@ -131,6 +132,9 @@ class Gallery:
         several images of one person as one query, fused by ``fusion`` (``mean`` or ``min``).
         ``since``/``until`` (datetime or ISO text), ``cameras``, ``exclude_same_camera``,
         ``exclude_self``, ``min_score`` filter the gallery inside the search (docs/query.md).
+        ``rerank``, ``rerank_preset`` (``adaptive``, the default; ``safe``; ``published``), ``k1``,
+        ``k2``, ``lambda_value`` are ``reidx query``'s --rerank, --rerank-preset, --k1, --k2, --lambda
+        (docs/reranking.md).
         """
         from datetime import datetime
 
@@ -146,7 +150,7 @@ class Gallery:
         search_filter = SearchFilter(since=when(since, "since"), until=when(until, "until"), cameras=tuple(cameras),
                                      exclude_same_camera=exclude_same_camera, exclude_self=exclude_self,
                                      min_score=min_score)
-        params = params_from_options(rerank, preset=rerank_preset)
+        params = params_from_options(rerank, preset=rerank_preset, k1=k1, k2=k2, lambda_value=lambda_value)
         table, _ = query_gallery(self.index, [str(i) for i in images], top_k=top_k, detect=detect, rerank=rerank,
                                  rerank_params=params, search_filter=search_filter, group_by=keys, fusion=fusion,
                                  **options)
@@ -164,8 +168,10 @@ def trajectories(results, rank_max: int | None = None, distance_max: float | Non
 
 
 def evaluate(query: Sequence[str], gallery: Sequence[str], weights: str = DEFAULT_WEIGHTS, rerank: str = "none",
-             labels: str | None = None, **embedder_options) -> dict:
-    """Market-1501 metrics (percent) of ``weights`` on a labelled split (``reidx evaluate``)."""
+             labels: str | None = None, rerank_preset: str = "adaptive", k1: int | None = None, k2: int | None = None,
+             lambda_value: float | None = None, **embedder_options) -> dict:
+    """Market-1501 metrics (percent) of ``weights`` on a labelled split (``reidx evaluate``); the
+    re-ranking options as in ``Gallery.query``."""
     from reidx.indexers.evaluation import evaluate_split
     from reidx.indexers.rerank import params_from_options
     from reidx.pipeline.labelled_split import embed_side, is_embedded_table
@@ -174,4 +180,5 @@ def evaluate(query: Sequence[str], gallery: Sequence[str], weights: str = DEFAUL
     if not (is_embedded_table(list(query)) and is_embedded_table(list(gallery))):
         embedder = Embedder(weights, **embedder_options).model
     sides = [embed_side(list(side), embedder, labels) for side in (query, gallery)]
-    return evaluate_split(*sides, rerank, params_from_options(rerank)).as_percent_dict()
+    params = params_from_options(rerank, preset=rerank_preset, k1=k1, k2=k2, lambda_value=lambda_value)
+    return evaluate_split(*sides, rerank, params).as_percent_dict()

@@ -23,7 +23,8 @@ for k-reciprocal (k1 20, k2 6, λ 0.3) and full SIM (published parameters).
   is timed, with reidx_exact beside it, on a subset named in the JSON.
 
 ``--sparse-galleries`` / ``--select-defaults`` measure mAP, not time (issue 6, item 4): plain
-ranking against each method with the shipped defaults and the published parameters on the dense
+ranking against each method with the ``safe`` preset (the shipped defaults until issue 15 made
+``adaptive`` the default: benchmarks/rerank_adaptive.py) and the published parameters on the dense
 gallery and on seeded sparse ones (1-2 images per identity and camera), and the held-out choice of
 those defaults (identity halves, disjoint seeds); docs/reranking.md shows the results.
 
@@ -377,7 +378,7 @@ def select_defaults() -> dict:
                 draws, scores = map_scores(split, CONFIRMATION_SEEDS, settings)
                 held_out[weights] = {n: delta_summary(draws, scores, n) for n in settings}
             entry[f"choose_on_{tune}"] = {"chosen": name, "tuning_top": top, f"held_out_{confirm}": held_out}
-        entry["shipped"] = describe(method, default_params(method))
+        entry["shipped"] = describe(method, default_params(method, "safe"))  # the safe preset's values
         entry["shipped_is_the_choice_on_A"] = entry["shipped"] == entry["choose_on_A"]["chosen"]
         result["methods"][method] = entry
     return result
@@ -393,7 +394,7 @@ def evidence_table(seeds=TABLE_SEEDS) -> dict:
     torch.set_num_threads(1)
     settings = {}
     for method in ("k-reciprocal", "sim-graph", "sim"):
-        settings[f"{method} shipped"] = (method, default_params(method))
+        settings[f"{method} shipped"] = (method, default_params(method, "safe"))  # the safe preset (issue 6)
         settings[f"{method} published"] = (method, PUBLISHED)
     table = {}
     for weights, split in load_splits().items():

@@ -80,11 +80,14 @@ rerank_options = _options(
     click.option("--rerank", type=click.Choice(["none", "k-reciprocal", "sim", "sim-graph"]), default="none",
                  show_default=True, help="Re-rank the cosine ranking: k-reciprocal (Zhong et al. 2017), sim (Jia "
                                          "et al. 2020), sim-graph (SIM's graph reasoning alone)."),
-    click.option("--rerank-preset", type=click.Choice(["safe", "published"]), default="safe", show_default=True,
-                 help="Parameters --k1/--k2/--lambda start from: safe (shipped defaults, README: Re-ranking) or "
-                      "published (the papers')."),
+    click.option("--rerank-preset", type=click.Choice(["adaptive", "safe", "published"]), default="adaptive",
+                 show_default=True,
+                 help="Parameters --k1/--k2/--lambda start from: adaptive (the safe values at a strength each "
+                      "gallery's and query's own neighbour structure decide: none where people have 1-2 images; "
+                      "docs/reranking.md), safe (those values at full strength) or published (the papers')."),
     click.option("--k1", type=click.IntRange(1),
-                 help="k-reciprocal neighbourhood size (k-reciprocal: safe 15, published 20; sim: 3 / 20)."),
+                 help="k-reciprocal neighbourhood size (k-reciprocal: safe 15, published 20, adaptive 15 or 20 on "
+                      "dense galleries; sim: 3 / 20)."),
     click.option("--k2", type=click.IntRange(1), help="Local query expansion size (k-reciprocal; default 6)."),
     click.option("--lambda", "lambda_value", type=click.FloatRange(0, 1),
                  help="Weight of the original distance in the re-ranked one (k-reciprocal, sim; default 0.3)."),

@@ -137,6 +137,7 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
         log(f"computing each item's {knn_k} nearest neighbours")
         layers = steps.graph_ranges(executor, tmp, layout, knn_k, 0, total, "g0", ctx["task_rows"])
         knn_recall = steps.graph_check(tmp, layers, total, knn_k, ids, truth_ids)
+    profile = steps.rerank_profile(tmp, layers, total, knn_k) if knn_k else None
     return IndexMeta(
         version=version, type=kind, metric="inner_product", dim=store.dim, embedder=embedder[0],
         embedder_sha256=embedder[1], count=total, trained_count=total, nlist=nlist_used, nprobe=nprobe,
@@ -146,7 +147,7 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
         layout=2, ivf_files=ivf_files, vector_segments=segments, item_segments=segments, knn_layers=layers,
         refine_factor=layout["refine_factor"], memory_budget=ctx["budget"],
         expected_bytes=expected_bytes(kind, total, store.dim, nlist_used), choice=f"{kind}: {why}",
-        knn_recall=knn_recall, quantizer=_quantizer(nlist_used))
+        knn_recall=knn_recall, quantizer=_quantizer(nlist_used), rerank_profile=profile)
 
 
 def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str], shards: list[str]) -> IndexMeta:
@@ -214,7 +215,8 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
                         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         "ivf_files": ivf_files, "vector_segments": segments, "item_segments": segments,
                         "knn_layers": layers, "knn_recall": knn_recall, "memory_budget": ctx["budget"],
-                        "expected_bytes": expected_bytes(old.type, total, old.dim, old.nlist)})
+                        "expected_bytes": expected_bytes(old.type, total, old.dim, old.nlist),
+                        "rerank_profile": steps.rerank_profile(tmp, layers, total, old.knn_k) if old.knn_k else None})
     meta.build = {"staging": str(tmp), "generation": generation, "knn_recall_built": built_recall,
                   "knn_rows_updated": touched, "knn_repaired": repaired}
     return meta

@@ -22,6 +22,7 @@ from reidx.indexers.faiss_ops import TARGET_RECALL_AT_100, recall, train_empty
 from reidx.indexers.ivf_ondisk import merge_parts, template_bytes
 from reidx.indexers.knn_graph import graph_recall, reverse_edges
 from reidx.indexers.knn_store import KnnGraph, write_layer
+from reidx.indexers.rerank_adaptive import gallery_rerank_profile_of
 from reidx.indexers.searcher import Searcher
 from reidx.indexers.vector_store import VectorStore, exact_search
 from reidx.pipeline.shards import shard_row_counts
@@ -149,3 +150,11 @@ def graph_check(folder: Path, layers: list[str], count: int, k: int, ids: np.nda
     """recall@k of the stored rows of the sampled items against their exact top-k."""
     rows, _ = KnnGraph(folder, layers, count, k).lookup(ids)
     return round(graph_recall(rows, truth_ids, k), 4)
+
+
+def rerank_profile(folder: Path, layers: list[str], total: int, k: int) -> dict:
+    """The gallery's adaptive re-ranking profile (``indexers.rerank_adaptive``) from its stored
+    graph, read in row blocks; meta.json keeps it so that queries need not read the whole graph."""
+    graph, block = KnnGraph(folder, layers, total, k), 1 << 16
+    return gallery_rerank_profile_of(graph.lookup(np.arange(start, min(start + block, total)))
+                                     for start in range(0, total, block))

@@ -57,6 +57,14 @@ def search_candidates(gallery_index: GalleryIndex, vectors: np.ndarray, k: int, 
     return distances, ids
 
 
+def stored_profile(profile: dict | None) -> dict | None:
+    """meta.json's adaptive re-ranking profile when this version of the rule wrote it, else None
+    (re-ranking then computes it from the graph)."""
+    from reidx.indexers.rerank_adaptive import PROFILE_VERSION
+
+    return profile if profile and profile.get("version") == PROFILE_VERSION else None
+
+
 def rerank_top(gallery_index: GalleryIndex, method: str, params, distances: np.ndarray, ids: np.ndarray,
                k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Re-rank each query's candidates with the stored kNN graph; returns the top-k (distances, ids, re-ranked)."""
@@ -67,7 +75,8 @@ def rerank_top(gallery_index: GalleryIndex, method: str, params, distances: np.n
         raise ValueError(f"{gallery_index.folder.parent.parent} has no kNN graph for re-ranking: rebuild its index "
                          f"with `reidx build-index GALLERY --knn 30`")
     reranked = rerank_candidates(method, ids, unit_euclidean_from_cosine(distances), knn_ids,
-                                 unit_euclidean_from_cosine(knn_dist), params=params)
+                                 unit_euclidean_from_cosine(knn_dist), params=params,
+                                 profile=stored_profile(gallery_index.meta.rerank_profile))
     order = np.argsort(reranked, axis=1, kind="stable")[:, :k]
     return (np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1),
             np.take_along_axis(reranked, order, 1))

@@ -39,11 +39,14 @@ everything listed":
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
+from reidx.indexers import rerank_adaptive
 from reidx.indexers.distances import unit_euclidean
-from reidx.indexers.rerank import RerankParams, default_params, rerank_threads
+from reidx.indexers.rerank import RerankParams, blend_graph, default_params, rerank_threads
 from reidx.indexers.rerank_blocks import (
     CHUNK_ELEMENTS,
     chunks,
@@ -100,13 +103,15 @@ def estimate_max_distance(query: np.ndarray, gallery: np.ndarray, sample: int = 
 @rerank_threads()
 def rerank_candidates(method: str, query_gallery_ids, query_gallery_dist, gallery_knn_ids, gallery_knn_dist,
                       params: RerankParams | None = None, max_distance: float = 2 ** 0.5,
-                      batch_size: int | None = None) -> np.ndarray:
+                      batch_size: int | None = None, profile: dict | None = None) -> np.ndarray:
     """Re-ranked (Q, K) distances of each query's candidates (module doc: contract, exactness).
 
     ``params`` defaults to ``default_params(method)``, the same as exact mode. ``max_distance``:
     row normaliser for rows that do not list the whole gallery (default √2, the distance of
     orthogonal unit vectors; ``estimate_max_distance`` measures it). ``batch_size``: queries per
-    batch (default: about CHUNK_ELEMENTS list entries per batch).
+    batch (default: about CHUNK_ELEMENTS list entries per batch). ``profile``: the gallery's
+    ``rerank_adaptive.gallery_rerank_profile`` (as stored with the index) for adaptive
+    parameters; computed from the graph when not given.
     """
     if method not in SCALABLE_METHODS:
         raise ValueError(f"scalable re-ranking supports {', '.join(SCALABLE_METHODS)}, not {method!r}")
@@ -115,6 +120,10 @@ def rerank_candidates(method: str, query_gallery_ids, query_gallery_dist, galler
     graph = _Graph(*_as_lists(gallery_knn_ids, gallery_knn_dist, "gallery kNN"))
     if int(query_ids.max(initial=-1)) >= graph.size:
         raise ValueError(f"query candidate ids must be gallery rows 0..{graph.size - 1}")
+    strength = None
+    if params.adaptive:
+        profile, strength = rerank_adaptive.candidate_strengths(query_ids, query_dist, graph.dist.numpy(), profile)
+        params = replace(params, k1=rerank_adaptive.adaptive_k1(profile, params.k1, params.dense_k1))
     graph.check_width(method, params)
     if not max_distance > 0:
         raise ValueError(f"max_distance must be > 0, got {max_distance}")
@@ -126,10 +135,11 @@ def rerank_candidates(method: str, query_gallery_ids, query_gallery_dist, galler
     for start in range(0, query_ids.shape[0], batch_size):
         rows = slice(start, start + batch_size)
         batch = _Candidates(torch.from_numpy(query_ids[rows]), torch.from_numpy(query_dist[rows]), graph.size)
+        batch_strength = None if strength is None else torch.from_numpy(strength[rows])
         if method == "k-reciprocal":
-            result = _k_reciprocal(batch, graph, params, max_distance)
+            result = _k_reciprocal(batch, graph, params, max_distance, batch_strength)
         else:
-            result = _sim(batch, graph, params, max_distance, graph_only=method == "sim-graph")
+            result = _sim(batch, graph, params, max_distance, method == "sim-graph", batch_strength)
         out[rows] = torch.where(batch.valid, result, torch.inf).numpy()
     return out
 
@@ -296,7 +306,8 @@ def _reach(keys: torch.Tensor, graph: _Graph, width: int) -> torch.Tensor:
 # ---------------------------------------------------------------- the methods
 
 
-def _k_reciprocal(batch: _Candidates, graph: _Graph, params: RerankParams, max_distance: float) -> torch.Tensor:
+def _k_reciprocal(batch: _Candidates, graph: _Graph, params: RerankParams, max_distance: float,
+                  strength: torch.Tensor | None = None) -> torch.Tensor:
     num_queries = batch.ids.shape[0]
     k1, k2 = params.k1, params.k2
     half = int(round(k1 / 2))
@@ -321,14 +332,20 @@ def _k_reciprocal(batch: _Candidates, graph: _Graph, params: RerankParams, max_d
     else:
         query_rows, cand_rows = position[:num_queries], position[cand_local]
     jaccard = paired_jaccard_distance(vectors, query_rows[owner], vectors, cand_rows)
+    lam = _query_lambda(params.lambda_value, strength, owner)
     result = torch.zeros(batch.ids.shape)
-    result[batch.valid] = (1 - params.lambda_value) * jaccard + params.lambda_value * space.original(owner, cand_local)
+    result[batch.valid] = (1 - lam) * jaccard + lam * space.original(owner, cand_local)
     return result
 
 
+def _query_lambda(lambda_value: float, strength: torch.Tensor | None, owner: torch.Tensor):
+    """λ_q = 1 − s·(1 − λ) for each candidate's query (exact mode's rule), or λ itself."""
+    return lambda_value if strength is None else 1 - strength[owner] * (1 - lambda_value)
+
+
 def _sim(batch: _Candidates, graph: _Graph, params: RerankParams, max_distance: float,
-         graph_only: bool) -> torch.Tensor:
-    graph_dist = _graph_distances(batch, graph, params)
+         graph_only: bool, strength: torch.Tensor | None = None) -> torch.Tensor:
+    graph_dist = blend_graph(_graph_distances(batch, graph, params), batch.dist, strength)
     if graph_only:
         return graph_dist
     k1, half = params.k1, int(round(params.k1 / 2))
@@ -351,8 +368,9 @@ def _sim(batch: _Candidates, graph: _Graph, params: RerankParams, max_distance: 
     query_vectors = gaussian_weights(nearest_rows, space.num_rows, lambda rows, cols: _pair_values(
         nearest_rows, keys, rows, cols))
     jaccard = paired_jaccard_distance(query_vectors, owner, gallery_vectors, torch.searchsorted(targets, cand))
+    lam = _query_lambda(params.lambda_value, strength, owner)
     result = torch.zeros(batch.ids.shape)
-    result[batch.valid] = (1 - params.lambda_value) * jaccard + params.lambda_value * query_original[batch.valid]
+    result[batch.valid] = (1 - lam) * jaccard + lam * query_original[batch.valid]
     return result
 
 

@@ -84,6 +84,7 @@ class IndexMeta:
     knn_recall: float | None = None  # measured recall@knn_k of the stored graph on a sample
     quantizer: str = "flat"
     file_records: dict = field(default_factory=dict)  # {file: {size, sha256}}: `reidx verify` and builds check them
+    rerank_profile: dict | None = None  # the gallery's neighbour structure for adaptive re-ranking (issue 15)
 
     def files(self) -> list[str]:
         """Every file of a layout-2 version but meta.json."""

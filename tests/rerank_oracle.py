@@ -80,9 +80,13 @@ def naive_k_reciprocal_rerank(q_g, q_q, g_g, k1: int = 20, k2: int = 6, lambda_v
     return final
 
 
+GRAPH_TIE = 1e-4  # reidx's tie rule for SIM's graph distance: + GRAPH_TIE·d(q, j)
+
+
 def naive_sim_graph_distance(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9) -> np.ndarray:
     """SIM similarity-graph reasoning: d_S(q, j) = mean of the k_mean smallest d(q, t) + lam·d(t, j)
-    over j's k_graph nearest gallery items t; every entry reads the original q-g distances."""
+    over j's k_graph nearest gallery items t; every entry reads the original q-g distances; then
+    + GRAPH_TIE·d(q, j), reidx's rule ordering exact ties by the plain distance."""
     q_g = np.asarray(q_g, np.float32)
     scaled_g_g = np.asarray(g_g, np.float32) * np.float32(lam)
     graph = np.zeros(q_g.shape, np.float32)
@@ -91,7 +95,7 @@ def naive_sim_graph_distance(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_m
         for qi in range(q_g.shape[0]):
             paths = sorted(float(q_g[qi, t] + scaled_g_g[gj, t]) for t in neighbours)
             graph[qi, gj] = np.mean(paths[:k_mean])
-    return graph
+    return graph + np.float32(GRAPH_TIE) * q_g
 
 
 def naive_sim_rerank(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9,

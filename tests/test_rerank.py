@@ -20,6 +20,8 @@ import torch
 from reidx.indexers.evaluation import EmbeddedSplit, evaluate_split
 from reidx.indexers.metrics import evaluate_ranking
 from reidx.indexers.rerank import (
+    ADAPTIVE,
+    GRAPH_TIE,
     METHODS,
     PUBLISHED,
     SAFE_DEFAULTS,
@@ -126,9 +128,10 @@ def test_sim_graph_reads_the_original_distances_not_updated_ones():
     graph = sim_graph_distance(q_g, g_g, lam=0.5, k_graph=5, k_mean=3)
     permuted = sim_graph_distance(q_g[:, order], g_g[np.ix_(order, order)], lam=0.5, k_graph=5, k_mean=3)
     np.testing.assert_allclose(permuted, graph[:, order], atol=1e-6)
-    # and by hand for one entry: j's 5 nearest t (itself first), mean of the 3 smallest q-t + 0.5·t-j
+    # and by hand for one entry: j's 5 nearest t (itself first), mean of the 3 smallest q-t + 0.5·t-j,
+    # plus the tie rule GRAPH_TIE·d(q, j) (issue 15)
     nearest = np.argsort(g_g[7], kind="stable")[:5]
-    expected = np.sort(q_g[2, nearest] + 0.5 * g_g[7, nearest])[:3].mean()
+    expected = np.sort(q_g[2, nearest] + 0.5 * g_g[7, nearest])[:3].mean() + GRAPH_TIE * q_g[2, 7]
     assert graph[2, 7] == pytest.approx(expected, abs=1e-6)
 
 
@@ -150,20 +153,29 @@ def test_expanded_sets_match_the_definition():
 
 def test_rerank_entry_point_and_params():
     q_g, q_q, g_g = feature_distances(3, 25, 8, 13)
+    safe = {method: default_params(method, "safe") for method in METHODS}
     np.testing.assert_array_equal(rerank("none", q_g), q_g)
-    np.testing.assert_array_equal(rerank("k-reciprocal", q_g, q_q, g_g, k1=7), k_reciprocal_rerank(q_g, q_q, g_g, k1=7))
+    np.testing.assert_array_equal(rerank("k-reciprocal", q_g, q_q, g_g, safe["k-reciprocal"], k1=7),
+                                  k_reciprocal_rerank(q_g, q_q, g_g, k1=7))
     np.testing.assert_array_equal(rerank("sim", q_g, None, g_g, RerankParams(k0=4)), sim_rerank(q_g, g_g, k0=4))
-    np.testing.assert_array_equal(rerank("sim-graph", q_g, None, g_g, k_mean=2),
+    np.testing.assert_array_equal(rerank("sim-graph", q_g, None, g_g, safe["sim-graph"], k_mean=2),
                                   sim_graph_distance(q_g, g_g, k_graph=SAFE_DEFAULTS["sim-graph"].k_graph, k_mean=2))
     assert set(METHODS) == {"none", "k-reciprocal", "sim", "sim-graph"}
-    for method in METHODS:  # no parameters: the shipped defaults, in rerank and from the CLI options alike
-        assert params_from_options(method) == default_params(method) == SAFE_DEFAULTS[method]
+    for method in METHODS:  # no parameters: the adaptive preset (issue 15), in rerank and from the CLI options alike
+        assert params_from_options(method) == default_params(method) == ADAPTIVE[method]
+        assert params_from_options(method, preset="safe") == SAFE_DEFAULTS[method]
         assert params_from_options(method, preset="published") == default_params(method, "published") == PUBLISHED
         if method != "none":
+            assert ADAPTIVE[method].adaptive and replace(ADAPTIVE[method], adaptive=False, dense_k1=None) == \
+                SAFE_DEFAULTS[method]
             np.testing.assert_array_equal(rerank(method, q_g, q_q, g_g),
-                                          rerank(method, q_g, q_q, g_g, SAFE_DEFAULTS[method]))
-    assert params_from_options("k-reciprocal", k1=10, k2=None) == RerankParams(k1=10)
-    assert params_from_options("sim", k1=5) == replace(SAFE_DEFAULTS["sim"], k1=5)
+                                          rerank(method, q_g, q_q, g_g, ADAPTIVE[method]))
+            # 25 gallery items are too few to read a neighbour structure from: plain ranking
+            assert (np.argsort(rerank(method, q_g, q_q, g_g), 1) == np.argsort(q_g, 1)).all()
+    # a k1 given stays k1 on dense galleries too
+    assert params_from_options("k-reciprocal", k1=10, k2=None) == replace(ADAPTIVE["k-reciprocal"], k1=10, dense_k1=None)
+    assert params_from_options("k-reciprocal", preset="safe", k1=10) == RerankParams(k1=10)
+    assert params_from_options("sim", k1=5) == replace(ADAPTIVE["sim"], k1=5)
     assert params_from_options("sim", preset="published", k1=5) == RerankParams(k1=5)
     with pytest.raises(ValueError, match="unknown re-ranking preset"):
         params_from_options("sim", preset="paper")
@@ -223,14 +235,15 @@ def test_evaluate_split_reranks_with_the_same_code():
     labels = (query.table["person_id"].to_numpy(), query.table["camera"].to_numpy(),
               gallery.table["person_id"].to_numpy(), gallery.table["camera"].to_numpy())
     plain = evaluate_split(query, gallery)
-    for method in ("k-reciprocal", "sim", "sim-graph"):
-        distances = rerank_features(method, query.features, gallery.features)
-        via_split, direct = evaluate_split(query, gallery, method), evaluate_ranking(distances, *labels)
+    for method in ("k-reciprocal", "sim", "sim-graph"):  # 96 items, 8 per identity: safe values, full strength
+        params = default_params(method, "safe")
+        distances = rerank_features(method, query.features, gallery.features, params)
+        via_split, direct = evaluate_split(query, gallery, method, params), evaluate_ranking(distances, *labels)
         assert via_split.mAP == direct.mAP and np.array_equal(via_split.cmc, direct.cmc)
         assert not np.array_equal(np.argsort(distances, 1), np.argsort(1 - query.features @ gallery.features.T, 1))
     assert evaluate_split(query, gallery, "none").mAP == plain.mAP
     assert evaluate_split(query, gallery, "k-reciprocal", RerankParams(k1=4, k2=2)).mAP != \
-        evaluate_split(query, gallery, "k-reciprocal").mAP
+        evaluate_split(query, gallery, "k-reciprocal", default_params("k-reciprocal", "safe")).mAP
 
 
 def write_split_tables(query: EmbeddedSplit, gallery: EmbeddedSplit, folder):
@@ -262,7 +275,8 @@ def test_cli_evaluate_rerank(tmp_path):
                      "--k1", "6", "--k2", "3", "--lambda", "0.2", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    expected = evaluate_split(query, gallery, "k-reciprocal", RerankParams(k1=6, k2=3, lambda_value=0.2))
+    expected = evaluate_split(query, gallery, "k-reciprocal", params_from_options("k-reciprocal", k1=6, k2=3,
+                                                                                  lambda_value=0.2))
     assert report["rerank"] == "k-reciprocal" and report["mAP"] == round(100 * expected.mAP, 2)
     assert {"mAP", "rank1", "rank5", "rank10", "mINP", "queries", "gallery_items"} <= set(report)
     wrong = run_cli("evaluate", "-q", query_table, "-g", gallery_table, "--rerank", "sim-graph", "--k2", "3")

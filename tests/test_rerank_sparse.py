@@ -89,7 +89,7 @@ def test_queries_are_independent_and_batches_do_not_matter():
     """A query's answer is the same alone, in any batch, and whatever other queries come with it."""
     q_g, _, g_g = split_distances(7, 50, 8, 7)
     ids, dist = lists_from_distances(q_g, 20)
-    graph_ids, graph_dist = lists_from_distances(g_g, 25)
+    graph_ids, graph_dist = lists_from_distances(g_g, 30)
     for method in METHODS:
         together = rerank_candidates(method, ids, dist, graph_ids, graph_dist, batch_size=3)
         alone = np.concatenate([rerank_candidates(method, ids[i:i + 1], dist[i:i + 1], graph_ids, graph_dist)
@@ -132,7 +132,7 @@ def test_bad_inputs_are_refused():
 def test_a_million_item_gallery_needs_no_dense_matrix():
     """A (G, G) float32 matrix would be 4 TB: the run proves none is built. The graph is a line
     (item i's neighbours are i, i±1, i±2, …), the candidates a stretch of it."""
-    num_gallery, k = 1_000_000, 24
+    num_gallery, k = 1_000_000, 30
     offsets = np.array([0] + [s * o for o in range(1, k) for s in (1, -1)][: k - 1])
     graph_ids = np.clip(np.arange(num_gallery)[:, None] + offsets, 0, num_gallery - 1)
     graph_dist = (np.abs(graph_ids - np.arange(num_gallery)[:, None]) * 0.01).astype(np.float32)
