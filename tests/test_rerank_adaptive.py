@@ -244,9 +244,9 @@ def ranking(method, q_g, q_q, g_g, params):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["adaptive", "safe", "published"])
+@pytest.mark.parametrize("preset", ["adaptive", "published"])
 def test_scalable_ranks_as_exact_on_real_features(preset):
-    """Issue 15, item 2: cuhk03-train (msmt17 weights), 100 queries (one per person) against a
+    """Issue 15, item 2: cuhk03-train (msmt17 weights), 30 queries (one per person) against a
     sparse gallery (≤ 2 per person, 600 images: adaptive strength 0) and the full one (1,478, ≈5
     per person: strength ≈ 1); candidate lists and graph cover the gallery. The scalable mode's
     ranking of every query is exact mode's up to swaps of items whose exact re-ranked distances
@@ -255,7 +255,7 @@ def test_scalable_ranks_as_exact_on_real_features(preset):
     exact mode's distances never decrease by more than that."""
     (q, q_pids, _), (g, g_pids, _) = cuhk03("osnet_x0_25_msmt17")
     rng = np.random.default_rng(15)
-    qi = np.sort(rng.choice(at_most(q_pids, 1, rng), 100, replace=False))
+    qi = np.sort(rng.choice(at_most(q_pids, 1, rng), 30, replace=False))
     for gi in (at_most(g_pids, 2, rng), np.arange(len(g_pids))):
         q_g, q_q, g_g = unit_euclidean(q[qi], g[gi]), unit_euclidean(q[qi], q[qi]), unit_euclidean(g[gi], g[gi])
         for method in METHODS:
