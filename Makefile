@@ -8,7 +8,7 @@ export REIDX_MODEL_DIR ?= $(SHARED)/models
 export REIDX_SHARED ?= $(SHARED)
 BIN := $(VENV)/bin
 
-.PHONY: demo test venv chromium clean
+.PHONY: test-accuracy demo test venv chromium clean
 
 # torch is pinned first so a CPU machine takes the CPU wheel and never pulls CUDA packages;
 # the project's own range (torch>=2.3) is then already satisfied.
@@ -45,8 +45,13 @@ chromium:
 	[ -n "$$CHROMIUM" ] || command -v chromium >/dev/null 2>&1 || { apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
+# CI's suite: everything but the `slow` accuracy group (~15 min on 2 quiet cores)
 test: venv chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# the accuracy group: re-ranking and reference figures on the full splits, both weights (~7 min more)
+test-accuracy: venv
+	$(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

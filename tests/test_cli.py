@@ -106,7 +106,6 @@ def test_user_errors_are_one_clear_line(args, message, tmp_path):
     assert message in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
 def test_acceptance_command_on_the_real_split(reference):
     """The issue's acceptance command, verbatim, as a subprocess."""
     result = reidx("evaluate", "--query", str(CON_REID / "query"), "--gallery", str(CON_REID / "bounding_box_test"),

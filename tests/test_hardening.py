@@ -398,24 +398,32 @@ def test_zip_with_a_member_name_twice_indexes_neither_copy(tmp_path):
 # --- case 3: corrupt compressed data -------------------------------------------------------------
 
 def _corrupt_tar_gz(path, expected_error):
-    """A real .tar.gz of eight crops with 64 bytes overwritten mid-stream, chosen so that plain
-    tarfile fails with ``expected_error`` ("zlib" error or a silent early "stop")."""
+    """A real .tar.gz of eight crops with 64 (or 8) bytes overwritten mid-stream, chosen so that plain
+    tarfile fails with ``expected_error`` ("zlib" error or a silent early "stop"). The archive's
+    bytes are fixed (member times, owners and the gzip header's time), so the search does not
+    depend on the machine's file metadata."""
+    import gzip
+    import itertools
     import tarfile
     import zlib
 
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for image in QUERY[:8]:
-            tar.add(image, arcname=image.name)
-    clean = buf.getvalue()
-    for percent in range(30, 80):
+            data = image.read_bytes()
+            info = tarfile.TarInfo(image.name)
+            info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    clean = gzip.compress(raw.getvalue(), mtime=0)
+    for length, fill, percent in itertools.product((64, 8), (b"\xff", b"\x00", b"\x5a"), range(20, 90)):
         data = bytearray(clean)
         at = len(data) * percent // 100
-        data[at:at + 64] = b"\xff" * 64
+        data[at:at + length] = fill * length
         try:
             with tarfile.open(fileobj=io.BytesIO(bytes(data)), mode="r:*") as tar:
                 names = [info.name for info in tar]
-            got = "stop" if 0 < len(names) < 8 else None
+                first_intact = bool(names) and tar.extractfile(names[0]).read() == QUERY[0].read_bytes()
+            got = "stop" if 0 < len(names) < 8 and first_intact else None
         except zlib.error:
             got = "zlib"
         except Exception:  # noqa: BLE001 - another symptom: try the next offset
