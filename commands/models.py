@@ -294,13 +294,8 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
     from reidx.indexers.evaluation import checkpoint_validator
     from reidx.pipeline.training.loop import TrainConfig, train as run_training
 
-    init = None if init.lower() == "none" else init
-    if wise_alpha is None:
-        wise_alpha = WISE_ALPHA if init else 1.0
-    if distill_weight is None:
-        distill_weight = DISTILL_WEIGHT if init else 0.0
     config = TrainConfig(
-        data=str(data), out=str(out), init=init, arch=arch, losses=losses,
+        data=str(data), out=str(out), init=None if init.lower() == "none" else init, arch=arch, losses=losses,
         epochs=epochs, p=p, k=k, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
         step_epochs=steps, margin=margin, soft_margin=soft_margin, oim_scale=oim_scale, oim_momentum=oim_momentum,
         oim_queue=oim_queue, device=device, precision=precision, seed=seed, threads=threads,

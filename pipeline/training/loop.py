@@ -87,8 +87,14 @@ class TrainConfig:
     val_gallery: str | None = None
     val_every: int = 0  # with a validation split: every N epochs as well (0: only the output, at the end)
     val_other: list[str] | None = None  # [query, gallery] of a second domain, scored at the end (base vs output)
-    wise_alpha: float = WISE_ALPHA  # output = (1 − α)·base + α·fine-tuned (WiSE-FT); 1: the fine-tuned weights
-    distill_weight: float = DISTILL_WEIGHT  # λ of the cosine feature distillation towards the frozen base (0: off)
+    wise_alpha: float | None = None  # output (1 − α)·base + α·fine-tuned (WiSE-FT); None: WISE_ALPHA, 1 without init
+    distill_weight: float | None = None  # cosine distillation towards the base; None: DISTILL_WEIGHT, 0 without init
+
+    def __post_init__(self) -> None:
+        if self.wise_alpha is None:
+            self.wise_alpha = WISE_ALPHA if self.init else 1.0
+        if self.distill_weight is None:
+            self.distill_weight = DISTILL_WEIGHT if self.init else 0.0
 
     def check(self) -> None:
         unknown = set(self.losses) - set(LOSSES)
