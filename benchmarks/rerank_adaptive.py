@@ -314,12 +314,13 @@ class _TuningGallery:
             key = ("sg",)
             if key not in self.cache:
                 self.cache[key] = sim_graph_distance(self.q_g, self.g_g, params.graph_lambda, params.k_graph,
-                                                     params.k_mean)
+                                                     params.k_mean, reciprocal=params.reciprocal_graph)
             # sim_graph_distance(strength=None) is d_S + GRAPH_TIE·d; the product's blend is
             # s·d_S + (1 − s)·d + GRAPH_TIE·d
             return self.mAP(s * self.cache[key] + (1 - s) * self.q_g * (1 + GRAPH_TIE)) - self.plain
         return self.mAP(sim_rerank(self.q_g, self.g_g, params.graph_lambda, params.k_graph, params.k_mean,
-                                   params.k0, params.k1, params.lambda_value, strength)) - self.plain
+                                   params.k0, params.k1, params.lambda_value, strength,
+                                   params.reciprocal_graph)) - self.plain
 
 
 def select() -> dict:

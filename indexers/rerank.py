@@ -41,6 +41,7 @@ from reidx.indexers.rerank_blocks import (
     local_query_expansion,
     mean_of_smallest,
     nearest_neighbours,
+    reciprocal_mask,
 )
 
 METHODS = ("none", "k-reciprocal", "sim", "sim-graph")
@@ -59,6 +60,11 @@ class RerankParams:
     graph_lambda: float = 0.01  # SIM graph reasoning: scale of gallery-gallery distances
     k_graph: int = 20  # SIM graph reasoning: gallery neighbours of each item, itself included
     k_mean: int = 9  # SIM graph reasoning: paths averaged
+    # SIM graph reasoning through reciprocal neighbours only: t ∈ N(j) leads to j only if j ∈ N(t)
+    # too (the paper: any t ∈ N(j)). A one-sided neighbour — a partial crop, a person beside the
+    # query, whose nearest items are the query's images while theirs are each other — is not
+    # pulled up (docs/reranking.md, person search).
+    reciprocal_graph: bool = False
     adaptive: bool = False  # strength per gallery and per query (indexers.rerank_adaptive)
     dense_k1: int | None = None  # adaptive k-reciprocal: k1 where identities outgrow the kNN graph
 
@@ -104,8 +110,8 @@ PUBLISHED = RerankParams()
 SAFE_DEFAULTS = {
     "none": PUBLISHED,
     "k-reciprocal": replace(PUBLISHED, k1=15),
-    "sim": replace(PUBLISHED, k1=3, k0=2, k_graph=10, k_mean=2),
-    "sim-graph": replace(PUBLISHED, k_graph=10, k_mean=2),
+    "sim": replace(PUBLISHED, k1=3, k0=2, k_graph=10, k_mean=2, reciprocal_graph=True),
+    "sim-graph": replace(PUBLISHED, k_graph=10, k_mean=2, reciprocal_graph=True),
 }
 # The default (issue 15): no fixed set was safe on every gallery (two images per identity lost
 # 1.7-4.5 mAP with each method), so the safe values run with a strength decided per gallery and
@@ -173,33 +179,41 @@ def k_reciprocal_rerank(q_g, q_q, g_g, k1: int = 20, k2: int = 6, lambda_value: 
 
 
 @rerank_threads()
-def sim_graph_distance(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9, strength=None) -> np.ndarray:
+def sim_graph_distance(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9, strength=None,
+                       reciprocal: bool = False) -> np.ndarray:
     """SIM similarity-graph reasoning: d_S(q, j) = mean of the k_mean smallest d(q, t) + lam·d(j, t)
     over j's k_graph nearest gallery items t (j included), all read from the original q-g matrix,
-    + GRAPH_TIE·d(q, j) (ties by plain distance). ``strength`` (Q,): s·d_S + (1 − s)·d per query."""
+    + GRAPH_TIE·d(q, j) (ties by plain distance). ``strength`` (Q,): s·d_S + (1 − s)·d per query.
+    ``reciprocal``: a path through t counts only if j is among t's k_graph nearest too; the
+    others count as j's own path d(q, j) (see RerankParams.reciprocal_graph)."""
     device = _device_of(q_g, g_g)
     q_g, g_g = as_tensor(q_g, device), as_tensor(g_g, device)
     check_distances(q_g, g_g)
-    return _sim_graph(q_g, g_g, lam, k_graph, k_mean, strength).cpu().numpy()
+    return _sim_graph(q_g, g_g, lam, k_graph, k_mean, strength, reciprocal).cpu().numpy()
 
 
 def _sim_graph(q_g: torch.Tensor, g_g: torch.Tensor, lam: float, k_graph: int, k_mean: int,
-               strength=None) -> torch.Tensor:
+               strength=None, reciprocal: bool = False) -> torch.Tensor:
     # Ranked on the scaled values, like the paper (scaling can merge near-equal distances).
     neighbours = nearest_neighbours([g_g], k_graph, key=lambda values, rows: values * lam)  # (G, k)
     hop = g_g.gather(1, neighbours) * lam
+    one_sided = ~reciprocal_mask(neighbours, neighbours.shape[1] - 1) if reciprocal else None  # (G, k)
     k_mean = min(k_mean, neighbours.shape[1])
     if q_g.device.type == "cpu":
         q_g_np, neighbours_np, hop_np = q_g.numpy(), neighbours.numpy(), hop.numpy()
         graph = np.empty(q_g_np.shape, np.float32)
         for rows in chunks(q_g_np.shape[0], neighbours_np.size * 4):  # ≈ 4M-element chunks stay in cache
             paths = q_g_np[rows][:, neighbours_np] + hop_np  # (n, G, k): d(q, t) + lam·d(j, t)
+            if one_sided is not None:
+                paths = np.where(one_sided.numpy(), q_g_np[rows][:, :, None], paths)
             graph[rows] = mean_of_smallest(paths, k_mean)
         graph = torch.from_numpy(graph)
     else:
         graph = torch.empty_like(q_g)
         for rows in chunks(q_g.shape[0], neighbours.numel()):
             paths = q_g[rows][:, neighbours] + hop
+            if one_sided is not None:
+                paths = torch.where(one_sided, q_g[rows][:, :, None], paths)
             shortest = torch.topk(paths, k_mean, dim=2, largest=False, sorted=False).values
             graph[rows] = (shortest.double().sum(2) / k_mean).float()
     return blend_graph(graph, q_g, strength)
@@ -224,21 +238,23 @@ def _query_lambda(lambda_value: float, strength, num_query: int, device) -> torc
 
 @rerank_threads()
 def sim_rerank(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9,
-               k0: int = 12, k1: int = 20, lambda_value: float = 0.3, strength=None) -> np.ndarray:
+               k0: int = 12, k1: int = 20, lambda_value: float = 0.3, strength=None,
+               reciprocal: bool = False) -> np.ndarray:
     """Full SIM: graph reasoning, then mutual-nearest-neighbour reasoning on its output.
 
     Query side: plain k0+1 nearest gallery items; gallery side: expanded k-reciprocal sets on
     the gallery-gallery distances; no query expansion; (1 − λ)·Jaccard + λ·original, where
     original is d_S² with each query row divided by its maximum (the published joint matrix
     holds only gallery columns). ``strength`` (Q,) blends both steps: the graph distance as in
-    ``sim_graph_distance``, and λ_q = 1 − s·(1 − λ); 0 gives the plain ranking.
+    ``sim_graph_distance``, and λ_q = 1 − s·(1 − λ); 0 gives the plain ranking. ``reciprocal``:
+    the graph step through reciprocal neighbours only (``sim_graph_distance``).
     """
     RerankParams(k1=k1, lambda_value=lambda_value, k0=k0, graph_lambda=lam, k_graph=k_graph, k_mean=k_mean)
     device = _device_of(q_g, g_g)
     q_g, g_g = as_tensor(q_g, device), as_tensor(g_g, device)
     check_distances(q_g, g_g)
     num_gallery = q_g.shape[1]
-    graph = NormalisedSquares([[_sim_graph(q_g, g_g, lam, k_graph, k_mean, strength).to(device)]])
+    graph = NormalisedSquares([[_sim_graph(q_g, g_g, lam, k_graph, k_mean, strength, reciprocal).to(device)]])
     query_original = graph.block(0, 0)
     query_sets = nearest_neighbours([query_original], k0 + 1)
     query_vectors = gaussian_weights(query_sets, num_gallery, lambda rows, cols: query_original[rows, cols])
@@ -273,9 +289,10 @@ def rerank(method: str, q_g, q_q=None, g_g=None, params: RerankParams | None = N
         return k_reciprocal_rerank(q_g, q_q, g_g, params.k1, params.k2, params.lambda_value, strength)
     if method == "sim":
         return sim_rerank(q_g, g_g, params.graph_lambda, params.k_graph, params.k_mean,
-                          params.k0, params.k1, params.lambda_value, strength)
+                          params.k0, params.k1, params.lambda_value, strength, params.reciprocal_graph)
     if method == "sim-graph":
-        return sim_graph_distance(q_g, g_g, params.graph_lambda, params.k_graph, params.k_mean, strength)
+        return sim_graph_distance(q_g, g_g, params.graph_lambda, params.k_graph, params.k_mean, strength,
+                                  params.reciprocal_graph)
     raise ValueError(f"unknown re-ranking method {method!r}; choose one of {', '.join(METHODS)}")
 
 

@@ -379,18 +379,30 @@ def _pair_values(members: torch.Tensor, values: torch.Tensor, rows: torch.Tensor
     return values[rows, (members[rows] == cols[:, None]).int().argmax(1)]
 
 
+def _graph_rows(graph: _Graph, items: torch.Tensor, graph_lambda: float, width: int):
+    """(λ·distances, ids) of the items' ``width`` nearest, ranked on the scaled values (ties by
+    id) as exact mode ranks them."""
+    ids, dist = graph.lists(items)
+    hop, ids = sort_rows(dist * graph_lambda, ids)
+    return hop[:, :width], ids[:, :width]
+
+
 def _graph_distances(batch: _Candidates, graph: _Graph, params: RerankParams) -> torch.Tensor:
     """SIM graph reasoning for each candidate j: mean of the k_mean smallest d(q, t) + λ·d(j, t) over
     j's k_graph nearest t, ranked on the scaled values as exact mode does (approximation 1 for t
     outside q's candidates)."""
     num_queries, num_candidates = batch.ids.shape
-    ids, dist = graph.lists(batch.ids.clamp(max=graph.size - 1).reshape(-1))
-    hop, ids = sort_rows(dist * params.graph_lambda, ids)
+    items = batch.ids.clamp(max=graph.size - 1).reshape(-1)
     width = min(params.k_graph, graph.width, graph.size)
-    hop, ids = hop[:, :width], ids[:, :width]
+    hop, ids = _graph_rows(graph, items, params.graph_lambda, width)
     owners = torch.arange(num_queries).repeat_interleave(num_candidates)[:, None].expand_as(ids)
     to_query, _ = batch.known.find(owners, ids)
-    paths = (to_query + hop).view(num_queries, num_candidates, width).numpy()
+    paths = to_query + hop
+    if params.reciprocal_graph:  # through t only if j is in t's list too; else j's own path d(q, j)
+        _, back = _graph_rows(graph, ids.clamp(max=graph.size - 1).reshape(-1), params.graph_lambda, width)
+        reciprocal = (back.view(*ids.shape, width) == items[:, None, None]).any(-1)
+        paths = torch.where(reciprocal, paths, batch.dist.reshape(-1, 1))
+    paths = paths.view(num_queries, num_candidates, width).numpy()
     return torch.from_numpy(mean_of_smallest(paths, min(params.k_mean, width)).astype(np.float32))
 
 

@@ -83,25 +83,29 @@ def naive_k_reciprocal_rerank(q_g, q_q, g_g, k1: int = 20, k2: int = 6, lambda_v
 GRAPH_TIE = 1e-4  # reidx's tie rule for SIM's graph distance: + GRAPH_TIE·d(q, j)
 
 
-def naive_sim_graph_distance(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9) -> np.ndarray:
+def naive_sim_graph_distance(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9,
+                             reciprocal: bool = False) -> np.ndarray:
     """SIM similarity-graph reasoning: d_S(q, j) = mean of the k_mean smallest d(q, t) + lam·d(t, j)
     over j's k_graph nearest gallery items t; every entry reads the original q-g distances; then
-    + GRAPH_TIE·d(q, j), reidx's rule ordering exact ties by the plain distance."""
+    + GRAPH_TIE·d(q, j), reidx's rule ordering exact ties by the plain distance. ``reciprocal``
+    (reidx's variant): a t whose own k_graph nearest leave out j gives the path d(q, j) instead."""
     q_g = np.asarray(q_g, np.float32)
     scaled_g_g = np.asarray(g_g, np.float32) * np.float32(lam)
     graph = np.zeros(q_g.shape, np.float32)
+    lists = [np.argsort(scaled_g_g[gj], kind="stable")[:k_graph] for gj in range(q_g.shape[1])]
     for gj in range(q_g.shape[1]):
-        neighbours = np.argsort(scaled_g_g[gj], kind="stable")[:k_graph]
+        neighbours = lists[gj]
         for qi in range(q_g.shape[0]):
-            paths = sorted(float(q_g[qi, t] + scaled_g_g[gj, t]) for t in neighbours)
+            paths = sorted(float(q_g[qi, t] + scaled_g_g[gj, t]) if not reciprocal or gj in lists[t]
+                           else float(q_g[qi, gj]) for t in neighbours)
             graph[qi, gj] = np.mean(paths[:k_mean])
     return graph + np.float32(GRAPH_TIE) * q_g
 
 
 def naive_sim_rerank(q_g, g_g, lam: float = 0.01, k_graph: int = 20, k_mean: int = 9,
-                     k0: int = 12, k1: int = 20, lambda_value: float = 0.3) -> np.ndarray:
+                     k0: int = 12, k1: int = 20, lambda_value: float = 0.3, reciprocal: bool = False) -> np.ndarray:
     """Full SIM: graph reasoning, then mutual-nearest-neighbour reasoning on its output."""
-    graph = naive_sim_graph_distance(q_g, g_g, lam, k_graph, k_mean)
+    graph = naive_sim_graph_distance(q_g, g_g, lam, k_graph, k_mean, reciprocal)
     num_query, num_gallery = graph.shape
     # The joint matrix has only gallery columns: [d_S; g_g] over the query and gallery rows.
     original = normalised_squared(np.concatenate([graph.T, np.asarray(g_g, np.float32)], axis=1))

@@ -90,6 +90,9 @@ CASES = {
     "ties_default_k": (tied_distances(3, 60, 9), {}),
     # duplicates: an item's nearest can be its lower-indexed twin, so skipping k2 = 1 matters
     "ties_no_query_expansion": (tied_distances(4, 40, 18), dict(k1=6, k2=1)),
+    # for SIM's reciprocal graph (RerankParams.reciprocal_graph)
+    "reciprocal_graph": (feature_distances(6, 50, 8, 21), dict(k1=6, k2=3)),
+    "reciprocal_graph_ties": (tied_distances(4, 40, 22), dict(k1=6, k2=3)),
 }
 
 
@@ -107,7 +110,8 @@ SIM_PARAMS = {"features_default": {}, "features_small_k": dict(k1=5, k0=3, k_gra
               "single_query": dict(k1=6, k0=4),
               "k1_larger_than_gallery": {}, "k2_larger_than_everything": dict(k_graph=40, k_mean=50, k0=30),
               "asymmetric": dict(k1=6, k0=5, k_graph=7, k_mean=4, lam=0.2), "ties": dict(k1=6, k0=4, k_graph=5),
-              "ties_default_k": {}}
+              "ties_default_k": {}, "reciprocal_graph": dict(k1=6, k0=4, k_graph=5, k_mean=2, reciprocal=True),
+              "reciprocal_graph_ties": dict(k1=6, k0=4, k_graph=5, k_mean=3, reciprocal=True)}
 
 
 @pytest.mark.parametrize("case", SIM_PARAMS)
@@ -115,7 +119,7 @@ def test_sim_matches_naive(case):
     (q_g, _, g_g), params = CASES[case][0], SIM_PARAMS[case]
     fast, naive = sim_rerank(q_g, g_g, **params), naive_sim_rerank(q_g, g_g, **params)
     assert np.abs(fast - naive).max() <= TOLERANCE
-    graph_params = {k: v for k, v in params.items() if k in ("lam", "k_graph", "k_mean")}
+    graph_params = {k: v for k, v in params.items() if k in ("lam", "k_graph", "k_mean", "reciprocal")}
     fast_graph = sim_graph_distance(q_g, g_g, **graph_params)
     assert np.abs(fast_graph - naive_sim_graph_distance(q_g, g_g, **graph_params)).max() <= TOLERANCE
 
@@ -159,7 +163,8 @@ def test_rerank_entry_point_and_params():
                                   k_reciprocal_rerank(q_g, q_q, g_g, k1=7))
     np.testing.assert_array_equal(rerank("sim", q_g, None, g_g, RerankParams(k0=4)), sim_rerank(q_g, g_g, k0=4))
     np.testing.assert_array_equal(rerank("sim-graph", q_g, None, g_g, safe["sim-graph"], k_mean=2),
-                                  sim_graph_distance(q_g, g_g, k_graph=SAFE_DEFAULTS["sim-graph"].k_graph, k_mean=2))
+                                  sim_graph_distance(q_g, g_g, k_graph=SAFE_DEFAULTS["sim-graph"].k_graph, k_mean=2,
+                                                     reciprocal=True))
     assert set(METHODS) == {"none", "k-reciprocal", "sim", "sim-graph"}
     for method in METHODS:  # no parameters: the adaptive preset (issue 15), in rerank and from the CLI options alike
         assert params_from_options(method) == default_params(method) == ADAPTIVE[method]
