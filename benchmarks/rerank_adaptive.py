@@ -176,7 +176,7 @@ def score(split: dict, settings: dict, scalable: bool = True) -> dict:
     from reidx.indexers.distances import cosine_distances, unit_euclidean
     from reidx.indexers.metrics import evaluate_ranking
     from reidx.indexers.rerank import rerank
-    from reidx.indexers.rerank_sparse import rerank_features_scalable
+    from reidx.indexers.rerank_lists import rerank_features_scalable
 
     q, g = split["query"], split["gallery"]
     q_g, q_q, g_g = unit_euclidean(q, g), unit_euclidean(q, q), unit_euclidean(g, g)

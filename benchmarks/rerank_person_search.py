@@ -96,7 +96,7 @@ def main() -> None:
 
     from reidx.indexers.distances import unit_euclidean
     from reidx.indexers.rerank import default_params, exact_strengths, rerank
-    from reidx.indexers.rerank_sparse import rerank_features_scalable
+    from reidx.indexers.rerank_lists import rerank_features_scalable
 
     torch.set_num_threads(1)
     start = time.perf_counter()

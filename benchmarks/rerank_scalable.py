@@ -87,7 +87,7 @@ def build(args, folder: Path) -> dict:
     """Vectors, the Faiss top-K of every query (timed), the graph, the check; arrays saved to ``folder``."""
     import faiss
 
-    from reidx.indexers.rerank_sparse import estimate_max_distance
+    from reidx.indexers.rerank_lists import estimate_max_distance
 
     report = {}
     start = time.perf_counter()
@@ -158,7 +158,8 @@ def con_reid_accuracy(top_ks, knn: int) -> dict:
     from reidx.indexers.metrics import evaluate_ranking
     from reidx.indexers.distances import unit_euclidean
     from reidx.indexers.rerank import rerank
-    from reidx.indexers.rerank_sparse import estimate_max_distance, nearest_lists, rerank_candidates
+    from reidx.indexers.rerank_lists import estimate_max_distance, nearest_lists
+    from reidx.indexers.rerank_sparse import rerank_candidates
 
     result = {}
     for weights, split in load_splits().items():

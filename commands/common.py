@@ -120,11 +120,13 @@ log_every_option = click.option("--log-every", "log_every_s", type=click.FloatRa
                                 show_default=True, help="Seconds between progress lines when stderr is no terminal.")
 # `reidx build-index` and the index half of `reidx nightly`
 index_build_options = _options(
-    click.option("--type", "index_type", type=click.Choice(["auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq"]),
+    click.option("--type", "index_type", type=click.Choice(["auto", "flat", "ivf-flat", "ivf-sq8", "ivf-pq", "hnsw"]),
                  default="auto", show_default=True,
                  help="auto: the memory budget decides — exact (flat) up to 100,000 detections, then ivf-sq8, "
                       "then ivf-pq (re-ranked from the vectors on disk) when ivf-sq8 would not fit (nlist ≈ 4·√N). "
-                      "ivf-sq8: 4× less memory than ivf-flat; ivf-pq: 32× less."),
+                      "ivf-sq8: 4× less memory than ivf-flat; ivf-pq: 32× less. hnsw (only when asked for): "
+                      "a graph held in RAM (≈ 4·d + 270 bytes per detection), for galleries without the "
+                      "cluster structure IVF needs (docs/search.md); CPU only."),
     click.option("--nlist", type=click.IntRange(1), help="IVF lists [default: ≈ 4·√N, ≥ 39 vectors per list]."),
     click.option("--memory-budget", help="Memory the index may take, e.g. 4G or 512M; chooses --type auto "
                                          "[default: a quarter of this machine's RAM]."),

@@ -154,7 +154,8 @@ def _build_text(r: dict):
         return
     line = f"{r['mode']} build {r['index_version']}: {r['persons']} detections in {r['index_type']}"
     if r.get("nprobe"):
-        line += (f" (nlist {r['nlist']}, nprobe {r['nprobe']}: recall@10 {r['recall_at_10']:.3f}, "
+        breadth = f"efSearch {r['nprobe']}" if r["index_type"] == "hnsw" else f"nlist {r['nlist']}, nprobe {r['nprobe']}"
+        line += (f" ({breadth}: recall@10 {r['recall_at_10']:.3f}, "
                  f"recall@100 {r['recall_at_100']:.3f})")
     yield line + f", {r['wall_s']} s" + (f" — {r['reason']}" if r.get("reason") else "")
 
@@ -179,7 +180,8 @@ def build_index_command(gallery, index_type, nlist, memory_budget, gpu, knn_k, r
     """Build or update GALLERY's Faiss index (and its kNN graph) from its committed shards.
 
     Cosine similarity (inner product on unit vectors). IVF indexes are trained on a sample and
-    get a default nprobe measured to give recall@100 ≥ 0.95 on the gallery's own vectors. A
+    get a default nprobe measured to give recall@100 ≥ 0.95 on the gallery's own vectors (an
+    hnsw index, when asked for, gets its efSearch the same way; it is held in RAM). A
     rerun adds only new shards (O(new): a delta file, their kNN rows, reverse edges into old
     rows); it retrains when the gallery has doubled since training. Out of core: vectors stream
     from the shards, inverted lists stay on disk (memory-mapped). The new version replaces the

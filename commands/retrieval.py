@@ -47,7 +47,8 @@ from reidx.commands.common import (_emit, _out, _progress, backend_option, devic
 @click.option("--candidates", type=click.IntRange(1), default=400, show_default=True,
               help="With --rerank: each query's top candidates that are re-ranked (then cut to --top-k). Fewer "
                    "is faster; on Con-ReID 100 lost up to 1.2 mAP against exact re-ranking, 400 at most 0.18.")
-@click.option("--nprobe", type=click.IntRange(1), help="IVF lists searched [default: the calibrated one].")
+@click.option("--nprobe", type=click.IntRange(1), help="Search breadth: IVF lists probed, or efSearch of an hnsw index "
+                                                                "[default: the calibrated one].")
 @click.option("--workers", type=click.IntRange(1),
               help="Search on a local Dask cluster of this many worker processes, each mapping the index "
                    "(for many queries; same results) [default: in this process]. Filtered searches stay here.")

@@ -18,9 +18,10 @@ from pathlib import Path
 
 from reidx.indexers import build_steps as steps
 from reidx.indexers.distributed import Executor
-from reidx.indexers.faiss_ops import (DEFAULT_KNN, REFINE_FACTOR, RETRAIN_GROWTH, TARGET_RECALL_AT_100,
-                                      HNSW_QUANTIZER_MIN_NLIST, IndexBuildError, choose_type, default_memory_budget,
-                                      default_nlist, expected_bytes, parse_bytes, resolve_gpu, training_size)
+from reidx.indexers.faiss_ops import (DEFAULT_KNN, IN_MEMORY_TYPES, IVF_TYPES, REFINE_FACTOR, RETRAIN_GROWTH,
+                                      TARGET_RECALL_AT_100, HNSW_QUANTIZER_MIN_NLIST, IndexBuildError, breadth_limit,
+                                      breadth_start, choose_type, default_memory_budget, default_nlist,
+                                      expected_bytes, parse_bytes, resolve_gpu, training_size)
 from reidx.indexers.ivf_ondisk import merge_parts
 from reidx.indexers.knn_store import layer_files
 from reidx.indexers.searcher import Searcher
@@ -109,7 +110,7 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
     tmp = staging_folder(gallery, version)
     groups = steps.plan_groups(gallery, shards, ctx["task_rows"])
     total = sum(rows for _, rows in groups)
-    nlist_used = None if kind == "flat" else (nlist or default_nlist(total))
+    nlist_used = None if kind in IN_MEMORY_TYPES else (nlist or default_nlist(total))
     if nlist_used is not None and nlist_used > total:
         raise IndexBuildError(f"--nlist {nlist_used} is more than the {total} vectors to train on")
     sample_size = training_size(total, nlist_used) if nlist_used else 0
@@ -119,8 +120,10 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
     segments = [r["first_id"] for r in ingested]
     store = VectorStore(tmp, segments)
     ivf_files = []
-    if kind == "flat":
-        steps.build_flat(tmp, store, None)
+    if kind in IN_MEMORY_TYPES:
+        if kind == "hnsw":
+            log(f"inserting {total} detections into the HNSW graph")
+        steps.build_in_memory(kind, tmp, store, None)
     else:
         log(f"training {kind} (nlist {nlist_used}) on {sample_size} sampled vectors")
         template = steps.train(kind, ingested, sample_size, nlist_used, ctx["on_gpu"], seed)
@@ -130,7 +133,8 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
         ivf_files = ["index.faiss"]
     layout = {"type": kind, "ivf_files": ivf_files, "vector_segments": segments, "nprobe": None,
               "refine_factor": REFINE_FACTOR if kind == "ivf-pq" else None}
-    nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, nlist_used, 1, seed, log)
+    nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, breadth_limit(kind, nlist_used),
+                                                   breadth_start(kind), seed, log)
     layout["nprobe"] = nprobe
     layers, knn_recall = [], None
     if knn_k:
@@ -156,8 +160,9 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     gallery, executor, log, seed = ctx["gallery"], ctx["executor"], ctx["log"], ctx["seed"]
     version, generation = version_name(), old.build.get("generation", 0) + 1
     tmp = staging_folder(gallery, version)
-    keep = [f for f in old.files() if not (old.type == "flat" and f == "index.faiss")]
-    for name in keep + ([TEMPLATE] if old.type != "flat" else []):
+    in_memory = old.type in IN_MEMORY_TYPES
+    keep = [f for f in old.files() if not (in_memory and f == "index.faiss")]
+    for name in keep + ([] if in_memory else [TEMPLATE]):
         link_or_copy(previous / name, tmp / name)
     groups = steps.plan_groups(gallery, new_shards, ctx["task_rows"])
     ingested = steps.ingest(executor, gallery, groups, old.count, tmp, 0, seed)
@@ -169,8 +174,8 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     store = VectorStore(tmp, segments)
     total = store.count
     ivf_files = list(old.ivf_files)
-    if old.type == "flat":
-        steps.build_flat(tmp, store, previous / "index.faiss")
+    if in_memory:
+        steps.build_in_memory(old.type, tmp, store, previous / "index.faiss")
     else:
         template = (tmp / TEMPLATE).read_bytes()
         delta = f"delta-g{generation}.faiss"
@@ -194,8 +199,8 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
                                                f"knn-g{generation}-reverse")
         layers += new_layers + ([reverse] if reverse else [])
         log(f"graph: {total - old.count} new rows, {touched} old rows gained a new neighbour")
-    nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, old.nlist, old.nprobe or 1, seed + generation,
-                                                   log)
+    nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, breadth_limit(old.type, old.nlist),
+                                                   old.nprobe or breadth_start(old.type), seed + generation, log)
     built_recall = old.build.get("knn_recall_built")
     if old.knn_k:
         knn_recall = steps.graph_check(tmp, layers, total, old.knn_k, ids, truth_ids)
@@ -222,12 +227,13 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     return meta
 
 
-def _calibrate(folder: Path, layout: dict, store: VectorStore, nlist: int | None, start: int, seed: int, log):
+def _calibrate(folder: Path, layout: dict, store: VectorStore, limit: int | None, start: int, seed: int, log):
     """The sample check: exact top-100 of CHECK_SAMPLE items (one streamed pass over the vectors),
-    nprobe calibrated from ``start`` up; (nprobe, recall@10, recall@100, sample ids, truth)."""
+    the search breadth (IVF nprobe, HNSW efSearch) calibrated from ``start`` up to ``limit``;
+    (breadth, recall@10, recall@100, sample ids, truth)."""
     ids = steps.sample_ids(store.count, seed)
     queries, truth_ids = steps.truth(store, ids)
-    nprobe, r10, r100 = steps.calibrate(Searcher(folder, layout), queries, truth_ids, nlist, start)
+    nprobe, r10, r100 = steps.calibrate(Searcher(folder, layout), queries, truth_ids, limit, start)
     if r100 < TARGET_RECALL_AT_100:
         log(f"warning: recall@100 is {r100:.3f} even at nprobe={nprobe} ({layout['type']} loses accuracy in "
             f"its compression); use ivf-flat or ivf-sq8 for higher recall")
@@ -293,6 +299,6 @@ def _full_rebuild_reason(old: IndexMeta | None, shards: list[str], kind: str, to
         return f"nlist changes from {old.nlist} to {nlist}"
     if knn_k != old.knn_k and min(knn_k, total) != old.knn_k:
         return f"kNN graph size changes from {old.knn_k} to {knn_k}"
-    if kind != "flat" and total > RETRAIN_GROWTH * old.trained_count:
+    if kind in IVF_TYPES and total > RETRAIN_GROWTH * old.trained_count:
         return f"the gallery grew from {old.trained_count} to {total} (> {RETRAIN_GROWTH:g}× the trained size)"
     return None

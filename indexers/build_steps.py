@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 
 from reidx.indexers.build_tasks import add_segment, ingest_shards, knn_range
-from reidx.indexers.faiss_ops import TARGET_RECALL_AT_100, recall, train_empty
+from reidx.indexers.faiss_ops import TARGET_RECALL_AT_100, new_index, recall, train_empty
 from reidx.indexers.ivf_ondisk import merge_parts, template_bytes
 from reidx.indexers.knn_graph import graph_recall, reverse_edges
 from reidx.indexers.knn_store import KnnGraph, write_layer
@@ -85,9 +85,12 @@ def add_and_merge(executor, folder: Path, segments: list[int], template: bytes, 
     return count
 
 
-def build_flat(folder: Path, store: VectorStore, previous: Path | None) -> int:
-    """index.faiss as an exact in-memory index: the previous one plus the store's rows past it."""
-    index = faiss.read_index(str(previous)) if previous else faiss.IndexFlatIP(store.dim)
+def build_in_memory(kind: str, folder: Path, store: VectorStore, previous: Path | None) -> int:
+    """index.faiss as an in-memory index (exact, or the HNSW graph): the previous one plus the
+    store's rows past it, so a nightly inserts only the new rows. (HNSW insertion runs on all
+    cores and its graph depends on their interleaving: two builds find the same neighbours up to
+    the calibrated recall, not bit-identical graphs.)"""
+    index = faiss.read_index(str(previous)) if previous else new_index(kind, store.dim, None)
     for _, block in store.iter_blocks(start=int(index.ntotal)):
         index.add(block)
     faiss.write_index(index, str(folder / "index.faiss"))
@@ -108,20 +111,21 @@ def truth(store: VectorStore, ids: np.ndarray, k: int = TRUTH_K) -> tuple[np.nda
     return queries, exact_search(store, queries, k)[1]
 
 
-def calibrate(searcher: Searcher, queries: np.ndarray, truth_ids: np.ndarray, nlist: int | None,
+def calibrate(searcher: Searcher, queries: np.ndarray, truth_ids: np.ndarray, limit: int | None,
               start: int = 1, target: float = TARGET_RECALL_AT_100) -> tuple[int | None, float, float]:
-    """Smallest power-of-two nprobe ≥ ``start`` whose recall@100 on the sample reaches ``target``
-    (the index searched as queries will search it, refine included); (nprobe, recall@10, recall@100)."""
-    if not nlist:
+    """Smallest power-of-two search breadth (IVF nprobe, HNSW efSearch) ≥ ``start`` whose
+    recall@100 on the sample reaches ``target``, at most ``limit`` (None: exact, nothing to set)
+    — the index searched as queries will search it, refine included; (breadth, recall@10, recall@100)."""
+    if not limit:
         _, found = searcher.search(queries, TRUTH_K)
         return None, recall(found, truth_ids, 10), recall(found, truth_ids, TRUTH_K)
-    nprobe = max(1, min(start, nlist))
+    nprobe = max(1, min(start, limit))
     while True:
         _, found = searcher.search(queries, TRUTH_K, nprobe)
         r10, r100 = recall(found, truth_ids, 10), recall(found, truth_ids, TRUTH_K)
-        if r100 >= target or nprobe >= nlist:
+        if r100 >= target or nprobe >= limit:
             return nprobe, r10, r100
-        nprobe = min(2 * nprobe, nlist)
+        nprobe = min(2 * nprobe, limit)
 
 
 def graph_ranges(executor, folder: Path, layout: dict, k: int, start: int, stop: int, prefix: str,

@@ -12,7 +12,18 @@ import os
 import faiss
 import numpy as np
 
-INDEX_TYPES = ("flat", "ivf-flat", "ivf-sq8", "ivf-pq")
+INDEX_TYPES = ("flat", "ivf-flat", "ivf-sq8", "ivf-pq", "hnsw")
+IVF_TYPES = ("ivf-flat", "ivf-sq8", "ivf-pq")
+# Held whole in memory (index.faiss read at load; no training, no lists on disk): exact search and
+# the HNSW graph. `hnsw` is asked for by name (`auto` never picks it): it is for galleries without
+# the cluster structure IVF exploits -- on the Gaussian `mixture` set of benchmarks/search.py IVF
+# needs most of its lists for recall@10 0.95, HNSW does not (docs/search.md) -- and it costs
+# 4·d + 8·HNSW_M bytes per vector of RAM.
+IN_MEMORY_TYPES = ("flat", "hnsw")
+HNSW_M = 32  # graph links per node (64 on the bottom layer)
+HNSW_EF_CONSTRUCTION = 80  # candidate list while inserting: twice Faiss' default (a better graph for twice the cost; not tuned)
+HNSW_EF_START = 128  # calibration starts here (an efSearch below k acts as k) and doubles
+HNSW_EF_MAX = 4096
 # Below this many vectors `auto` keeps exact search (if it fits the memory budget): it needs no
 # training, gives recall 1, and a batch of queries still costs only a few ms each on 2 cores
 # (benchmarks/search.py).
@@ -79,8 +90,9 @@ def parse_bytes(text: str | int | None) -> int | None:
 def expected_bytes(kind: str, count: int, dim: int, nlist: int | None) -> int:
     """What the index takes in memory when its lists are resident (as ``faiss.write_index`` sizes it):
     codes + 8-byte ids per vector, plus the coarse quantizer (and its HNSW links)."""
-    per_vector = {"flat": 4 * dim, "ivf-flat": 4 * dim + 8, "ivf-sq8": dim + 8, "ivf-pq": dim // 8 + 8}[kind]
-    quantizer = 0 if kind == "flat" else (nlist or 1) * (4 * dim + (2 * 32 * 4 if (nlist or 0) >= HNSW_QUANTIZER_MIN_NLIST else 0))
+    per_vector = {"flat": 4 * dim, "ivf-flat": 4 * dim + 8, "ivf-sq8": dim + 8, "ivf-pq": dim // 8 + 8,
+                  "hnsw": 4 * dim + 4 * (2 * HNSW_M + HNSW_M // 8) + 12}[kind]  # + upper layers, levels
+    quantizer = 0 if kind in IN_MEMORY_TYPES else (nlist or 1) * (4 * dim + (2 * 32 * 4 if (nlist or 0) >= HNSW_QUANTIZER_MIN_NLIST else 0))
     return per_vector * count + quantizer + (256 * 4 * dim if kind == "ivf-pq" else 0)
 
 
@@ -123,6 +135,11 @@ def new_index(kind: str, dim: int, nlist: int | None) -> faiss.Index:
     HNSW coarse quantizer from HNSW_QUANTIZER_MIN_NLIST lists."""
     if kind == "ivf-pq" and dim % 8:
         raise IndexBuildError(f"ivf-pq needs a dimension divisible by 8, got {dim}")
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        index.hnsw.efSearch = HNSW_EF_START
+        return index
     coarse = f"IVF{nlist}_HNSW32" if (nlist or 0) >= HNSW_QUANTIZER_MIN_NLIST else f"IVF{nlist}"
     factory = {"flat": "Flat", "ivf-flat": f"{coarse},Flat", "ivf-sq8": f"{coarse},SQ8",
                "ivf-pq": f"{coarse},PQ{dim // 8}x8"}
@@ -172,10 +189,29 @@ def to_cpu(index: faiss.Index, on_gpu: bool) -> faiss.Index:
 
 
 def set_nprobe(index: faiss.Index, nprobe: int | None, on_gpu: bool = False) -> None:
+    """The search breadth: lists probed for IVF, efSearch for HNSW (meta.json's ``nprobe`` holds either)."""
     if nprobe is None:
+        return
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        hnsw.efSearch = int(nprobe)
         return
     space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
     space.set_index_parameter(index, "nprobe", int(nprobe))
+
+
+def _hnsw_of(index: faiss.Index):
+    index = faiss.downcast_index(index)
+    return index.hnsw if isinstance(index, faiss.IndexHNSW) else None
+
+
+def breadth_limit(kind: str, nlist: int | None) -> int | None:
+    """The largest search breadth calibration may reach: nlist for IVF, HNSW_EF_MAX for HNSW."""
+    return HNSW_EF_MAX if kind == "hnsw" else nlist
+
+
+def breadth_start(kind: str) -> int:
+    return HNSW_EF_START if kind == "hnsw" else 1
 
 
 def search(index: faiss.Index, vectors: np.ndarray, k: int, batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
@@ -207,13 +243,14 @@ def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 
 def calibrate_nprobe(index: faiss.Index, vectors: np.ndarray, nlist: int, on_gpu: bool = False,
-                     target: float = TARGET_RECALL_AT_100, seed: int = 0) -> tuple[int, float, float]:
-    """Smallest power-of-two nprobe whose recall@100 on a sample of the gallery's own vectors
-    reaches ``target``; returns (nprobe, recall@10, recall@100) as measured."""
+                     target: float = TARGET_RECALL_AT_100, seed: int = 0, start: int = 1) -> tuple[int, float, float]:
+    """Smallest power-of-two breadth from ``start`` (nprobe up to ``nlist``; for HNSW efSearch up
+    to ``breadth_limit``) whose recall@100 on a sample of the gallery's own vectors reaches
+    ``target``; returns (breadth, recall@10, recall@100) as measured."""
     rng = np.random.default_rng(seed)
     sample = vectors[np.sort(rng.choice(len(vectors), size=min(CALIBRATION_QUERIES, len(vectors)), replace=False))]
     truth = exact_neighbours(sample, vectors, 100)
-    nprobe = 1
+    nprobe = min(start, nlist)
     while True:
         set_nprobe(index, nprobe, on_gpu)
         _, found = search(index, sample, 100)
@@ -226,7 +263,7 @@ def calibrate_nprobe(index: faiss.Index, vectors: np.ndarray, nlist: int, on_gpu
 def train_and_add(kind: str, vectors: np.ndarray, nlist: int | None, on_gpu: bool = False, seed: int = 0) -> faiss.Index:
     """A new index of ``kind`` trained (k-means on a sample of TRAINING_POINTS_PER_LIST·nlist) and filled."""
     index = new_index(kind, vectors.shape[1], nlist)
-    if on_gpu:
+    if on_gpu and kind != "hnsw":  # Faiss has no GPU HNSW: it stays on the CPU
         index = to_gpu(index, kind)
     if not index.is_trained:
         rng = np.random.default_rng(seed)

@@ -248,9 +248,12 @@ def filtered_search(gallery_index, vectors: np.ndarray, k: int, search_filter: S
     ``exclude_same_camera``. ``query_excluded[i]``: gallery ids query i must not return (its own
     image's detections for ``exclude_self``, see :func:`self_items`; any short per-query list): the
     search asks for k + their number and drops them, which is exact.
-    ``mechanism``: ``selector`` (default on CPU) or ``widen`` (default for GPU indexes).
+    ``mechanism``: ``selector`` (default on CPU) or ``widen`` (default for GPU and hnsw indexes).
     """
-    mechanism = mechanism or ("widen" if getattr(gallery_index, "on_gpu", False) else "selector")
+    # widening for GPU indexes (Faiss takes no selector there) and HNSW (a selector hides nodes from
+    # the result, not from the graph walk, so efSearch would have to grow with 1 / fraction passing)
+    mechanism = mechanism or ("widen" if getattr(gallery_index, "on_gpu", False)
+                              or getattr(getattr(gallery_index, "meta", None), "type", None) == "hnsw" else "selector")
     if mechanism not in MECHANISMS:
         raise ValueError(f"unknown filter mechanism {mechanism!r}; one of {MECHANISMS}")
     items = gallery_index.items

@@ -33,7 +33,7 @@ everything listed":
 3. the published "original" distance divides each row by its largest distance to anything, which
    lists cannot tell; a row that does not list the whole gallery uses ``max_distance`` (or its
    largest listed distance if larger): a large gallery's farthest distances vary little from row
-   to row, and on Con-ReID √2 or ``estimate_max_distance`` give mAPs within 0.07;
+   to row, and on Con-ReID √2 or ``rerank_lists.estimate_max_distance`` give mAPs within 0.07;
 4. SIM's query side (top k0 + 1) and graph paths see only the candidates.
 """
 
@@ -45,11 +45,9 @@ import numpy as np
 import torch
 
 from reidx.indexers import rerank_adaptive
-from reidx.indexers.distances import unit_euclidean
 from reidx.indexers.rerank import RerankParams, blend_graph, default_params, rerank_threads
 from reidx.indexers.rerank_blocks import (
     CHUNK_ELEMENTS,
-    chunks,
     expanded_reciprocal_sets,
     gaussian_weights,
     local_query_expansion,
@@ -63,43 +61,6 @@ QUERY = -1  # the query's own id in a neighbour list: before every gallery id, a
 TINY = torch.finfo(torch.float32).tiny
 
 
-def nearest_lists(query: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each query row's k nearest gallery rows by brute force: (ids int64, Euclidean distances
-    between the unit rows) ascending, as a Faiss flat index gives them. For evaluation and tests,
-    in row chunks of about CHUNK_ELEMENTS distances; a large gallery's lists come from its index."""
-    ids, dist = [], []
-    for rows in chunks(len(query), len(gallery)):
-        distances = torch.from_numpy(unit_euclidean(query[rows], gallery))
-        values, index = torch.topk(distances, min(k, distances.shape[1]), dim=1, largest=False)
-        ids.append(index.numpy())
-        dist.append(values.numpy())
-    return np.concatenate(ids), np.concatenate(dist)
-
-
-def rerank_features_scalable(method: str, query: np.ndarray, gallery: np.ndarray, params: RerankParams | None = None,
-                             top_k: int = 400, knn: int = 30) -> np.ndarray:
-    """(Q, G) distances as `reidx query` ranks: each query's top_k candidates re-ranked by the
-    scalable mode (knn-wide gallery graph), every other gallery item after them in plain order.
-    Lists by brute force, so evaluation can measure what the query path gives."""
-    ids, dist = nearest_lists(query, gallery, top_k)
-    graph_ids, graph_dist = nearest_lists(gallery, gallery, knn)
-    reranked = rerank_candidates(method, ids, dist, graph_ids, graph_dist, params,
-                                 max_distance=estimate_max_distance(query, gallery))
-    ranked = unit_euclidean(query, gallery) + (float(reranked.max()) + 1.0)  # after every candidate
-    np.put_along_axis(ranked, ids, reranked, 1)
-    return ranked
-
-
-def estimate_max_distance(query: np.ndarray, gallery: np.ndarray, sample: int = 4096, seed: int = 0) -> float:
-    """Median over the queries of their farthest distance to a random sample of gallery rows: the
-    row normaliser (approximation 3 in the module doc) for rows that do not list the whole gallery."""
-    rng = np.random.default_rng(seed)
-    rows = rng.choice(len(gallery), min(sample, len(gallery)), replace=False)
-    similarity = np.asarray(query, np.float32) @ np.asarray(gallery, np.float32)[np.sort(rows)].T
-    farthest = np.sqrt(np.maximum(2.0 - 2.0 * similarity.min(axis=1), 0.0))
-    return float(np.median(farthest))
-
-
 @rerank_threads()
 def rerank_candidates(method: str, query_gallery_ids, query_gallery_dist, gallery_knn_ids, gallery_knn_dist,
                       params: RerankParams | None = None, max_distance: float = 2 ** 0.5,
@@ -108,7 +69,7 @@ def rerank_candidates(method: str, query_gallery_ids, query_gallery_dist, galler
 
     ``params`` defaults to ``default_params(method)``, the same as exact mode. ``max_distance``:
     row normaliser for rows that do not list the whole gallery (default √2, the distance of
-    orthogonal unit vectors; ``estimate_max_distance`` measures it). ``batch_size``: queries per
+    orthogonal unit vectors; ``rerank_lists.estimate_max_distance`` measures it). ``batch_size``: queries per
     batch (default: about CHUNK_ELEMENTS list entries per batch). ``profile``: the gallery's
     ``rerank_adaptive.gallery_rerank_profile`` (as stored with the index) for adaptive
     parameters; computed from the graph when not given.
@@ -406,5 +367,4 @@ def _graph_distances(batch: _Candidates, graph: _Graph, params: RerankParams) ->
     return torch.from_numpy(mean_of_smallest(paths, min(params.k_mean, width)).astype(np.float32))
 
 
-__all__ = ["SCALABLE_METHODS", "estimate_max_distance", "nearest_lists", "rerank_candidates",
-           "rerank_features_scalable"]
+__all__ = ["SCALABLE_METHODS", "rerank_candidates"]

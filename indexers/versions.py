@@ -242,7 +242,7 @@ def load_index(gallery: str | os.PathLike, gpu: str = "auto") -> GalleryIndex:
                 raise IndexDamagedError(f"{gallery}'s index version {folder.name} cannot be read "
                                         f"({str(exc).splitlines()[0][:200]}): run `reidx verify {gallery} --repair`, "
                                         f"then `reidx build-index {gallery}`") from None
-    on_gpu = resolve_gpu(gpu)
+    on_gpu = resolve_gpu(gpu) and meta.type != "hnsw"  # Faiss has no GPU HNSW: searched on the CPU
     if on_gpu:  # GPU search copies the lists into GPU memory (not run here: no GPU on this machine)
         index = to_gpu(index, meta.type)
     return GalleryIndex(folder, meta, index, items, on_gpu, searcher)

@@ -118,7 +118,8 @@ def run_index(manifests: list[str | os.PathLike], gallery: str | os.PathLike, *,
         tasks, chains = _plan(gallery, sources, done, batch_size, summary, fingerprints, retry_failed)
         total = sum(len(members) for _, members in tasks) + len(chains)
         if total:
-            workers = workers or default_workers()
+            # never more local workers than units of work (a small night starts one, with all cores)
+            workers = workers or min(default_workers(), len(tasks) + len(chains))
             spec = ModelSpec(weights, backend, device, threads=max(1, (os.cpu_count() or 1) // workers),
                              max_pixels=max_pixels)
             _run_tasks(gallery, tasks, spec, scheduler, workers, summary, total, progress, log, log_every_s,

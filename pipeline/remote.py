@@ -41,8 +41,13 @@ def deadline(call, timeout: float, what: str):
     thread.join(timeout)
     if thread.is_alive():
         raise NetworkTimeout(NetworkTimeout.message(what, timeout))
-    if "error" in outcome:
-        raise outcome["error"]
+    error = outcome.get("error")
+    if isinstance(error, TimeoutError) and not isinstance(error, NetworkTimeout):
+        # the protocol's own timeout (set to the same timeout_s) fired just before the deadline:
+        # the same event, so the same message
+        raise NetworkTimeout(NetworkTimeout.message(what, timeout)) from error
+    if error is not None:
+        raise error
     return outcome.get("value")
 
 

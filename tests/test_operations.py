@@ -109,19 +109,21 @@ def test_progress_and_a_parsable_summary_are_logged_without_a_terminal(tmp_path)
     assert parsed["command"] == "index" and parsed["images_new"] == 12 and parsed["persons"] == 12
 
 
-def _committed_parts(gallery) -> set:
-    parts = (gallery / "ledger").glob("part-*.parquet") if (gallery / "ledger").exists() else []
-    return {p for p in parts if pq.read_table(p)["shard"].drop_null().to_pylist()}
+def _ledger_parts(gallery) -> set:
+    return set((gallery / "ledger").glob("part-*.parquet")) if (gallery / "ledger").exists() else set()
 
 
 def _wait_for_commits(gallery, process, timeout=240):
-    """Until the running job has committed a shard of its own."""
-    before, deadline = _committed_parts(gallery), time.time() + timeout
+    """Until the running job has committed a shard of its own (each ledger part read once, so the
+    poll stays fast while the job runs on: a slow poll let a short job finish before the signal)."""
+    seen, deadline = _ledger_parts(gallery), time.time() + timeout
     while time.time() < deadline:
-        if _committed_parts(gallery) - before:
-            return
+        for part in sorted(_ledger_parts(gallery) - seen):
+            seen.add(part)
+            if pq.read_table(part)["shard"].drop_null().to_pylist():
+                return
         assert process.poll() is None, process.communicate()
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError("the job committed nothing in time")
 
 
@@ -129,7 +131,7 @@ def test_ctrl_c_and_sigterm_print_one_line_exit_130_and_a_rerun_finishes(tmp_pat
     """Ctrl-C reaches the whole process group (driver and Dask workers), a service manager's stop
     sends SIGTERM to the driver: both end in one line and status 130, the lock is released, and a
     rerun finishes with every image exactly once."""
-    crops = folder_of(tmp_path, "crops", QUERY[:160])
+    crops = folder_of(tmp_path, "crops", QUERY)  # all 212: long enough to interrupt
     night = manifest(tmp_path, "n.toml", crops=crops)
     gallery = tmp_path / "g"
     for send in (lambda job: os.killpg(job.pid, signal.SIGINT), lambda job: job.send_signal(signal.SIGTERM)):
@@ -143,9 +145,9 @@ def test_ctrl_c_and_sigterm_print_one_line_exit_130_and_a_rerun_finishes(tmp_pat
         assert last.startswith("Interrupted: ") and "were committed; rerun the same command to resume" in last
     rerun = reidx("index", str(night), "--out", str(gallery), "--json")  # the lock was released
     assert rerun.returncode == 0, rerun.stderr
-    assert json.loads(rerun.stdout)["images_new"] < 160  # the interrupted runs' commits were kept
+    assert json.loads(rerun.stdout)["images_new"] < len(QUERY)  # the interrupted runs' commits were kept
     ids = pq.read_table(gallery / "shards")["detection_id"].to_pylist()
-    assert len(ids) == len(set(ids)) == 160  # every image once
+    assert len(ids) == len(set(ids)) == len(QUERY)  # every image once
 
 
 def _index(night, gallery, *extra):

@@ -15,7 +15,8 @@ from reidx.indexers import rerank_adaptive as adaptive
 from reidx.indexers.distances import unit_euclidean
 from reidx.indexers.metrics import evaluate_ranking
 from reidx.indexers.rerank import ADAPTIVE, default_params, exact_strengths, rerank
-from reidx.indexers.rerank_sparse import nearest_lists, rerank_candidates
+from reidx.indexers.rerank_lists import nearest_lists
+from reidx.indexers.rerank_sparse import rerank_candidates
 from conftest import SHARED
 
 METHODS = ("k-reciprocal", "sim", "sim-graph")

@@ -15,7 +15,8 @@ from reidx.indexers.evaluation import evaluate_split
 from reidx.indexers.metrics import evaluate_ranking
 from reidx.indexers.distances import unit_euclidean
 from reidx.indexers.rerank import RerankParams, default_params, rerank
-from reidx.indexers.rerank_sparse import rerank_candidates, rerank_features_scalable
+from reidx.indexers.rerank_lists import rerank_features_scalable
+from reidx.indexers.rerank_sparse import rerank_candidates
 
 TOLERANCE = 1e-5
 METHODS = ("k-reciprocal", "sim", "sim-graph")

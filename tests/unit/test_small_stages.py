@@ -95,3 +95,22 @@ def test_gallery_layout(tmp_path):
     shards_dir(tmp_path).mkdir()
     assert is_gallery(tmp_path)
     assert (ledger_dir(tmp_path).name, index_dir(tmp_path).name) == ("ledger", "index")
+
+
+def test_a_protocol_timeout_and_the_deadline_give_one_message():
+    """The protocol's own socket timeout (set to timeout_s) can fire just before the deadline:
+    the same event must read the same ("no answer ... within N s"), whichever comes first."""
+    import socket
+    import time
+
+    from reidx.pipeline.remote import NetworkTimeout, deadline
+
+    def protocol_timeout():
+        raise socket.timeout("timed out")
+
+    for call in (protocol_timeout, lambda: time.sleep(2)):
+        with pytest.raises(NetworkTimeout, match=r"no answer from ftp://host/x within 0.5 s"):
+            deadline(call, 0.5, "ftp://host/x")
+    with pytest.raises(ValueError, match="other"):  # other errors pass through unchanged
+        deadline(lambda: (_ for _ in ()).throw(ValueError("other")), 0.5, "ftp://host/x")
+    assert deadline(lambda: 7, 0.5, "ftp://host/x") == 7
