@@ -20,9 +20,12 @@ QUERY = sorted((CON_REID / "query").iterdir())
 def reidx(*args, wait=True):
     env = {**os.environ, "REIDX_MODEL_DIR": str(MODELS)}
     command = [sys.executable, "-m", "reidx.cli", *args]
-    if not wait:  # its own process group, as a terminal's foreground job (SIGINT goes to the group)
+    if not wait:  # its own process group, as a terminal's foreground job (SIGINT goes to the group),
+        # with SIGINT's default action as a terminal gives it: a test run started in the background
+        # (`make test &`) has SIGINT ignored, and children inherit that, so Ctrl-C would reach no one
         return subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, start_new_session=True)
+                                text=True, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
 
 
