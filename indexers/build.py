@@ -235,8 +235,8 @@ def _calibrate(folder: Path, layout: dict, store: VectorStore, limit: int | None
     queries, truth_ids = steps.truth(store, ids)
     nprobe, r10, r100 = steps.calibrate(Searcher(folder, layout), queries, truth_ids, limit, start)
     if r100 < TARGET_RECALL_AT_100:
-        log(f"warning: recall@100 is {r100:.3f} even at nprobe={nprobe} ({layout['type']} loses accuracy in "
-            f"its compression); use ivf-flat or ivf-sq8 for higher recall")
+        log(f"warning: recall@100 is {r100:.3f} even at search breadth {nprobe} ({layout['type']} loses "
+            f"accuracy in its compression or graph); use ivf-flat or ivf-sq8 for higher recall")
     return nprobe, r10, r100, ids, truth_ids
 
 

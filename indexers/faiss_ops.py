@@ -17,12 +17,12 @@ IVF_TYPES = ("ivf-flat", "ivf-sq8", "ivf-pq")
 # Held whole in memory (index.faiss read at load; no training, no lists on disk): exact search and
 # the HNSW graph. `hnsw` is asked for by name (`auto` never picks it): it is for galleries without
 # the cluster structure IVF exploits -- on the Gaussian `mixture` set of benchmarks/search.py IVF
-# needs most of its lists for recall@10 0.95, HNSW does not (docs/search.md) -- and it costs
-# 4·d + 8·HNSW_M bytes per vector of RAM.
+# needs 6 % of its lists for recall@10 0.95 and stays below 4x exact search, HNSW reaches 10x
+# (docs/search.md) -- and it costs about 4·d + 8·HNSW_M bytes per vector of RAM.
 IN_MEMORY_TYPES = ("flat", "hnsw")
 HNSW_M = 32  # graph links per node (64 on the bottom layer)
 HNSW_EF_CONSTRUCTION = 80  # candidate list while inserting: twice Faiss' default (a better graph for twice the cost; not tuned)
-HNSW_EF_START = 128  # calibration starts here (an efSearch below k acts as k) and doubles
+HNSW_EF_START = 128  # calibration (for recall@100) starts here and doubles
 HNSW_EF_MAX = 4096
 # Below this many vectors `auto` keeps exact search (if it fits the memory budget): it needs no
 # training, gives recall 1, and a batch of queries still costs only a few ms each on 2 cores
