@@ -388,11 +388,11 @@ def main() -> None:
 
         # the breadth swept: nprobe for IVF (powers of two); efSearch for HNSW, whose cost grows
         # about linearly with it, also between powers of two and below k
-        rows, nprobe = [], 1
-        probes = list(HNSW_SWEEP) if graph else []
-        while not graph and nprobe <= min(limit, args.max_nprobe):
-            probes.append(nprobe)
-            nprobe *= 2
+        rows = []
+        if graph:
+            probes = list(HNSW_SWEEP)
+        else:
+            probes = [1 << i for i in range(min(limit, args.max_nprobe).bit_length())]
         if cal_nprobe not in probes:
             probes.append(cal_nprobe)
         for nprobe in sorted(probes):

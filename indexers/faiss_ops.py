@@ -20,6 +20,7 @@ IVF_TYPES = ("ivf-flat", "ivf-sq8", "ivf-pq")
 # needs 6 % of its lists for recall@10 0.95 and stays below 4x exact search, HNSW reaches 10x
 # (docs/search.md) -- and it costs about 4·d + 8·HNSW_M bytes per vector of RAM.
 IN_MEMORY_TYPES = ("flat", "hnsw")
+CPU_ONLY_TYPES = ("hnsw",)  # Faiss has no GPU HNSW: built and searched on the CPU whatever --gpu says
 HNSW_M = 32  # graph links per node (64 on the bottom layer)
 HNSW_EF_CONSTRUCTION = 80  # candidate list while inserting: twice Faiss' default (a better graph for twice the cost; not tuned)
 HNSW_EF_START = 128  # calibration (for recall@100) starts here and doubles
@@ -263,7 +264,7 @@ def calibrate_nprobe(index: faiss.Index, vectors: np.ndarray, nlist: int, on_gpu
 def train_and_add(kind: str, vectors: np.ndarray, nlist: int | None, on_gpu: bool = False, seed: int = 0) -> faiss.Index:
     """A new index of ``kind`` trained (k-means on a sample of TRAINING_POINTS_PER_LIST·nlist) and filled."""
     index = new_index(kind, vectors.shape[1], nlist)
-    if on_gpu and kind != "hnsw":  # Faiss has no GPU HNSW: it stays on the CPU
+    if on_gpu and kind not in CPU_ONLY_TYPES:
         index = to_gpu(index, kind)
     if not index.is_trained:
         rng = np.random.default_rng(seed)

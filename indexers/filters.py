@@ -253,7 +253,7 @@ def filtered_search(gallery_index, vectors: np.ndarray, k: int, search_filter: S
     # widening for GPU indexes (Faiss takes no selector there) and HNSW (a selector hides nodes from
     # the result, not from the graph walk, so efSearch would have to grow with 1 / fraction passing)
     mechanism = mechanism or ("widen" if getattr(gallery_index, "on_gpu", False)
-                              or getattr(getattr(gallery_index, "meta", None), "type", None) == "hnsw" else "selector")
+                              or getattr(gallery_index.meta, "type", None) == "hnsw" else "selector")
     if mechanism not in MECHANISMS:
         raise ValueError(f"unknown filter mechanism {mechanism!r}; one of {MECHANISMS}")
     items = gallery_index.items

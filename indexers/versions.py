@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from reidx.indexers.faiss_ops import resolve_gpu, search, set_nprobe, to_gpu
+from reidx.indexers.faiss_ops import CPU_ONLY_TYPES, resolve_gpu, search, set_nprobe, to_gpu
 from reidx.indexers.knn_graph import knn_table, read_knn
 from reidx.pipeline.atomic import fsync_dir, write_parquet_atomic, write_text_atomic
 from reidx.pipeline.gallery import index_dir
@@ -242,7 +242,7 @@ def load_index(gallery: str | os.PathLike, gpu: str = "auto") -> GalleryIndex:
                 raise IndexDamagedError(f"{gallery}'s index version {folder.name} cannot be read "
                                         f"({str(exc).splitlines()[0][:200]}): run `reidx verify {gallery} --repair`, "
                                         f"then `reidx build-index {gallery}`") from None
-    on_gpu = resolve_gpu(gpu) and meta.type != "hnsw"  # Faiss has no GPU HNSW: searched on the CPU
+    on_gpu = resolve_gpu(gpu) and meta.type not in CPU_ONLY_TYPES
     if on_gpu:  # GPU search copies the lists into GPU memory (not run here: no GPU on this machine)
         index = to_gpu(index, meta.type)
     return GalleryIndex(folder, meta, index, items, on_gpu, searcher)
