@@ -10,6 +10,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from PIL import Image
+
+from reidx.pipeline.models.registry import OSNET_INPUT_HW
+
+INPUT_HEIGHT, INPUT_WIDTH = OSNET_INPUT_HW  # what the embedder takes (torch-free here: the job's driver imports it)
 
 
 def _xyxy(boxes) -> np.ndarray:
@@ -102,3 +107,10 @@ def suppress_contained(boxes, scores, threshold: float, min_width_ratio: float =
         if not nested[i, kept].any():
             kept.append(i)
     return order[np.asarray(kept, dtype=np.int64)]
+
+
+def resize_crop(image: Image.Image) -> np.ndarray:
+    """An RGB crop resized as torchreid does (PIL bilinear) → uint8 array (256, 128, 3)."""
+    if image.size != (INPUT_WIDTH, INPUT_HEIGHT):
+        image = image.resize((INPUT_WIDTH, INPUT_HEIGHT), Image.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)

@@ -25,23 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
-
-from reidx.pipeline.models.registry import OSNET_INPUT_HW, load_model
+from reidx.pipeline.boxes import INPUT_HEIGHT, INPUT_WIDTH, resize_crop  # noqa: F401 (resize_crop: embed's API too)
+from reidx.pipeline.models.registry import load_model
 from reidx.pipeline.models.weights import resolve_weights
 from reidx.pipeline.runtime import import_onnx, make_dims_symbolic, onnx_session, onnxruntime_available, resolve_device
 
-INPUT_HEIGHT, INPUT_WIDTH = OSNET_INPUT_HW
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BATCH_SIZE = 32  # crops per forward pass: fastest on CPU among 8-64
-
-
-def resize_crop(image: Image.Image) -> np.ndarray:
-    """An RGB crop resized as torchreid does (PIL bilinear) → uint8 array (256, 128, 3)."""
-    if image.size != (INPUT_WIDTH, INPUT_HEIGHT):
-        image = image.resize((INPUT_WIDTH, INPUT_HEIGHT), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
 
 
 def to_input_tensor(crops: np.ndarray) -> torch.Tensor:
@@ -78,6 +69,12 @@ class Embedder:
 
     def embed(self, crops: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def embed_batches(self, crops: list[np.ndarray]) -> np.ndarray:
+        """Any number of (256, 128, 3) crops, BATCH_SIZE per forward pass → (N, dim) unit features."""
+        if not crops:
+            return np.zeros((0, self.info.dim), np.float32)
+        return np.concatenate([self.embed(np.stack(crops[i:i + BATCH_SIZE])) for i in range(0, len(crops), BATCH_SIZE)])
 
 
 class TorchEmbedder(Embedder):

@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from reidx.pipeline.boxes import crop_region
-from reidx.pipeline.embed import BATCH_SIZE, build_embedder, resize_crop
+from reidx.pipeline.boxes import crop_region, resize_crop
 from reidx.pipeline.embedding_table import embedding_array
 from reidx.pipeline.gallery import DEFAULT_DETECTOR
 from reidx.pipeline.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
@@ -48,7 +47,10 @@ class ModelSpec:
 
 
 def embedder_for(spec: ModelSpec):
+    """The ReID embedder, loaded on first use: torch is imported in the workers, never by the job's driver."""
     if ("embedder", spec) not in _MODELS:
+        from reidx.pipeline.embed import build_embedder
+
         _MODELS[("embedder", spec)] = build_embedder(spec.weights, backend=spec.backend, device=spec.device,
                                                      threads=spec.threads)
     return _MODELS[("embedder", spec)]
@@ -119,8 +121,7 @@ def persons_of_members(source: Source, members: list[str], spec: ModelSpec) -> P
         seconds["decode"] += now - clock  # cropping and resizing count as decode
         clock = now
     if rows:
-        embeddings = np.concatenate([embedder.embed(np.stack(crops[i:i + BATCH_SIZE]))
-                                     for i in range(0, len(crops), BATCH_SIZE)])
+        embeddings = embedder.embed_batches(crops)
         seconds["embed"] += time.perf_counter() - clock
         detector = detector_for(spec).info if source.kind != "crops" else None
         persons.table = shard_table(source, rows, embeddings, embedder.info, detector)

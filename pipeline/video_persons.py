@@ -38,8 +38,7 @@ import pyarrow as pa
 from PIL import Image
 
 from reidx.pipeline.atomic import write_text_atomic
-from reidx.pipeline.boxes import crop_region
-from reidx.pipeline.embed import BATCH_SIZE, resize_crop
+from reidx.pipeline.boxes import crop_region, resize_crop
 from reidx.pipeline.ledger import tracks_dir
 from reidx.pipeline.manifest import Source
 from reidx.pipeline.persons import STAGES, ModelSpec, detector_for, embedder_for, shard_table
@@ -151,10 +150,7 @@ class _Segment:
             crops += [resize_crop(image.crop(crop_region(box, image.width, image.height))) for box in frame_boxes]
         clock = time.perf_counter()
         self.seconds["decode"] += clock - now  # cropping and resizing count as decode, as for images
-        embedder = embedder_for(self.spec)
-        vectors = (np.concatenate([embedder.embed(np.stack(crops[i:i + BATCH_SIZE]))
-                                   for i in range(0, len(crops), BATCH_SIZE)])
-                   if crops else np.zeros((0, embedder.info.dim), np.float32))
+        vectors = embedder_for(self.spec).embed_batches(crops)
         self.seconds["embed"] += time.perf_counter() - clock
         start = 0
         for frame, frame_boxes in zip(frames, boxes):
