@@ -11,9 +11,9 @@ everything `reidx train` does: listing, decoding, training, checkpoints. Both ev
 training identities (bounding_box_train) are disjoint from the evaluation split's. Prints one
 JSON object; the machine's load average is recorded because it is shared.
 
-``--forgetting`` measures what fine-tuning costs on a second domain and picks the WiSE-FT α (and
-the distillation λ) by a rule fixed in advance, on data it never reports: it fine-tunes on 54 of
-Con-ReID's 71 training identities (plain, and with each ``--distill-weights`` λ), scores every
+``--forgetting`` measures what fine-tuning costs on a second domain and picks the fine-tuning
+(``--variants``: plain, distilled, …) and its WiSE-FT α by a rule fixed in advance, on data it never
+reports: it fine-tunes on 54 of Con-ReID's 71 training identities (each variant), scores every
 candidate on the 17 held-out training identities and on cuhk03-train's even person ids, picks
 (:func:`pick`), and reports the base, the plain fine-tuning and the pick (``--report-all``: every
 candidate) on Con-ReID's query vs bounding_box_test and on the whole of cuhk03-train and its odd
@@ -185,12 +185,12 @@ def percent(metrics) -> dict:
     return {k: report[k] for k in ("mAP", "rank1", "mINP")}
 
 
-def pick(rows: list[dict], max_drop: float) -> dict:
+def pick(rows: list[dict], max_drop: float, variants: list[str]) -> dict:
     """The rule fixed before any measurement: among the candidates whose cuhk03 *selection-half*
     mAP is at most ``max_drop`` below the base's (α = 0, the base itself, always is), the one with
-    the best Con-ReID *validation* mAP; ties go to the smaller α, then to no distillation."""
+    the best Con-ReID *validation* mAP; ties go to the smaller α, then to the variant listed first."""
     ok = [r for r in rows if r["cuhk03_select_drop"] <= max_drop]
-    return max(ok, key=lambda r: (r["conreid_val_mAP"], -r["alpha"], -r["distill_weight"]))
+    return max(ok, key=lambda r: (r["conreid_val_mAP"], -r["alpha"], -variants.index(r["variant"])))
 
 
 def fine_tune(args, work: Path, name: str, data: str, extra: list[str]) -> tuple[Path, dict]:
@@ -219,9 +219,23 @@ def fine_tune(args, work: Path, name: str, data: str, extra: list[str]) -> tuple
                  "train_images_per_s": round(sum(e["images"] for e in history) / seconds, 1)}
 
 
+# The fine-tunings --forgetting compares: name → `reidx train` options beyond the shared ones. "plain"
+# and "distill1" are the first grid's; "photometric5" holds the base on strongly re-coloured, blurred
+# copies of each batch; "stem" trains only OSNet's first convolution (surgical fine-tuning).
+VARIANTS = {
+    "plain": ["--distill-weight", "0"],
+    "distill1": ["--distill-weight", "1"],
+    "photometric1": ["--distill-weight", "1", "--distill-view", "photometric"],
+    "photometric5": ["--distill-weight", "5", "--distill-view", "photometric"],
+    "stem": ["--distill-weight", "0", "--train-stages", "conv1"],
+    "no-conv2": ["--distill-weight", "0", "--train-stages", "conv1,conv3,conv4,conv5,fc"],
+}
+RUN_NAMES = {"plain": "fit", "distill1": "fit.distill1"}  # the first grid's file names, kept so they are reused
+
+
 def forgetting(args) -> dict:
-    """Fine-tune on `conreid-fit` (plain, and with each --distill-weights λ), choose (α, λ) on
-    held-out data, report on Con-ReID's test split and cuhk03-train."""
+    """Fine-tune on `conreid-fit` (each of ``--variants``), choose (variant, α) on held-out data,
+    report on Con-ReID's test split and cuhk03-train."""
     import torch
 
     from reidx.pipeline.models.weights import resolve_weights
@@ -229,22 +243,25 @@ def forgetting(args) -> dict:
 
     if 0.0 not in args.alphas:  # the base is the reference (and always a candidate)
         args.alphas = [0.0, *args.alphas]
+    unknown = set(args.variants) - set(VARIANTS)
+    if unknown:
+        raise SystemExit(f"unknown --variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    if "plain" not in args.variants:  # it carries the base (α 0) and the plain WiSE-FT curve
+        args.variants = ["plain", *args.variants]
     work = Path(args.workdir)
     splits = make_splits(work / "splits")
     scores = Scores(work / "scores.json")
     base_state = load_base(args.init).state_dict()
-    runs = {0.0: fine_tune(args, work, "fit", splits["conreid-fit"], ["--distill-weight", "0"])}
-    for weight in args.distill_weights:
-        runs[weight] = fine_tune(args, work, f"fit.distill{weight:g}", splits["conreid-fit"],
-                                 ["--distill-weight", f"{weight:g}"])
+    runs = {variant: fine_tune(args, work, RUN_NAMES.get(variant, f"fit.{variant}"), splits["conreid-fit"],
+                               VARIANTS[variant]) for variant in args.variants}
     result: dict = {"benchmark": "train-forgetting", "splits": splits,
-                    "training": {f"distill_weight={w:g}": {"out": str(out), **info} for w, (out, info) in runs.items()}}
+                    "training": {variant: {"out": str(out), **info} for variant, (out, info) in runs.items()}}
 
-    def mixed(weight: float, alpha: float) -> str:
+    def mixed(variant: str, alpha: float) -> str:
         """The WiSE-FT mix of a run's output; the file name carries the run's hash (no stale reuse)."""
         if alpha == 0.0:
             return args.init
-        out = runs[weight][0]
+        out = runs[variant][0]
         path = work / f"{out.stem}.{resolve_weights(str(out), '.pth').sha256[:12]}.alpha{alpha:g}.pth"
         if not path.is_file():  # atomically: a second process sweeping the other way may read it
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -258,29 +275,31 @@ def forgetting(args) -> dict:
     test = ("conreid-test", str(con / "query"), str(con / "bounding_box_test"))
     other = ("cuhk03", str(cuhk / "query"), str(cuhk / "gallery"))
     base_val, base_other = scores(args.init, *val), scores(args.init, *other, halves=True)
-    candidates = [(0.0, a) for a in args.alphas] + [(w, a) for w in args.distill_weights for a in args.distill_alphas]
+    candidates = [(variant, a) for variant in args.variants
+                  for a in (args.alphas if variant == "plain" else args.variant_alphas)]
     rows = []
-    for weight, alpha in candidates:  # selection: Con-ReID's held-out training identities, cuhk03's even ids
-        v, o = scores(mixed(weight, alpha), *val), scores(mixed(weight, alpha), *other, halves=True)
-        rows.append({"distill_weight": weight, "alpha": alpha, "conreid_val_mAP": v["all"]["mAP"],
+    for variant, alpha in candidates:  # selection: Con-ReID's held-out training identities, cuhk03's even ids
+        v, o = scores(mixed(variant, alpha), *val), scores(mixed(variant, alpha), *other, halves=True)
+        rows.append({"variant": variant, "alpha": alpha, "conreid_val_mAP": v["all"]["mAP"],
                      "conreid_val_gain": round(v["all"]["mAP"] - base_val["all"]["mAP"], 2),
                      "cuhk03_select_mAP": o["select"]["mAP"],
                      "cuhk03_select_drop": round(base_other["select"]["mAP"] - o["select"]["mAP"], 2)})
-    chosen = pick(rows, args.max_drop)
-    result.update(selection=rows, chosen={k: chosen[k] for k in ("distill_weight", "alpha")},
+    chosen = pick(rows, args.max_drop, args.variants)
+    result.update(selection=rows, chosen={k: chosen[k] for k in ("variant", "alpha")},
                   base_conreid_val=base_val["all"], base_cuhk03_select=base_other["select"])
     report = []
-    for weight, alpha in candidates:
-        if args.report_all or alpha in (0.0, 1.0) or (weight, alpha) == (chosen["distill_weight"], chosen["alpha"]):
-            t, o = scores(mixed(weight, alpha), *test), scores(mixed(weight, alpha), *other, halves=True)
-            report.append({"distill_weight": weight, "alpha": alpha, "conreid_test": t["all"], "cuhk03": o["all"],
+    for variant, alpha in candidates:
+        if args.report_all or alpha in (0.0, 1.0) or (variant, alpha) == (chosen["variant"], chosen["alpha"]):
+            t, o = scores(mixed(variant, alpha), *test), scores(mixed(variant, alpha), *other, halves=True)
+            report.append({"variant": variant, "alpha": alpha, "conreid_test": t["all"], "cuhk03": o["all"],
                            "cuhk03_report_half": o["report"]})
     base = next(r for r in report if r["alpha"] == 0.0)
     for row in report:
         row["cuhk03_drop"] = round(base["cuhk03"]["mAP"] - row["cuhk03"]["mAP"], 2)
         row["cuhk03_report_half_drop"] = round(base["cuhk03_report_half"]["mAP"] - row["cuhk03_report_half"]["mAP"], 2)
-    result["report"] = sorted(report, key=lambda r: (r["distill_weight"], r["alpha"]))
-    final = next(r for r in report if (r["distill_weight"], r["alpha"]) == (chosen["distill_weight"], chosen["alpha"]))
+    order = {variant: i for i, variant in enumerate(args.variants)}
+    result["report"] = sorted(report, key=lambda r: (order[r["variant"]], r["alpha"]))
+    final = next(r for r in report if (r["variant"], r["alpha"]) == (chosen["variant"], chosen["alpha"]))
     result["acceptance"] = {"conreid_test_mAP": final["conreid_test"]["mAP"], "cuhk03_drop": final["cuhk03_drop"],
                             "met": final["conreid_test"]["mAP"] >= 90.0 and final["cuhk03_drop"] <= 2.0}
     return result
@@ -309,10 +328,12 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/reidx-train", help="--forgetting: splits, checkpoints, cache.")
     parser.add_argument("--alphas", type=lambda v: [float(a) for a in v.split(",")],
                         default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0])
-    parser.add_argument("--distill-weights", type=lambda v: [float(w) for w in v.split(",") if w],
-                        default=[1.0], help="--forgetting: λ of the distilled fine-tunings ('' for none).")
-    parser.add_argument("--distill-alphas", type=lambda v: [float(a) for a in v.split(",")],
-                        default=[0.3, 0.4, 0.6, 1.0], help="--forgetting: WiSE-FT α of the distilled fine-tunings.")
+    parser.add_argument("--variants", type=lambda v: [name for name in v.split(",") if name],
+                        default=["plain", "distill1"],
+                        help=f"--forgetting: the fine-tunings to compare ({', '.join(VARIANTS)}); plain is the reference.")
+    parser.add_argument("--variant-alphas", type=lambda v: [float(a) for a in v.split(",")],
+                        default=[0.3, 0.4, 0.6, 1.0], help="--forgetting: WiSE-FT α of the fine-tunings but plain "
+                                                           "(plain takes --alphas).")
     parser.add_argument("--max-drop", type=float, default=2.0, help="--forgetting: allowed cuhk03 mAP drop.")
     parser.add_argument("--report-all", action="store_true", help="--forgetting: every α on the report sets.")
     parser.add_argument("train_options", nargs="*", help="Further `reidx train` options, after --.")

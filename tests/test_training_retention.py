@@ -15,6 +15,7 @@ from reidx.pipeline.datasets import list_images
 from reidx.pipeline.embed import build_embedder
 from reidx.pipeline.labels import parse_market_name
 from reidx.pipeline.models.weights import load_state_dict
+from reidx.pipeline.training.augment import Photometric
 from reidx.pipeline.training.loop import train
 from reidx.pipeline.training.retention import load_base, wise_interpolate
 from conftest import CON_REID, MODELS, SHARED
@@ -78,6 +79,40 @@ def test_distillation_keeps_features_near_the_base(tmp_path, smoke_data, smoke_t
     assert closeness[20.0] > closeness[0.0] + 0.002, closeness
     teacher = load_base("osnet_x0_25_msmt17")
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_surgical_stages_keep_the_rest_and_photometric_distillation_trains(tmp_path, smoke_data, smoke_table):
+    """--train-stages conv1: every other stage keeps the base's tensors bit for bit, BatchNorm
+    statistics included (frozen stages run in eval mode); the photometric distillation view trains."""
+    out = tmp_path / "stem.pth"
+    summary = train(smoke_config(smoke_table, out, epochs=1, train_stages=["conv1"], distill_weight=1.0,
+                                 distill_view="photometric"), data=smoke_data)
+    assert summary["epochs"] == 1 and summary["final_loss"] > 0
+    tuned = torch.load(out, weights_only=True)
+    assert tuned["reidx_training"]["config"]["train_stages"] == ["conv1"]
+    base_state = load_state_dict(MODELS / "osnet_x0_25_msmt17.pth")
+    for key, value in tuned["state_dict"].items():
+        if key.startswith("conv1."):  # the stem learnt (weights and statistics; its step counter counts on)
+            assert not torch.equal(value, base_state[key]), key
+        elif not key.startswith("classifier."):
+            assert torch.equal(value, base_state[key]), key
+    with pytest.raises(ValueError, match="unknown stage"):
+        train(smoke_config(smoke_table, out, epochs=1, train_stages=["conv9"]), data=smoke_data)
+    with pytest.raises(ValueError, match="distill_view"):
+        train(smoke_config(smoke_table, out, epochs=1, distill_view="blur"), data=smoke_data)
+
+
+def test_photometric_view_is_seeded_and_changes_colour_and_resolution(smoke_data):
+    crops = smoke_data.crops(np.arange(8))
+    first = Photometric()(crops, np.random.default_rng(3))
+    assert first.dtype == np.uint8 and first.shape == crops.shape
+    assert np.array_equal(first, Photometric()(crops, np.random.default_rng(3)))
+    gray = Photometric(gray_p=1.0, blur_p=0.0)(crops, np.random.default_rng(3)).astype(int)
+    assert np.abs(gray[..., 0] - gray[..., 1]).max() <= 1 and np.abs(gray[..., 1] - gray[..., 2]).max() <= 1
+    blurred = Photometric(blur_p=1.0, blur_scale=(0.25, 0.25), brightness=(1, 1), contrast=(1, 1),
+                          saturation=(1, 1), gray_p=0.0)(crops, np.random.default_rng(3)).astype(float)
+    detail = lambda x: np.abs(np.diff(x, axis=1)).mean()  # noqa: E731 (vertical pixel differences)
+    assert detail(blurred) < 0.85 * detail(crops.astype(float))  # 0.75 with this seed
 
 
 def test_cli_train_reports_base_and_output_on_target_and_other_domain(tmp_path):

@@ -59,3 +59,38 @@ class Augment:
             if 0 < eh < h and 0 < ew < w:
                 return int(rng.integers(0, h - eh + 1)), int(rng.integers(0, w - ew + 1)), eh, ew
         return None
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """Strong photometric changes (uint8 crops → uint8 crops): brightness, contrast, saturation,
+    grayscale and a loss of resolution — the ways another site's cameras differ. Used for the
+    distillation view only (``distill_view="photometric"``): the student is held to the base's
+    features on images unlike the training site's, where the new labels say nothing."""
+
+    brightness: tuple[float, float] = (0.6, 1.4)
+    contrast: tuple[float, float] = (0.6, 1.4)
+    saturation: tuple[float, float] = (0.3, 1.7)
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_scale: tuple[float, float] = (0.25, 0.75)  # down-sampled to this fraction, then back up
+
+    def __call__(self, crops: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        from PIL import Image
+
+        x = np.asarray(crops, dtype=np.float32)
+        n, h, w, _ = x.shape
+        gray = (x @ np.array([0.299, 0.587, 0.114], dtype=np.float32))[..., None]
+        saturation = rng.uniform(*self.saturation, size=(n, 1, 1, 1)).astype(np.float32)
+        saturation[rng.random(n) < self.gray_p] = 0.0
+        x = gray + saturation * (x - gray)
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        x = mean + rng.uniform(*self.contrast, size=(n, 1, 1, 1)).astype(np.float32) * (x - mean)
+        x = x * rng.uniform(*self.brightness, size=(n, 1, 1, 1)).astype(np.float32)
+        out = np.clip(x, 0, 255).astype(np.uint8)
+        scales = rng.uniform(*self.blur_scale, size=n)
+        for i in np.flatnonzero(rng.random(n) < self.blur_p):
+            small = Image.fromarray(out[i]).resize((max(1, round(w * scales[i])), max(1, round(h * scales[i]))),
+                                                  Image.BILINEAR)
+            out[i] = np.asarray(small.resize((w, h), Image.BILINEAR))
+        return out

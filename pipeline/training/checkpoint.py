@@ -13,7 +13,7 @@ from reidx.pipeline.atomic import save_torch_atomic
 # wise_alpha only mixes the output at the end: a finished run resumed with another α re-mixes it.
 RESUME_MAY_DIFFER = {"out", "device", "threads", "val_query", "val_gallery", "val_every", "val_other", "wise_alpha"}
 # Options added after the first checkpoints: what their absence from an older checkpoint means.
-ADDED_LATER = {"distill_weight": 0.0}
+ADDED_LATER = {"distill_weight": 0.0, "train_stages": None, "distill_view": "same"}
 
 
 def resume_path(out: str | os.PathLike) -> Path:

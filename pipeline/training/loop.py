@@ -37,87 +37,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from reidx.pipeline.models.osnet import OSNET_CHANNELS, build_osnet
+from reidx.pipeline.models.osnet import build_osnet
 from reidx.pipeline.models.registry import load_model
 from reidx.pipeline.runtime import resolve_device
-from reidx.pipeline.training.augment import Augment
+from reidx.pipeline.training.augment import Augment, Photometric
 from reidx.pipeline.training.checkpoint import check_resumable, plain_config, resume_path, save_checkpoint
 from reidx.pipeline.training.data import TrainingSet, load_training_set
 from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_logits
-from reidx.pipeline.training.retention import distillation_loss, load_base, wise_interpolate
+from reidx.pipeline.training.config import TrainConfig
+from reidx.pipeline.training.retention import (distillation_loss, freeze_stages, hold_frozen_statistics, load_base,
+                                               wise_interpolate)
 from reidx.pipeline.training.sampler import PKSampler
 
-from reidx.pipeline.training import DISTILL_WEIGHT, LOSSES, WISE_ALPHA
+from reidx.pipeline.training import LOSSES
 CHECKPOINT_FORMAT = 1
 LOG_EVERY_S = 60.0  # without a progress bar, one progress line per minute (for logs of long runs)
 Validator = Callable[[str, str, str], dict]  # (weights, query, gallery) → {"mAP": …, "rank1": …} (percent)
 
 __all__ = ["LOSSES", "TrainConfig", "build_model", "learning_rate", "resume_path", "train"]
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a training run (stored in every checkpoint)."""
-
-    data: str
-    out: str
-    init: str | None = "osnet_x0_25_msmt17"  # weights to start from; None trains from scratch
-    arch: str = "osnet_x0_25"  # used only from scratch (a checkpoint's width is read from it)
-    losses: dict[str, float] = field(default_factory=lambda: {"id": 1.0, "triplet": 1.0})
-    epochs: int = 12
-    p: int = 16
-    k: int = 4
-    lr: float = 3.5e-4
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 1.0
-    schedule: str = "cosine"  # or "step": ×0.1 at each of step_epochs
-    step_epochs: list[int] = field(default_factory=list)
-    min_lr_factor: float = 0.01  # cosine ends at lr × this
-    label_smoothing: float = 0.1
-    margin: float = 0.3
-    soft_margin: bool = False
-    oim_scale: float = 30.0  # 1/τ
-    oim_momentum: float = 0.5  # γ
-    oim_queue: int = 5000
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 where supported, else fp32
-    seed: int = 0
-    threads: int | None = None  # CPU threads for torch (None: torch's default, one per core)
-    val_query: str | None = None
-    val_gallery: str | None = None
-    val_every: int = 0  # with a validation split: every N epochs as well (0: only the output, at the end)
-    val_other: list[str] | None = None  # [query, gallery] of a second domain, scored at the end (base vs output)
-    wise_alpha: float | None = None  # output (1 − α)·base + α·fine-tuned (WiSE-FT); None: WISE_ALPHA, 1 without init
-    distill_weight: float | None = None  # cosine distillation towards the base; None: DISTILL_WEIGHT, 0 without init
-
-    def __post_init__(self) -> None:
-        if self.wise_alpha is None:
-            self.wise_alpha = WISE_ALPHA if self.init else 1.0
-        if self.distill_weight is None:
-            self.distill_weight = DISTILL_WEIGHT if self.init else 0.0
-
-    def check(self) -> None:
-        unknown = set(self.losses) - set(LOSSES)
-        if not self.losses or unknown:
-            raise ValueError(f"unknown loss(es) {sorted(unknown)}; combine {', '.join(LOSSES)} with '+'")
-        if any(w <= 0 for w in self.losses.values()):
-            raise ValueError("loss weights must be positive")
-        if self.schedule not in ("cosine", "step"):
-            raise ValueError(f"schedule must be cosine or step, not {self.schedule!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, not {self.precision!r}")
-        if self.init is None and self.arch not in OSNET_CHANNELS:
-            raise ValueError(f"unknown OSNet architecture {self.arch!r}; known: {', '.join(OSNET_CHANNELS)}")
-        if bool(self.val_query) != bool(self.val_gallery):
-            raise ValueError("validation needs both --val-query and --val-gallery")
-        if self.epochs < 1:
-            raise ValueError("epochs must be at least 1")
-        if not 0.0 <= self.wise_alpha <= 1.0 or self.distill_weight < 0:
-            raise ValueError("wise_alpha must lie in [0, 1] and distill_weight be ≥ 0")
-        if self.init is None and (self.wise_alpha < 1.0 or self.distill_weight > 0):
-            raise ValueError("--wise-alpha < 1 and --distill-weight need a base model to keep (--init)")
-        if self.val_other is not None and len(self.val_other) != 2:
-            raise ValueError("val_other is [query, gallery]")
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -221,6 +158,7 @@ class _Run:
         log(f"training data: {len(data.paths)} crops, {data.num_classes} identities, {num_unlabelled} unlabelled"
             + "".join(f"; skipped {n}: {reason}" for reason, n in data.skipped.items()))
         model, origin = build_model(config, data.num_classes)
+        freeze_stages(model, config.train_stages)
         oim = None
         if "oim" in config.losses:
             oim = OIMLoss(data.num_classes, origin["feature_dim"], config.oim_queue, config.oim_scale,
@@ -237,7 +175,7 @@ class _Run:
                  "triplet": BatchHardTripletLoss(config.margin, config.soft_margin),
                  "sampler": PKSampler(data.targets, config.p, config.k, config.seed,
                                       unlabelled=config.k if "oim" in config.losses else 0),
-                 "augment": Augment()}
+                 "augment": Augment(), "photometric": Photometric()}
         run = cls(config, data, device, use_bf16, model, origin, oim, optimizer, progress, log, started, parts)
         if resume:
             run.load_resume_checkpoint()
@@ -267,13 +205,16 @@ class _Run:
         self.start_epoch, self.history = saved["epoch"], saved["reidx_training"]["history"]
         self.log(f"resuming after epoch {self.start_epoch} from {path}")
 
-    def step(self, batch: np.ndarray, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """One optimiser step on a batch; returns (loss, logits or None, targets)."""
+    def step(self, batch: np.ndarray, x: torch.Tensor,
+             x_distill: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One optimiser step on a batch (``x_distill``: a second view for the distillation term
+        only); returns (loss, logits or None, targets)."""
         losses = self.parts
         config = self.config
         y = torch.from_numpy(self.data.targets[batch]).to(self.device)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-            features = self.model(x)
+            features = self.model(x if x_distill is None else torch.cat([x, x_distill]))
+            features, student_distill = (features, features) if x_distill is None else features.split(len(x))
             logits = self.model.classifier(features) if "id" in config.losses else None
         features = features.float()
         terms = {}
@@ -283,8 +224,8 @@ class _Run:
             terms["triplet"] = losses["triplet"](features, y)
         if self.parts["teacher"] is not None:
             with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-                teacher = self.parts["teacher"](x)
-            terms["distill"] = distillation_loss(features, teacher)
+                teacher = self.parts["teacher"](x if x_distill is None else x_distill)
+            terms["distill"] = distillation_loss(student_distill, teacher)
         if self.oim is not None:
             if logits is None:  # accuracy from the OIM table when there is no classifier
                 with torch.no_grad():
@@ -304,8 +245,10 @@ class _Run:
         config, data = self.config, self.data
         batches = self.parts["sampler"].epoch(epoch)
         rng = np.random.default_rng([config.seed, epoch, 1])  # augmentation of this epoch
+        distill_rng = np.random.default_rng([config.seed, epoch, 2])  # and of its distillation view
         augment = self.parts["augment"]
         self.model.train()
+        hold_frozen_statistics(self.model, config.train_stages)
         totals = {"loss": 0.0, "correct": 0, "labelled": 0, "images": 0}
         epoch_start = last_log = time.perf_counter()
         bar = tqdm(batches, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", disable=not self.progress)
@@ -314,10 +257,14 @@ class _Run:
             lr = learning_rate(config, epoch + i / len(batches))
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            x = augment(data.crops(batch), rng).to(self.device, non_blocking=True)
+            crops = data.crops(batch)
+            x = augment(crops, rng).to(self.device, non_blocking=True)
+            x_distill = None
+            if config.distill_weight > 0 and config.distill_view == "photometric":
+                x_distill = augment(self.parts["photometric"](crops, distill_rng), distill_rng).to(self.device)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss, logits, y = self.step(batch, x)
+            loss, logits, y = self.step(batch, x, x_distill)
             labelled = y >= 0
             totals["loss"] += float(loss.detach()) * len(batch)
             if logits is not None:

@@ -1,6 +1,6 @@
 """Keeping the base model's behaviour where the new data says nothing (fine-tuning without forgetting).
 
-Two tools, both measured in ``docs/training.md``:
+Three tools, all measured in ``docs/training.md``:
 
 - **WiSE-FT** (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): the output
   weights are ``(1 − α)·base + α·fine-tuned``, element-wise over every floating-point tensor the
@@ -14,6 +14,10 @@ Two tools, both measured in ``docs/training.md``:
   each training batch too, and ``λ · mean(1 − cos(f_student, f_base))`` joins the loss — the
   cosine distance that retrieval ranks by, so the student is held near the base's geometry on the
   training images while the ReID losses move it where the labels say so.
+- **Surgical fine-tuning** (Lee et al. 2023, "Surgical fine-tuning improves adaptation to
+  distribution shifts"): only the named OSNet stages learn; the others keep the base's weights
+  *and* BatchNorm statistics (they run in eval mode during training), so whatever the new data
+  cannot explain through the trained stages stays as the base had it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,30 @@ def load_base(init: str) -> nn.Module:
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return module
+
+
+STAGES = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc")  # OSNet's blocks, input to output
+
+
+def check_stages(stages: list[str] | None) -> None:
+    unknown = sorted(set(stages or ()) - set(STAGES))
+    if stages is not None and (not stages or unknown):
+        raise ValueError(f"unknown stage(s) {unknown}; train some of {', '.join(STAGES)} (or all)")
+
+
+def freeze_stages(model: nn.Module, trainable: list[str] | None) -> None:
+    """No gradient for the OSNet stages not in ``trainable`` (None: every stage learns); the new
+    classifier always learns."""
+    for name, child in model.named_children():
+        if trainable is not None and name in STAGES and name not in trainable:
+            child.requires_grad_(False)
+
+
+def hold_frozen_statistics(model: nn.Module, trainable: list[str] | None) -> None:
+    """After ``model.train()``: frozen stages back to eval mode, so their BatchNorm statistics stay the base's."""
+    for name, child in model.named_children():
+        if trainable is not None and name in STAGES and name not in trainable:
+            child.eval()
 
 
 def wise_interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor],
