@@ -1,4 +1,6 @@
-"""The reidx command line as a user runs it: real processes, real files."""
+"""The reidx command line as a user runs it: real files; real processes for --help, the errors and
+the acceptance command, click's runner in this process where the output, not the process, is
+tested (a `reidx` process costs ~5 s of imports here, most of these tests' time)."""
 
 import json
 import os
@@ -18,6 +20,16 @@ def reidx(*args, env_extra=None):
     env = {**os.environ, "REIDX_MODEL_DIR": str(MODELS), **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "reidx.cli", *args], capture_output=True, text=True, env=env,
                           cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def reidx_here(*args):
+    """`reidx ARGS` through click's runner in this process: the same code, exit status and streams."""
+    from click.testing import CliRunner
+
+    from reidx.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    return subprocess.CompletedProcess(["reidx", *args], result.exit_code, result.stdout, result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +54,7 @@ def test_help(command):
 
 def test_embed_writes_one_row_per_image_with_labels_and_errors(small_split, tmp_path):
     out = tmp_path / "gallery.parquet"
-    result = reidx("embed", str(small_split / "gallery"), "--out", str(out), "--json")
+    result = reidx_here("embed", str(small_split / "gallery"), "--out", str(out), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     table = pq.read_table(out)
@@ -59,11 +71,11 @@ def test_embed_writes_one_row_per_image_with_labels_and_errors(small_split, tmp_
 
 
 def test_evaluate_json_from_images_equals_from_embedded_tables(small_split, tmp_path):
-    from_images = reidx("evaluate", "-q", str(small_split / "query"), "-g", str(small_split / "gallery"), "--json")
+    from_images = reidx_here("evaluate", "-q", str(small_split / "query"), "-g", str(small_split / "gallery"), "--json")
     assert from_images.returncode == 0, from_images.stderr
     for side in ("query", "gallery"):
-        assert reidx("embed", str(small_split / side), "-o", str(tmp_path / f"{side}.parquet")).returncode == 0
-    from_tables = reidx("evaluate", "-q", str(tmp_path / "query.parquet"), "-g", str(tmp_path / "gallery.parquet"),
+        assert reidx_here("embed", str(small_split / side), "-o", str(tmp_path / f"{side}.parquet")).returncode == 0
+    from_tables = reidx_here("evaluate", "-q", str(tmp_path / "query.parquet"), "-g", str(tmp_path / "gallery.parquet"),
                         "--json")
     a, b = json.loads(from_images.stdout), json.loads(from_tables.stdout)
     for key in ("mAP", "rank1", "rank5", "rank10", "mINP", "queries", "gallery_items"):
@@ -82,12 +94,12 @@ def test_evaluate_with_a_label_table(small_split, tmp_path):
             shutil.copy(path, renamed / side / f"img{i:04d}.jpg")
             rows.append(f"{side}/img{i:04d}.jpg,{int(pid)},{cam}")
     (renamed / "labels.csv").write_text("\n".join(rows))
-    labelled = reidx("evaluate", "-q", str(renamed / "query"), "-g", str(renamed / "gallery"),
+    labelled = reidx_here("evaluate", "-q", str(renamed / "query"), "-g", str(renamed / "gallery"),
                      "--labels", str(renamed / "labels.csv"), "--json")
-    named = reidx("evaluate", "-q", str(small_split / "query"), "-g", str(small_split / "gallery"), "--json")
+    named = reidx_here("evaluate", "-q", str(small_split / "query"), "-g", str(small_split / "gallery"), "--json")
     assert labelled.returncode == 0, labelled.stderr
     assert json.loads(labelled.stdout)["mAP"] == json.loads(named.stdout)["mAP"]
-    unlabelled = reidx("evaluate", "-q", str(renamed / "query"), "-g", str(renamed / "gallery"))
+    unlabelled = reidx_here("evaluate", "-q", str(renamed / "query"), "-g", str(renamed / "gallery"))
     assert unlabelled.returncode == 1 and "pass --labels" in unlabelled.stderr
 
 
