@@ -1,6 +1,6 @@
 """Filtered search: a Faiss ID selector inside the search against a widening search, same run.
 
-    python benchmarks/filtered_search.py [--count 200000] [--queries 100] [--k 100] [--types flat,ivf-sq8]
+    python benchmarks/filtered_search.py [--count 200000] [--queries 100] [--k 100] [--types flat,ivf-sq8,hnsw]
 
 Why: `reidx query --since/--until/--camera/--exclude-same-camera/--min-score` must return each
 query's k best among the gallery items that pass, not a filtered top-k. Two ways do that
@@ -42,7 +42,8 @@ import pyarrow as pa  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search import real_features, replicated_crops  # noqa: E402
 
-from reidx.indexers.faiss_ops import calibrate_nprobe, default_nlist, search, train_and_add  # noqa: E402
+from reidx.indexers.faiss_ops import (breadth_limit, breadth_start, calibrate_nprobe, default_nlist,  # noqa: E402
+                                      search, set_nprobe, train_and_add)
 from reidx.indexers.filters import SearchFilter, filtered_search, item_mask  # noqa: E402
 
 T0 = datetime(2024, 5, 1)
@@ -51,17 +52,16 @@ T0 = datetime(2024, 5, 1)
 class Bench:
     """What filtered_search reads of a GalleryIndex: index, items, count, meta.nprobe/nlist, search."""
 
-    def __init__(self, index, items, nprobe, nlist):
+    def __init__(self, index, items, nprobe, nlist, kind):
         self.index, self.items, self.on_gpu = index, items, False
-        self.meta = type("Meta", (), {"nprobe": nprobe, "nlist": nlist})()
+        self.meta = type("Meta", (), {"nprobe": nprobe, "nlist": nlist, "type": kind})()
 
     @property
     def count(self):
         return self.index.ntotal
 
     def search(self, vectors, k, nprobe=None):
-        if nprobe or self.meta.nprobe:
-            faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", int(nprobe or self.meta.nprobe))
+        set_nprobe(self.index, nprobe or self.meta.nprobe)  # nprobe for IVF, efSearch for hnsw
         return search(self.index, vectors, k)
 
 
@@ -108,12 +108,13 @@ def main() -> None:
     report = {"count": n, "queries": len(queries), "k": args.k, "dim": int(vectors.shape[1]),
               "faiss": faiss.__version__, "cpus": os.cpu_count(), "load_average_start": os.getloadavg(), "rows": []}
     for kind in args.types.split(","):
-        nlist = None if kind == "flat" else default_nlist(n)
+        nlist = None if kind in ("flat", "hnsw") else default_nlist(n)
         started = time.perf_counter()
         index = train_and_add(kind, vectors, nlist)
-        nprobe = calibrate_nprobe(index, vectors, nlist)[0] if nlist else None
+        nprobe = (calibrate_nprobe(index, vectors, breadth_limit(kind, nlist), start=breadth_start(kind))[0]
+                  if kind != "flat" else None)
         log(f"{kind}: built in {time.perf_counter() - started:.1f} s, nlist {nlist}, nprobe {nprobe}")
-        bench = Bench(index, items, nprobe, nlist)
+        bench = Bench(index, items, nprobe, nlist, kind)
         plain_wall, plain_cpu, (_, plain_ids) = timed(lambda: bench.search(queries, args.k), args.repeats)
         for name, flt in filters.items():
             base = item_mask(items, flt)

@@ -16,7 +16,11 @@ silently return short lists.
 The alternative, a widening search (ask for ~k / fraction passing, filter, double until k
 pass), cost the same at 83 % passing and 2–80× more CPU for filters passing 17 % … 0.14 % of a
 200,000-vector gallery (flat and IVF); it remains the path for GPU indexes, where Faiss takes no
-selector, and is kept selectable for the benchmark.
+selector, and for HNSW, and is kept selectable for the benchmark. On an in-memory CPU index
+(flat, hnsw) the passing items are scored exactly (their vectors are in the index) where that
+costs fewer distance computations than the widened search, or where the search left a query
+short: a one-hour window then costs its few hundred items, not a graph walk k / fraction passing
+deep, and a camera filter on an HNSW graph returns full, exact lists (see ``_widening_search``).
 
 Per-query parts. ``exclude_same_camera`` depends on the query's camera(s): queries are grouped by
 their camera set, one selector per group (at most one group per camera for single queries); a
@@ -38,6 +42,8 @@ from datetime import datetime
 import faiss
 import numpy as np
 import pyarrow as pa
+
+from reidx.indexers.faiss_ops import HNSW_M, IN_MEMORY_TYPES
 
 MECHANISMS = ("selector", "widen")
 
@@ -205,7 +211,13 @@ def _selector_search(index: faiss.Index, vectors: np.ndarray, k: int, mask: np.n
 def _widening_search(gallery_index, vectors: np.ndarray, k: int, mask: np.ndarray | None,
                      nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Ask for more than k, keep the allowed, double the depth for queries still short of k (and,
-    for IVF, nprobe once the probed lists run out: a deeper list cannot reach other lists)."""
+    for IVF, nprobe once the probed lists run out: a deeper list cannot reach other lists).
+
+    An in-memory CPU index (flat, hnsw) holds every vector, so the passing items are scored
+    exactly where that costs fewer distance computations than the widened search (flat: always;
+    HNSW: a walk to depth d computes about d × 2M, its layer-0 degree), or where a query is still
+    short after the walk (it does not reach far outside the query's neighbourhood: measured, 77 %
+    of queries short of 100 with a 17 % camera filter even when widened to the whole gallery)."""
     total = gallery_index.count
     allowed = int(mask.sum()) if mask is not None else total
     k = min(k, allowed)
@@ -213,9 +225,14 @@ def _widening_search(gallery_index, vectors: np.ndarray, k: int, mask: np.ndarra
     ids = np.full((len(vectors), k), -1, np.int64)
     if k == 0:
         return distances, ids
+    in_memory = _vectors_in_memory(gallery_index)
+    passing = (np.flatnonzero(mask) if mask is not None else np.arange(total)) if in_memory else None
+    depth = min(total, int(np.ceil(k * total / allowed * 1.2)) + 8)
+    walk = depth * 2 * HNSW_M if getattr(gallery_index.meta, "type", None) == "hnsw" else total
+    if mask is not None and in_memory and allowed <= walk:
+        return _exact_among(gallery_index.index, vectors, k, passing)
     nlist = getattr(gallery_index.meta, "nlist", None)
     probes = _scaled_nprobe(nprobe or gallery_index.meta.nprobe, allowed, total, nlist)
-    depth = min(total, int(np.ceil(k * total / allowed * 1.2)) + 8)
     todo = np.arange(len(vectors))
     while len(todo):
         dist, found = gallery_index.search(vectors[todo], depth, nprobe=probes)
@@ -226,6 +243,10 @@ def _widening_search(gallery_index, vectors: np.ndarray, k: int, mask: np.ndarra
             keep = np.flatnonzero(ok[row])[:k]
             ids[query, :len(keep)], distances[query, :len(keep)] = found[row, keep], dist[row, keep]
         short = ok.sum(axis=1) < k
+        if in_memory and short.any():
+            todo = todo[short]
+            distances[todo], ids[todo] = _exact_among(gallery_index.index, vectors[todo], k, passing)
+            break
         ran_out = nlist and probes and probes < nlist and (found[short] < 0).any()
         if not short.any() or (depth >= total and not ran_out):
             break
@@ -235,6 +256,19 @@ def _widening_search(gallery_index, vectors: np.ndarray, k: int, mask: np.ndarra
         else:
             depth = min(total, depth * 2)
     return distances, ids
+
+
+def _vectors_in_memory(gallery_index) -> bool:
+    """A CPU flat or HNSW index: it holds every vector, so any subset can be read back (ids = rows)."""
+    return not getattr(gallery_index, "on_gpu", False) and getattr(gallery_index.meta, "type", None) in IN_MEMORY_TYPES
+
+
+def _exact_among(index, vectors: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k among the ``allowed`` rows (cosine distances, ids), reading their vectors from the index."""
+    subset = index.reconstruct_batch(allowed)
+    sims, rows = faiss.knn(np.ascontiguousarray(vectors, np.float32), subset, k, metric=faiss.METRIC_INNER_PRODUCT)
+    ids = np.where(rows >= 0, allowed[np.maximum(rows, 0)], -1)
+    return np.where(rows >= 0, 1.0 - sims, np.inf).astype(np.float32), ids
 
 
 def filtered_search(gallery_index, vectors: np.ndarray, k: int, search_filter: SearchFilter,

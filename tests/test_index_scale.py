@@ -42,9 +42,9 @@ def clustered(n: int, seed: int, clusters: int = 400, spread: float = 0.25) -> n
 
 
 def add_shards(gallery: Path, vectors: np.ndarray, tag: str, per_shard: int = 2500, dtype: str = "float32",
-               cameras: int = 1) -> None:
+               cameras: int = 1, scores: np.ndarray | None = None) -> None:
     """Commit vectors as shards + ledger rows, as the nightly job does (item i seen by camera
-    ``i % cameras + 1``)."""
+    ``i % cameras + 1``, detection score ``scores[i]``, default 1)."""
     for start in range(0, len(vectors), per_shard):
         chunk = vectors[start:start + per_shard]
         n = len(chunk)
@@ -54,7 +54,8 @@ def add_shards(gallery: Path, vectors: np.ndarray, tag: str, per_shard: int = 25
             "source_uri": ["file:///syn"] * n, "member": [k[4:] for k in keys],
             "camera": [str((start + i) % cameras + 1) for i in range(n)],
             "timestamp": [None] * n, "frame_width": [64] * n, "frame_height": [128] * n, "x1": [0.0] * n,
-            "y1": [0.0] * n, "x2": [64.0] * n, "y2": [128.0] * n, "score": [1.0] * n,
+            "y1": [0.0] * n, "x2": [64.0] * n, "y2": [128.0] * n,
+            "score": [1.0] * n if scores is None else scores[start:start + n].tolist(),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(chunk.reshape(-1)), DIM),
             "embedder": ["synthetic"] * n, "embedder_sha256": ["0" * 64] * n, "detector": [None] * n,
             "detector_sha256": [None] * n, "person_id": [None] * n, "frame_index": [None] * n,
@@ -207,7 +208,8 @@ def test_hnsw_index_on_data_without_clusters(tmp_path):
     rng = np.random.default_rng(7)
     x = rng.standard_normal((12000, DIM)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    add_shards(gallery, x[:10000], "base", cameras=4)
+    scores = np.where(np.arange(10000) % 100 == 7, 1.0, 0.5)  # 1 % of the items pass min_score 0.9
+    add_shards(gallery, x[:10000], "base", cameras=4, scores=scores)
     summary = build_index(gallery, index_type="hnsw", knn_k=10)
     meta = read_meta(current_version(gallery))
     assert summary["index_type"] == meta.type == "hnsw" and meta.nlist is None and meta.quantizer == "none"
@@ -227,6 +229,10 @@ def test_hnsw_index_on_data_without_clusters(tmp_path):
     assert (found >= 0).all() and (found % 4 == 1).all()
     truth = camera_two[exact_neighbours(queries, x[camera_two], 10)]
     assert recall(found, truth, 10) >= 0.9
+    # 100 items pass: fewer than a widened walk would visit (~10 / 1 % deep), so they are scored exactly
+    _, found = filtered_search(gi, queries, 10, SearchFilter(min_score=0.9), [frozenset()] * len(queries))
+    passing = np.flatnonzero(scores > 0.9)
+    assert np.array_equal(found, passing[exact_neighbours(queries, x[passing], 10)])
 
     add_shards(gallery, x[10000:], "night1", cameras=4)
     summary = build_index(gallery, index_type="hnsw", knn_k=10)
@@ -235,6 +241,24 @@ def test_hnsw_index_on_data_without_clusters(tmp_path):
     assert gi.meta.knn_recall >= 0.9 and gi.meta.build["knn_rows_updated"] > 0
     _, found = gi.search(x[10000:], 1)
     assert (found[:, 0] == np.arange(10000, 12000)).mean() > 0.99
+
+
+def test_hnsw_filtered_queries_get_full_exact_lists_on_clustered_data(tmp_path):
+    """A graph walk stays near the query: on tight clusters with a 1-in-6 camera filter a widened
+    HNSW search left every query short of k (recall 0.35, measured without the fallback); the
+    passing items are then scored exactly, so every query gets its true top-k."""
+    from reidx.indexers.filters import SearchFilter, filtered_search
+
+    gallery = tmp_path / "g"
+    x = clustered(10300, 3, clusters=60, spread=0.1)
+    add_shards(gallery, x[:10000], "base", cameras=6)
+    build_index(gallery, index_type="hnsw", knn_k=10)
+    gi = load_index(gallery, gpu="off")
+    queries = x[10000:]
+    _, found = filtered_search(gi, queries, 100, SearchFilter(cameras=("3",)), [frozenset()] * len(queries))
+    camera_three = np.flatnonzero(np.arange(10000) % 6 == 2)
+    assert (found >= 0).all() and np.isin(found, camera_three).all()
+    assert recall(found, camera_three[exact_neighbours(queries, x[camera_three], 100)], 100) >= 0.999
 
 
 BUILD = ("import sys; from reidx.indexers.build import build_index; "
