@@ -211,6 +211,11 @@ def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
     return {name: weights[name] for name in names}
 
 
+def parse_stages(spec: str) -> list[str] | None:
+    """``"all"`` → None (every stage learns); ``"conv1,fc"`` → ["conv1", "fc"] (checked by TrainConfig)."""
+    return None if spec.strip().lower() == "all" else [name.strip() for name in spec.split(",")]
+
+
 @click.command()
 @click.option("--data", required=True,
               help="Training crops: a folder (or glob) in Market-1501 naming (PPPP_cC…) or a CSV/Parquet "
@@ -269,7 +274,8 @@ def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
                    f"{DISTILL_WEIGHT}; 0 with --init none]")
 @click.option("--distill-view", type=click.Choice(["same", "photometric"]), default="same", show_default=True,
               help="What the distillation term sees: the training batch itself, or a copy with strong "
-                   "brightness/contrast/colour/resolution changes (holds the base where the site's images say nothing).")
+                   "brightness/contrast/colour/resolution changes (holds the base where the site's images "
+                   "say nothing).")
 @click.option("--train-stages", default="all", show_default=True,
               help="Surgical fine-tuning: the OSNet stages that learn, comma-separated from conv1 (the stem) "
                    "… conv5, fc; the others keep the base's weights and BatchNorm statistics.")
@@ -277,8 +283,8 @@ def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
 @json_option
 def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weight, margin, soft_margin, oim_scale,
           oim_momentum, oim_queue, epochs, p, k, lr, weight_decay, warmup_epochs, schedule, step_epochs, device,
-          precision, seed, threads, val_query, val_gallery, val_every, val_other, wise_alpha, distill_weight, distill_view,
-          train_stages, resume, as_json):
+          precision, seed, threads, val_query, val_gallery, val_every, val_other, wise_alpha, distill_weight,
+          distill_view, train_stages, resume, as_json):
     """Fine-tune an OSNet embedder on labelled person crops.
 
     Starts from a published checkpoint (default osnet_x0_25_msmt17) with a new classifier sized
@@ -307,7 +313,7 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
         oim_queue=oim_queue, device=device, precision=precision, seed=seed, threads=threads,
         val_query=val_query, val_gallery=val_gallery, val_every=val_every,
         val_other=list(val_other) if val_other else None, wise_alpha=wise_alpha, distill_weight=distill_weight,
-        distill_view=distill_view, train_stages=None if train_stages.strip().lower() == "all" else [s.strip() for s in train_stages.split(",")],
+        distill_view=distill_view, train_stages=parse_stages(train_stages),
     )
     validate = checkpoint_validator(device, threads) if val_query or val_other else None
     summary = run_training(config, resume=resume, progress=_progress(), log=_log, validate=validate)

@@ -226,11 +226,10 @@ def _widening_search(gallery_index, vectors: np.ndarray, k: int, mask: np.ndarra
     if k == 0:
         return distances, ids
     in_memory = _vectors_in_memory(gallery_index)
-    passing = (np.flatnonzero(mask) if mask is not None else np.arange(total)) if in_memory else None
     depth = min(total, int(np.ceil(k * total / allowed * 1.2)) + 8)
     walk = depth * 2 * HNSW_M if getattr(gallery_index.meta, "type", None) == "hnsw" else total
     if mask is not None and in_memory and allowed <= walk:
-        return _exact_among(gallery_index.index, vectors, k, passing)
+        return _exact_among(gallery_index.index, vectors, k, mask)
     nlist = getattr(gallery_index.meta, "nlist", None)
     probes = _scaled_nprobe(nprobe or gallery_index.meta.nprobe, allowed, total, nlist)
     todo = np.arange(len(vectors))
@@ -245,7 +244,7 @@ def _widening_search(gallery_index, vectors: np.ndarray, k: int, mask: np.ndarra
         short = ok.sum(axis=1) < k
         if in_memory and short.any():
             todo = todo[short]
-            distances[todo], ids[todo] = _exact_among(gallery_index.index, vectors[todo], k, passing)
+            distances[todo], ids[todo] = _exact_among(gallery_index.index, vectors[todo], k, mask)
             break
         ran_out = nlist and probes and probes < nlist and (found[short] < 0).any()
         if not short.any() or (depth >= total and not ran_out):
@@ -263,8 +262,10 @@ def _vectors_in_memory(gallery_index) -> bool:
     return not getattr(gallery_index, "on_gpu", False) and getattr(gallery_index.meta, "type", None) in IN_MEMORY_TYPES
 
 
-def _exact_among(index, vectors: np.ndarray, k: int, allowed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k among the ``allowed`` rows (cosine distances, ids), reading their vectors from the index."""
+def _exact_among(index, vectors: np.ndarray, k: int, mask: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k among the rows ``mask`` allows (all: None) as (cosine distances, ids), reading
+    their vectors from the index."""
+    allowed = np.flatnonzero(mask) if mask is not None else np.arange(index.ntotal)
     subset = index.reconstruct_batch(allowed)
     sims, rows = faiss.knn(np.ascontiguousarray(vectors, np.float32), subset, k, metric=faiss.METRIC_INNER_PRODUCT)
     ids = np.where(rows >= 0, allowed[np.maximum(rows, 0)], -1)

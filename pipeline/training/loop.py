@@ -239,6 +239,11 @@ class _Run:
         self.optimizer.step()
         return loss, logits, y
 
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch on the training device (channels-last on CUDA, as the model is)."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
     def train_epoch(self, epoch: int, validate: Validator | None) -> dict:
         from tqdm import tqdm
 
@@ -258,12 +263,10 @@ class _Run:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             crops = data.crops(batch)
-            x = augment(crops, rng).to(self.device, non_blocking=True)
+            x = self.to_device(augment(crops, rng))
             x_distill = None
             if config.distill_weight > 0 and config.distill_view == "photometric":
-                x_distill = augment(self.parts["photometric"](crops, distill_rng), distill_rng).to(self.device)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+                x_distill = self.to_device(augment(self.parts["photometric"](crops, distill_rng), distill_rng))
             loss, logits, y = self.step(batch, x, x_distill)
             labelled = y >= 0
             totals["loss"] += float(loss.detach()) * len(batch)

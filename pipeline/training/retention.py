@@ -46,19 +46,23 @@ def check_stages(stages: list[str] | None) -> None:
         raise ValueError(f"unknown stage(s) {unknown}; train some of {', '.join(STAGES)} (or all)")
 
 
+def frozen_stages(model: nn.Module, trainable: list[str] | None) -> list[nn.Module]:
+    """The OSNet stages not in ``trainable`` (None: every stage learns); the new classifier always learns."""
+    if trainable is None:
+        return []
+    return [child for name, child in model.named_children() if name in STAGES and name not in trainable]
+
+
 def freeze_stages(model: nn.Module, trainable: list[str] | None) -> None:
-    """No gradient for the OSNet stages not in ``trainable`` (None: every stage learns); the new
-    classifier always learns."""
-    for name, child in model.named_children():
-        if trainable is not None and name in STAGES and name not in trainable:
-            child.requires_grad_(False)
+    """No gradient for the frozen stages."""
+    for stage in frozen_stages(model, trainable):
+        stage.requires_grad_(False)
 
 
 def hold_frozen_statistics(model: nn.Module, trainable: list[str] | None) -> None:
     """After ``model.train()``: frozen stages back to eval mode, so their BatchNorm statistics stay the base's."""
-    for name, child in model.named_children():
-        if trainable is not None and name in STAGES and name not in trainable:
-            child.eval()
+    for stage in frozen_stages(model, trainable):
+        stage.eval()
 
 
 def wise_interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor],
