@@ -239,6 +239,7 @@ def run_child(kind: str, args, extra: list[str]) -> dict:
         raise RuntimeError(f"{kind} child failed with exit status {proc.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
     result["wall_s"] = round(time.perf_counter() - started, 2)
+    result["load_at_end"] = [round(x, 2) for x in os.getloadavg()]  # the machine is shared: say how busy
     result["peak_rss_anon_polled"], result["peak_rss_file_polled"] = peaks["RssAnon"], peaks["RssFile"]
     return result
 

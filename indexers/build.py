@@ -131,15 +131,16 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
         log(f"adding {total} detections in {len(segments)} parts")
         steps.add_and_merge(executor, tmp, segments, template, "index.faiss")
         ivf_files = ["index.faiss"]
-    layout = {"type": kind, "ivf_files": ivf_files, "vector_segments": segments, "nprobe": None,
+    layout = {"type": kind, "nlist": nlist_used, "ivf_files": ivf_files, "vector_segments": segments, "nprobe": None,
               "refine_factor": REFINE_FACTOR if kind == "ivf-pq" else None}
     nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, breadth_limit(kind, nlist_used),
                                                    breadth_start(kind), seed, log)
     layout["nprobe"] = nprobe
     layers, knn_recall = [], None
     if knn_k:
+        _calibrate_graph(tmp, layout, knn_k, ids, truth_ids, log)
         log(f"computing each item's {knn_k} nearest neighbours")
-        layers = steps.graph_ranges(executor, tmp, layout, knn_k, 0, total, "g0", ctx["task_rows"])
+        layers = steps.graph_ranges(executor, tmp, _graph_layout(layout), knn_k, 0, total, "g0", ctx["task_rows"])
         knn_recall = steps.graph_check(tmp, layers, total, knn_k, ids, truth_ids)
     profile = steps.rerank_profile(tmp, layers, total, knn_k) if knn_k else None
     return IndexMeta(
@@ -147,7 +148,8 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
         embedder_sha256=embedder[1], count=total, trained_count=total, nlist=nlist_used, nprobe=nprobe,
         recall_at_10=round(r10, 4), recall_at_100=round(r100, 4), knn_k=knn_k, shards=shards,
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        build={"staging": str(tmp), "generation": 0, "knn_recall_built": knn_recall},
+        build={"staging": str(tmp), "generation": 0, "knn_recall_built": knn_recall,
+               "knn_breadth": layout.get("knn_breadth")},
         layout=2, ivf_files=ivf_files, vector_segments=segments, item_segments=segments, knn_layers=layers,
         refine_factor=layout["refine_factor"], memory_budget=ctx["budget"],
         expected_bytes=expected_bytes(kind, total, store.dim, nlist_used), choice=f"{kind}: {why}",
@@ -189,12 +191,13 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
             for name in ivf_files:
                 (tmp / name).unlink()
             ivf_files = [base]
-    layout = {"type": old.type, "ivf_files": ivf_files, "vector_segments": segments, "nprobe": old.nprobe,
-              "refine_factor": old.refine_factor}
+    layout = {"type": old.type, "nlist": old.nlist, "ivf_files": ivf_files, "vector_segments": segments,
+              "nprobe": old.nprobe, "refine_factor": old.refine_factor,
+              "knn_breadth": old.build.get("knn_breadth") or old.nprobe}
     layers, knn_recall, built_recall, touched, repaired = list(old.knn_layers), None, None, 0, False
     if old.knn_k:
-        new_layers = steps.graph_ranges(executor, tmp, layout, old.knn_k, old.count, total, f"g{generation}",
-                                        ctx["task_rows"])
+        new_layers = steps.graph_ranges(executor, tmp, _graph_layout(layout), old.knn_k, old.count, total,
+                                        f"g{generation}", ctx["task_rows"])
         reverse, touched = steps.reverse_layer(tmp, old.knn_layers, new_layers, old.count, total, old.knn_k,
                                                f"knn-g{generation}-reverse")
         layers += new_layers + ([reverse] if reverse else [])
@@ -208,11 +211,12 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
         if knn_recall < floor:
             log(f"graph recall@{old.knn_k} {knn_recall} < {floor:.3f}: recomputing every row")
             layout["nprobe"] = nprobe
+            _calibrate_graph(tmp, layout, old.knn_k, ids, truth_ids, log)
             for name in layers:
                 for f in layer_files(name):
                     (tmp / f).unlink()
-            layers = steps.graph_ranges(executor, tmp, layout, old.knn_k, 0, total, f"g{generation}r",
-                                              ctx["task_rows"])
+            layers = steps.graph_ranges(executor, tmp, _graph_layout(layout), old.knn_k, 0, total,
+                                        f"g{generation}r", ctx["task_rows"])
             knn_recall = built_recall = steps.graph_check(tmp, layers, total, old.knn_k, ids, truth_ids)
             repaired = True
     meta = IndexMeta(**{**asdict(old), "version": version, "count": total, "nprobe": nprobe,
@@ -223,7 +227,7 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
                         "expected_bytes": expected_bytes(old.type, total, old.dim, old.nlist),
                         "rerank_profile": steps.rerank_profile(tmp, layers, total, old.knn_k) if old.knn_k else None})
     meta.build = {"staging": str(tmp), "generation": generation, "knn_recall_built": built_recall,
-                  "knn_rows_updated": touched, "knn_repaired": repaired}
+                  "knn_rows_updated": touched, "knn_repaired": repaired, "knn_breadth": layout.get("knn_breadth")}
     return meta
 
 
@@ -238,6 +242,20 @@ def _calibrate(folder: Path, layout: dict, store: VectorStore, limit: int | None
         log(f"warning: recall@100 is {r100:.3f} even at search breadth {nprobe} ({layout['type']} loses "
             f"accuracy in its compression or graph); use ivf-flat or ivf-sq8 for higher recall")
     return nprobe, r10, r100, ids, truth_ids
+
+
+def _calibrate_graph(folder: Path, layout: dict, k: int, ids, truth_ids, log) -> None:
+    """The graph rows' own search breadth (layout["knn_breadth"]), from the sample; none for flat."""
+    limit = breadth_limit(layout["type"], layout.get("nlist"))
+    if not limit:
+        return
+    breadth, got = steps.graph_breadth(folder, layout, k, ids, truth_ids, breadth_start(layout["type"]), limit)
+    layout["knn_breadth"] = breadth
+    log(f"graph rows searched at breadth {breadth} (sampled recall@{k} {got}; queries use {layout['nprobe']})")
+
+
+def _graph_layout(layout: dict) -> dict:
+    return {**layout, "nprobe": layout.get("knn_breadth") or layout["nprobe"]}
 
 
 def refuse_damaged(gallery: Path, shards: list[str]) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from reidx.indexers.build_tasks import add_segment, ingest_shards, knn_range
 from reidx.indexers.faiss_ops import TARGET_RECALL_AT_100, new_index, recall, train_empty
 from reidx.indexers.ivf_ondisk import merge_parts, template_bytes
-from reidx.indexers.knn_graph import graph_recall, reverse_edges
+from reidx.indexers.knn_graph import graph_recall, knn_rows, reverse_edges
 from reidx.indexers.knn_store import KnnGraph, write_layer
 from reidx.indexers.rerank_adaptive import gallery_rerank_profile_of
 from reidx.indexers.searcher import Searcher
@@ -33,6 +33,8 @@ CHECK_SAMPLE = 1000  # sampled items for calibration and the graph drift check
 TRUTH_K = 100
 KNN_MIN_RECALL = 0.90  # repair the graph below this recall@k, or when it lost KNN_MAX_DRIFT since built
 KNN_MAX_DRIFT = 0.03
+KNN_TARGET_RECALL = 0.95  # graph rows are searched at the breadth that reaches this recall@k on the sample
+PROFILE_ROWS = 262_144  # graph rows the re-ranking profile is estimated from (all, below)
 MAX_DELTAS = 8  # nightly delta files before they are merged into the base (a streamed O(N) copy)
 
 
@@ -136,6 +138,23 @@ def graph_ranges(executor, folder: Path, layout: dict, k: int, start: int, stop:
     return executor.map(knn_range, calls)
 
 
+def graph_breadth(folder: Path, layout: dict, k: int, ids: np.ndarray, truth_ids: np.ndarray, start: int,
+                  limit: int, target: float = KNN_TARGET_RECALL) -> tuple[int, float]:
+    """The search breadth for graph rows, apart from the queries' (theirs is set for recall@100, a
+    graph row needs only its top k): the smallest power of two from ``start`` whose rows for the
+    sampled ``ids`` reach recall@k ``target`` against their exact neighbours, at most ``limit``;
+    (breadth, recall). Searched as :func:`graph_ranges` searches them."""
+    searcher = Searcher(folder, layout)
+    vectors = searcher.store.get(ids)
+    breadth = max(1, min(start, limit))
+    while True:
+        rows, _ = knn_rows(lambda v, kk: searcher.search(v, kk, breadth), vectors, ids, k)
+        got = graph_recall(rows, truth_ids, k)
+        if got >= target or breadth >= limit:
+            return breadth, round(got, 4)
+        breadth = min(2 * breadth, limit)
+
+
 def reverse_layer(folder: Path, old_layers: list[str], new_layers: list[str], old_count: int, total: int,
                   k: int, name: str) -> tuple[str | None, int]:
     """The sparse layer of old rows that gain a new neighbour (:func:`reverse_edges`); (name, rows).
@@ -156,9 +175,11 @@ def graph_check(folder: Path, layers: list[str], count: int, k: int, ids: np.nda
     return round(graph_recall(rows, truth_ids, k), 4)
 
 
-def rerank_profile(folder: Path, layers: list[str], total: int, k: int) -> dict:
+def rerank_profile(folder: Path, layers: list[str], total: int, k: int, seed: int = 0) -> dict:
     """The gallery's adaptive re-ranking profile (``indexers.rerank_adaptive``) from its stored
-    graph, read in row blocks; meta.json keeps it so that queries need not read the whole graph."""
+    graph, read in row blocks; meta.json keeps it so that queries need not read the whole graph.
+    Its figures are medians and shares of per-row counts: past PROFILE_ROWS rows they come from a
+    seeded sample of that many rows (a nightly then reads O(sample), not the whole graph)."""
     graph, block = KnnGraph(folder, layers, total, k), 1 << 16
-    return gallery_rerank_profile_of(graph.lookup(np.arange(start, min(start + block, total)))
-                                     for start in range(0, total, block))
+    rows = np.arange(total) if total <= PROFILE_ROWS else sample_ids(total, seed, PROFILE_ROWS)
+    return gallery_rerank_profile_of(graph.lookup(rows[start:start + block]) for start in range(0, len(rows), block))
