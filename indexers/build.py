@@ -157,8 +157,9 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
 
 
 def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str], shards: list[str]) -> IndexMeta:
-    """O(new): the old files hard-linked, the new shards ingested and added as a delta file, their
-    graph rows searched, reverse edges into old rows, then the sample check (and repair)."""
+    """O(new): the old files hard-linked, the new shards ingested and added as a delta file, the
+    sample check (nprobe, graph breadth), the new items' graph rows searched, reverse edges into
+    old rows, the graph's recall on the sample (and repair)."""
     gallery, executor, log, seed = ctx["gallery"], ctx["executor"], ctx["log"], ctx["seed"]
     version, generation = version_name(), old.build.get("generation", 0) + 1
     tmp = staging_folder(gallery, version)
@@ -195,23 +196,23 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
               "nprobe": old.nprobe, "refine_factor": old.refine_factor,
               "knn_breadth": old.build.get("knn_breadth") or old.nprobe}
     layers, knn_recall, built_recall, touched, repaired = list(old.knn_layers), None, None, 0, False
-    if old.knn_k:
+    nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, breadth_limit(old.type, old.nlist),
+                                                   old.nprobe or breadth_start(old.type), seed + generation, log)
+    layout["nprobe"] = nprobe
+    if old.knn_k:  # the graph breadth recalibrated on today's sample: new rows as accurate as a build's
+        _calibrate_graph(tmp, layout, old.knn_k, ids, truth_ids, log)
         new_layers = steps.graph_ranges(executor, tmp, _graph_layout(layout), old.knn_k, old.count, total,
                                         f"g{generation}", ctx["task_rows"])
         reverse, touched = steps.reverse_layer(tmp, old.knn_layers, new_layers, old.count, total, old.knn_k,
                                                f"knn-g{generation}-reverse")
         layers += new_layers + ([reverse] if reverse else [])
         log(f"graph: {total - old.count} new rows, {touched} old rows gained a new neighbour")
-    nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, breadth_limit(old.type, old.nlist),
-                                                   old.nprobe or breadth_start(old.type), seed + generation, log)
     built_recall = old.build.get("knn_recall_built")
     if old.knn_k:
         knn_recall = steps.graph_check(tmp, layers, total, old.knn_k, ids, truth_ids)
         floor = max(steps.KNN_MIN_RECALL, (built_recall or 0) - steps.KNN_MAX_DRIFT)
         if knn_recall < floor:
             log(f"graph recall@{old.knn_k} {knn_recall} < {floor:.3f}: recomputing every row")
-            layout["nprobe"] = nprobe
-            _calibrate_graph(tmp, layout, old.knn_k, ids, truth_ids, log)
             for name in layers:
                 for f in layer_files(name):
                     (tmp / f).unlink()
