@@ -199,8 +199,9 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, breadth_limit(old.type, old.nlist),
                                                    old.nprobe or breadth_start(old.type), seed + generation, log)
     layout["nprobe"] = nprobe
-    if old.knn_k:  # the graph breadth recalibrated on today's sample: new rows as accurate as a build's
-        _calibrate_graph(tmp, layout, old.knn_k, ids, truth_ids, log)
+    if old.knn_k:  # the graph breadth calibrated on sampled new items: their rows as accurate as a build's
+        new_ids = old.count + steps.sample_ids(total - old.count, seed + generation)
+        _calibrate_graph(tmp, layout, old.knn_k, new_ids, steps.truth(store, new_ids)[1], log)
         new_layers = steps.graph_ranges(executor, tmp, _graph_layout(layout), old.knn_k, old.count, total,
                                         f"g{generation}", ctx["task_rows"])
         reverse, touched = steps.reverse_layer(tmp, old.knn_layers, new_layers, old.count, total, old.knn_k,
