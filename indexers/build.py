@@ -16,6 +16,8 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
 from reidx.indexers import build_steps as steps
 from reidx.indexers.distributed import Executor
 from reidx.indexers.faiss_ops import (DEFAULT_KNN, IN_MEMORY_TYPES, IVF_TYPES, REFINE_FACTOR, RETRAIN_GROWTH,
@@ -133,8 +135,8 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
         ivf_files = ["index.faiss"]
     layout = {"type": kind, "nlist": nlist_used, "ivf_files": ivf_files, "vector_segments": segments, "nprobe": None,
               "refine_factor": REFINE_FACTOR if kind == "ivf-pq" else None}
-    nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, breadth_limit(kind, nlist_used),
-                                                   breadth_start(kind), seed, log)
+    nprobe, r10, r100, ids, truth_ids, _, _ = _calibrate(tmp, layout, store, breadth_limit(kind, nlist_used),
+                                                         breadth_start(kind), seed, log)
     layout["nprobe"] = nprobe
     layers, knn_recall = [], None
     if knn_k:
@@ -193,15 +195,14 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
                 (tmp / name).unlink()
             ivf_files = [base]
     layout = {"type": old.type, "nlist": old.nlist, "ivf_files": ivf_files, "vector_segments": segments,
-              "nprobe": old.nprobe, "refine_factor": old.refine_factor,
-              "knn_breadth": old.build.get("knn_breadth") or old.nprobe}
+              "nprobe": old.nprobe, "refine_factor": old.refine_factor}
     layers, knn_recall, built_recall, touched, repaired = list(old.knn_layers), None, None, 0, False
-    nprobe, r10, r100, ids, truth_ids = _calibrate(tmp, layout, store, breadth_limit(old.type, old.nlist),
-                                                   old.nprobe or breadth_start(old.type), seed + generation, log)
+    nprobe, r10, r100, ids, truth_ids, new_ids, new_truth = _calibrate(
+        tmp, layout, store, breadth_limit(old.type, old.nlist), old.nprobe or breadth_start(old.type),
+        seed + generation, log, new_from=old.count)
     layout["nprobe"] = nprobe
     if old.knn_k:  # the graph breadth calibrated on sampled new items: their rows as accurate as a build's
-        new_ids = old.count + steps.sample_ids(total - old.count, seed + generation)
-        _calibrate_graph(tmp, layout, old.knn_k, new_ids, steps.truth(store, new_ids)[1], log)
+        _calibrate_graph(tmp, layout, old.knn_k, new_ids, new_truth, log)
         new_layers = steps.graph_ranges(executor, tmp, _graph_layout(layout), old.knn_k, old.count, total,
                                         f"g{generation}", ctx["task_rows"])
         reverse, touched = steps.reverse_layer(tmp, old.knn_layers, new_layers, old.count, total, old.knn_k,
@@ -233,17 +234,21 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     return meta
 
 
-def _calibrate(folder: Path, layout: dict, store: VectorStore, limit: int | None, start: int, seed: int, log):
+def _calibrate(folder: Path, layout: dict, store: VectorStore, limit: int | None, start: int, seed: int, log,
+               new_from: int | None = None):
     """The sample check: exact top-100 of CHECK_SAMPLE items (one streamed pass over the vectors),
     the search breadth (IVF nprobe, HNSW efSearch) calibrated from ``start`` up to ``limit``;
-    (breadth, recall@10, recall@100, sample ids, truth)."""
+    (breadth, recall@10, recall@100, sample ids, truth, new ids, their truth). With ``new_from``, up
+    to CHECK_SAMPLE items from that id on are sampled too, their truth from the same pass."""
     ids = steps.sample_ids(store.count, seed)
-    queries, truth_ids = steps.truth(store, ids)
+    new_ids = np.zeros(0, np.int64) if new_from is None else new_from + steps.sample_ids(store.count - new_from, seed)
+    queries, truth_ids = steps.truth(store, np.concatenate([ids, new_ids]))
+    queries, truth_ids, new_truth = queries[:len(ids)], truth_ids[:len(ids)], truth_ids[len(ids):]
     nprobe, r10, r100 = steps.calibrate(Searcher(folder, layout), queries, truth_ids, limit, start)
     if r100 < TARGET_RECALL_AT_100:
         log(f"warning: recall@100 is {r100:.3f} even at search breadth {nprobe} ({layout['type']} loses "
             f"accuracy in its compression or graph); use ivf-flat or ivf-sq8 for higher recall")
-    return nprobe, r10, r100, ids, truth_ids
+    return nprobe, r10, r100, ids, truth_ids, new_ids, new_truth
 
 
 def _calibrate_graph(folder: Path, layout: dict, k: int, ids, truth_ids, log) -> None:
