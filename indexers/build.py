@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from reidx.indexers import build_steps as steps
+from reidx.indexers import graph_codes
 from reidx.indexers.distributed import Executor
 from reidx.indexers.faiss_ops import (DEFAULT_KNN, IN_MEMORY_TYPES, IVF_TYPES, REFINE_FACTOR, RETRAIN_GROWTH,
                                       TARGET_RECALL_AT_100, HNSW_QUANTIZER_MIN_NLIST, IndexBuildError, breadth_limit,
@@ -121,20 +122,28 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
     embedder = _embedder_of(ingested)
     segments = [r["first_id"] for r in ingested]
     store = VectorStore(tmp, segments)
-    ivf_files = []
+    ivf_files, graph_files = [], []
     if kind in IN_MEMORY_TYPES:
         if kind == "hnsw":
             log(f"inserting {total} detections into the HNSW graph")
         steps.build_in_memory(kind, tmp, store, None)
     else:
         log(f"training {kind} (nlist {nlist_used}) on {sample_size} sampled vectors")
-        template = steps.train(kind, ingested, sample_size, nlist_used, ctx["on_gpu"], seed)
-        _write_durably(tmp / TEMPLATE, template)
-        log(f"adding {total} detections in {len(segments)} parts")
-        steps.add_and_merge(executor, tmp, segments, template, "index.faiss")
+        sample = steps.training_sample(ingested, sample_size, seed)
+        templates = [steps.train(kind, sample, nlist_used, ctx["on_gpu"], seed)]
+        _write_durably(tmp / TEMPLATE, templates[0])
         ivf_files = ["index.faiss"]
+        if knn_k and graph_codes.supported(kind, store.dim, IVF_TYPES):
+            graph_template, coarse = graph_codes.train_graph_codes(templates[0], sample, seed)
+            _write_durably(tmp / graph_codes.GRAPH_TEMPLATE, graph_template)
+            _write_durably(tmp / graph_codes.GRAPH_COARSE, _npy_bytes(coarse))
+            templates.append(graph_template)
+            graph_files = [graph_codes.GRAPH_BASE]
+        del sample
+        log(f"adding {total} detections in {len(segments)} parts")
+        steps.add_and_merge(executor, tmp, segments, templates, ivf_files + graph_files)
     layout = {"type": kind, "nlist": nlist_used, "ivf_files": ivf_files, "vector_segments": segments, "nprobe": None,
-              "refine_factor": REFINE_FACTOR if kind == "ivf-pq" else None}
+              "refine_factor": REFINE_FACTOR if kind == "ivf-pq" else None, "graph_files": graph_files}
     nprobe, r10, r100, ids, truth_ids, _, _ = _calibrate(tmp, layout, store, breadth_limit(kind, nlist_used),
                                                          breadth_start(kind), seed, log)
     layout["nprobe"] = nprobe
@@ -142,7 +151,7 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
     if knn_k:
         _calibrate_graph(tmp, layout, knn_k, ids, truth_ids, log)
         log(f"computing each item's {knn_k} nearest neighbours")
-        layers = steps.graph_ranges(executor, tmp, _graph_layout(layout), knn_k, 0, total, "g0", ctx["task_rows"])
+        layers = steps.graph_ranges(executor, tmp, layout, knn_k, 0, total, "g0", ctx["task_rows"])
         knn_recall = steps.graph_check(tmp, layers, total, knn_k, ids, truth_ids)
     profile = steps.rerank_profile(tmp, layers, total, knn_k) if knn_k else None
     return IndexMeta(
@@ -152,7 +161,7 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         build={"staging": str(tmp), "generation": 0, "knn_recall_built": knn_recall,
                "knn_breadth": layout.get("knn_breadth")},
-        layout=2, ivf_files=ivf_files, vector_segments=segments, item_segments=segments, knn_layers=layers,
+        layout=2, ivf_files=ivf_files, graph_files=graph_files, vector_segments=segments, item_segments=segments, knn_layers=layers,
         refine_factor=layout["refine_factor"], memory_budget=ctx["budget"],
         expected_bytes=expected_bytes(kind, total, store.dim, nlist_used), choice=f"{kind}: {why}",
         knn_recall=knn_recall, quantizer=_quantizer(nlist_used), rerank_profile=profile)
@@ -178,24 +187,25 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     segments = old.vector_segments + new_segments
     store = VectorStore(tmp, segments)
     total = store.count
-    ivf_files = list(old.ivf_files)
+    ivf_files, graph_files = list(old.ivf_files), list(old.graph_files)
     if in_memory:
         steps.build_in_memory(old.type, tmp, store, previous / "index.faiss")
     else:
-        template = (tmp / TEMPLATE).read_bytes()
-        delta = f"delta-g{generation}.faiss"
-        log(f"adding {total - old.count} detections as {delta}")
-        steps.add_and_merge(executor, tmp, new_segments, template, delta)
-        ivf_files.append(delta)
+        templates = [(tmp / TEMPLATE).read_bytes()]
+        deltas = [f"delta-g{generation}.faiss"]
+        if graph_files:
+            templates.append((tmp / graph_codes.GRAPH_TEMPLATE).read_bytes())
+            deltas.append(f"graph-delta-g{generation}.faiss")
+        log(f"adding {total - old.count} detections as {deltas[0]}")
+        steps.add_and_merge(executor, tmp, new_segments, templates, deltas)
+        ivf_files.append(deltas[0])
+        graph_files += deltas[1:]
         if len(ivf_files) - 1 > steps.MAX_DELTAS:
-            base = f"index-g{generation}.faiss"
-            log(f"merging the base and {len(ivf_files) - 1} deltas into {base}")
-            merge_parts(template, [tmp / f for f in ivf_files], tmp / base)
-            for name in ivf_files:
-                (tmp / name).unlink()
-            ivf_files = [base]
+            ivf_files = _merge_deltas(tmp, templates[0], ivf_files, f"index-g{generation}.faiss", log)
+            if graph_files:
+                graph_files = _merge_deltas(tmp, templates[1], graph_files, f"graph-g{generation}.faiss", log)
     layout = {"type": old.type, "nlist": old.nlist, "ivf_files": ivf_files, "vector_segments": segments,
-              "nprobe": old.nprobe, "refine_factor": old.refine_factor}
+              "nprobe": old.nprobe, "refine_factor": old.refine_factor, "graph_files": graph_files}
     layers, knn_recall, built_recall, touched, repaired = list(old.knn_layers), None, None, 0, False
     nprobe, r10, r100, ids, truth_ids, new_ids, new_truth = _calibrate(
         tmp, layout, store, breadth_limit(old.type, old.nlist), old.nprobe or breadth_start(old.type),
@@ -203,7 +213,7 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     layout["nprobe"] = nprobe
     if old.knn_k:  # the graph breadth calibrated on sampled new items: their rows as accurate as a build's
         _calibrate_graph(tmp, layout, old.knn_k, new_ids, new_truth, log)
-        new_layers = steps.graph_ranges(executor, tmp, _graph_layout(layout), old.knn_k, old.count, total,
+        new_layers = steps.graph_ranges(executor, tmp, layout, old.knn_k, old.count, total,
                                         f"g{generation}", ctx["task_rows"])
         reverse, touched = steps.reverse_layer(tmp, old.knn_layers, new_layers, old.count, total, old.knn_k,
                                                f"knn-g{generation}-reverse")
@@ -212,20 +222,20 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     built_recall = old.build.get("knn_recall_built")
     if old.knn_k:
         knn_recall = steps.graph_check(tmp, layers, total, old.knn_k, ids, truth_ids)
-        floor = max(steps.KNN_MIN_RECALL, (built_recall or 0) - steps.KNN_MAX_DRIFT)
+        floor = max(steps.KNN_MIN_RECALL, min(built_recall or 0, steps.KNN_TARGET_RECALL) - steps.KNN_MAX_DRIFT)
         if knn_recall < floor:
             log(f"graph recall@{old.knn_k} {knn_recall} < {floor:.3f}: recomputing every row")
             for name in layers:
                 for f in layer_files(name):
                     (tmp / f).unlink()
-            layers = steps.graph_ranges(executor, tmp, _graph_layout(layout), old.knn_k, 0, total,
+            layers = steps.graph_ranges(executor, tmp, layout, old.knn_k, 0, total,
                                         f"g{generation}r", ctx["task_rows"])
             knn_recall = built_recall = steps.graph_check(tmp, layers, total, old.knn_k, ids, truth_ids)
             repaired = True
     meta = IndexMeta(**{**asdict(old), "version": version, "count": total, "nprobe": nprobe,
                         "recall_at_10": round(r10, 4), "recall_at_100": round(r100, 4), "shards": shards,
                         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "ivf_files": ivf_files, "vector_segments": segments, "item_segments": segments,
+                        "ivf_files": ivf_files, "graph_files": graph_files, "vector_segments": segments, "item_segments": segments,
                         "knn_layers": layers, "knn_recall": knn_recall, "memory_budget": ctx["budget"],
                         "expected_bytes": expected_bytes(old.type, total, old.dim, old.nlist),
                         "rerank_profile": steps.rerank_profile(tmp, layers, total, old.knn_k) if old.knn_k else None})
@@ -256,13 +266,29 @@ def _calibrate_graph(folder: Path, layout: dict, k: int, ids, truth_ids, log) ->
     limit = breadth_limit(layout["type"], layout.get("nlist"))
     if not limit:
         return
+    if layout.get("graph_files"):
+        limit = min(limit, graph_codes.COARSE_NEIGHBOURS)
     breadth, got = steps.graph_breadth(folder, layout, k, ids, truth_ids, breadth_start(layout["type"]), limit)
     layout["knn_breadth"] = breadth
-    log(f"graph rows searched at breadth {breadth} (sampled recall@{k} {got}; queries use {layout['nprobe']})")
+    codes = "graph codes" if layout.get("graph_files") else "the index"
+    log(f"graph rows searched in {codes} at breadth {breadth} (sampled recall@{k} {got}; queries use {layout['nprobe']})")
 
 
-def _graph_layout(layout: dict) -> dict:
-    return {**layout, "nprobe": layout.get("knn_breadth") or layout["nprobe"]}
+def _merge_deltas(folder: Path, template: bytes, files: list[str], base: str, log) -> list[str]:
+    """A base IVF file and its deltas merged into ``base`` (a streamed O(N) copy); [base]."""
+    log(f"merging {files[0]} and {len(files) - 1} deltas into {base}")
+    merge_parts(template, [folder / f for f in files], folder / base)
+    for name in files:
+        (folder / name).unlink()
+    return [base]
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def refuse_damaged(gallery: Path, shards: list[str]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from reidx.indexers.build_tasks import add_segment, ingest_shards, knn_range
+from reidx.indexers.build_tasks import add_segment, graph_search, ingest_shards, knn_range
 from reidx.indexers.faiss_ops import TARGET_RECALL_AT_100, new_index, recall, train_empty
 from reidx.indexers.ivf_ondisk import merge_parts, template_bytes
 from reidx.indexers.knn_graph import graph_recall, knn_rows, reverse_edges
@@ -31,7 +31,8 @@ ROWS_PER_TASK = 250_000  # vectors per ingest/add task: a part of ≤ 250k codes
 KNN_TASK_ROWS = 250_000
 CHECK_SAMPLE = 1000  # sampled items for calibration and the graph drift check
 TRUTH_K = 100
-KNN_MIN_RECALL = 0.90  # repair the graph below this recall@k, or when it lost KNN_MAX_DRIFT since built
+KNN_MIN_RECALL = 0.90  # repair the graph below this recall@k, or when it lost KNN_MAX_DRIFT from the target or
+# from its recall when built, whichever is lower (a build's breadth overshoots the target by up to one doubling)
 KNN_MAX_DRIFT = 0.03
 KNN_TARGET_RECALL = 0.95  # graph rows are searched at the breadth that reaches this recall@k on the sample
 PROFILE_ROWS = 262_144  # graph rows the re-ranking profile is estimated from (all, below)
@@ -66,25 +67,33 @@ def ingest(executor, gallery: Path, groups, first_id: int, folder: Path, sample_
     return executor.map(ingest_shards, calls)
 
 
-def train(kind: str, ingested: list[dict], size: int, nlist: int, on_gpu: bool, seed: int) -> bytes:
-    """The trained empty index (serialised) from the ingest samples, cut to ``size`` rows."""
+def training_sample(ingested: list[dict], size: int, seed: int) -> np.ndarray:
+    """The ingest tasks' samples together, cut to ``size`` rows (seeded)."""
     sample = np.concatenate([r.pop("sample") for r in ingested])
     if len(sample) > size:
         sample = sample[np.sort(np.random.default_rng(seed).choice(len(sample), size, replace=False))]
+    return np.ascontiguousarray(sample)
+
+
+def train(kind: str, sample: np.ndarray, nlist: int, on_gpu: bool, seed: int) -> bytes:
+    """The trained empty index (serialised) from the training sample."""
     if len(sample) < nlist:
         raise ValueError(f"nlist {nlist} is more than the {len(sample)} vectors sampled to train on")
-    return template_bytes(train_empty(kind, np.ascontiguousarray(sample), nlist, on_gpu, seed))
+    return template_bytes(train_empty(kind, sample, nlist, on_gpu, seed))
 
 
-def add_and_merge(executor, folder: Path, segments: list[int], template: bytes, out: str) -> int:
-    """Each segment into an IVF part (parallel), the parts merged into ``out`` in id order."""
-    parts = [f".part-{first:012d}.faiss" for first in segments]
-    executor.map(add_segment, [{"folder": str(folder), "first_id": first, "template": template, "part": part}
-                               for first, part in zip(segments, parts)])
-    count = merge_parts(template, [folder / p for p in parts], folder / out)
-    for part in parts:
-        (folder / part).unlink()
-    return count
+def add_and_merge(executor, folder: Path, segments: list[int], templates: list[bytes], outs: list[str]) -> int:
+    """Each segment into a part of each template (the index, then the graph codes; parallel, one
+    list assignment), each template's parts merged into its ``outs`` file in id order."""
+    parts = [[f".part-{first:012d}-{n}.faiss" for n in range(len(templates))] for first in segments]
+    executor.map(add_segment, [{"folder": str(folder), "first_id": first, "templates": templates, "parts": names}
+                               for first, names in zip(segments, parts)])
+    counts = set()
+    for n, (template, out) in enumerate(zip(templates, outs)):
+        counts.add(merge_parts(template, [folder / names[n] for names in parts], folder / out))
+        for names in parts:
+            (folder / names[n]).unlink()
+    return counts.pop()
 
 
 def build_in_memory(kind: str, folder: Path, store: VectorStore, previous: Path | None) -> int:
@@ -144,11 +153,11 @@ def graph_breadth(folder: Path, layout: dict, k: int, ids: np.ndarray, truth_ids
     graph row needs only its top k): the smallest power of two from ``start`` whose rows for the
     sampled ``ids`` reach recall@k ``target`` against their exact neighbours, at most ``limit``;
     (breadth, recall). Searched as :func:`graph_ranges` searches them."""
-    searcher = Searcher(folder, layout)
-    vectors = searcher.store.get(ids)
+    vectors = VectorStore(folder, layout["vector_segments"]).get(ids)
     breadth = max(1, min(start, limit))
     while True:
-        rows, _ = knn_rows(lambda v, kk: searcher.search(v, kk, breadth), vectors, ids, k)
+        search = graph_search(folder, {**layout, "knn_breadth": breadth})
+        rows, _ = knn_rows(lambda v, kk: search(ids, v, kk), vectors, ids, k)
         got = graph_recall(rows, truth_ids, k)
         if got >= target or breadth >= limit:
             return breadth, round(got, 4)

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from reidx.indexers.distributed import worker_threads
+from reidx.indexers.graph_codes import lists_name, open_graph_codes
 from reidx.indexers.ivf_ondisk import add_part
 from reidx.indexers.knn_graph import knn_rows
 from reidx.indexers.knn_store import DenseLayerWriter
@@ -91,27 +92,45 @@ def ingest_shards(gallery: str, shards: list[str], first_id: int, folder: str, s
             "sample": np.concatenate(samples) if samples else np.zeros((0, dim), np.float32)}
 
 
-def add_segment(folder: str, first_id: int, template: bytes, part: str, batch_rows: int = DEFAULT_BATCH_ROWS) -> int:
-    """Add one vector segment (ids first_id..) to an empty copy of the trained index; write it as
-    the IVF part ``part``; returns the count. Memory: the part's codes plus one batch."""
+def add_segment(folder: str, first_id: int, templates: list[bytes], parts: list[str],
+                batch_rows: int = DEFAULT_BATCH_ROWS) -> int:
+    """Add one vector segment (ids first_id..) to an empty copy of each trained template (the
+    index, then the graph codes) with one list assignment; write them as the IVF ``parts`` and the
+    assignment as ``lists-<first_id>.npy``; returns the count. Memory: the parts' codes plus one batch."""
     worker_threads()
     store = VectorStore(Path(folder), [first_id])
     blocks = ((np.arange(first, first + len(v)), v) for first, v in store.iter_blocks(batch_rows))
-    return add_part(template, blocks, Path(folder) / part)
+    lists = add_part(templates, blocks, [Path(folder) / p for p in parts])
+    if len(templates) > 1:  # graph codes: their rows look up each item's list
+        path = Path(folder) / lists_name(first_id)
+        np.save(path, lists)
+        _fsync(path)
+    return len(lists)
 
 
 def knn_range(folder: str, layout: dict, start: int, stop: int, k: int, layer: str) -> str:
-    """Graph rows of ids start..stop-1 (vectors from the version's store, neighbours from its
-    index as it searches, refine included) written as one dense layer; returns its name."""
+    """Graph rows of ids start..stop-1 (vectors from the version's store, neighbours from its graph
+    codes, or from its index as it searches, refine included) written as one dense layer; returns its name."""
     worker_threads()
-    searcher = open_searcher(Path(folder), layout)
+    search = graph_search(Path(folder), layout)
     store = VectorStore(Path(folder), layout["vector_segments"])
     writer = DenseLayerWriter(Path(folder), layer, start, stop - start, k)
     for first in range(start, stop, KNN_BLOCK):
         last = min(stop, first + KNN_BLOCK)
-        ids, dist = knn_rows(searcher.search, store.read(first, last), np.arange(first, last), k)
+        own = np.arange(first, last)
+        ids, dist = knn_rows(lambda v, kk: search(own, v, kk), store.read(first, last), own, k)
         writer.write(ids, dist)
     return writer.close()
+
+
+def graph_search(folder: Path, layout: dict):
+    """``search(ids, vectors, k)`` for indexed items' graph rows at the layout's graph breadth:
+    the graph codes where the version has them, else the index as queries search it."""
+    if layout.get("graph_files"):
+        codes = open_graph_codes(folder, layout)
+        return lambda ids, vectors, k: codes.search(ids, vectors, k, layout["knn_breadth"])
+    searcher = open_searcher(folder, layout)
+    return lambda ids, vectors, k: searcher.search(vectors, k, layout.get("knn_breadth") or layout["nprobe"])
 
 
 def search_queries(folder: str, layout: dict, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple:

@@ -41,15 +41,26 @@ def template_bytes(index: faiss.Index) -> bytes:
     return data
 
 
-def add_part(template: bytes, batches, path: Path) -> int:
-    """Fill an empty copy of the template with ``(ids, vectors)`` batches and write it to ``path``
-    (fsynced); returns the vectors added. Memory: this part's codes plus one batch."""
-    index = faiss.deserialize_index(np.frombuffer(template, np.uint8))
+def add_part(templates: list[bytes], batches, paths: list[Path]) -> np.ndarray:
+    """Fill an empty copy of each template with ``(ids, vectors)`` batches and write it to the
+    matching path (fsynced); returns each vector's list. The lists are assigned once, by the first
+    template's quantizer (as its ``add_with_ids`` would), and every template is filled with that
+    assignment: the kNN-graph codes (``indexers.graph_codes``) share the index's lists.
+    Memory: the parts' codes plus one batch."""
+    indexes = [faiss.deserialize_index(np.frombuffer(t, np.uint8)) for t in templates]
+    quantizer = faiss.extract_index_ivf(indexes[0]).quantizer
+    assigned = []
     for ids, vectors in batches:
-        index.add_with_ids(np.ascontiguousarray(vectors, np.float32), np.ascontiguousarray(ids, np.int64))
-    faiss.write_index(index, str(path))
-    _fsync(path)
-    return int(index.ntotal)
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        ids = np.ascontiguousarray(ids, np.int64)
+        lists = np.ascontiguousarray(quantizer.assign(vectors, 1).reshape(-1), np.int64)
+        for index in indexes:
+            index.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+        assigned.append(lists.astype(np.int32))
+    for index, path in zip(indexes, paths):
+        faiss.write_index(index, str(path))
+        _fsync(path)
+    return np.concatenate(assigned) if assigned else np.zeros(0, np.int32)
 
 
 class IvfListsFile:

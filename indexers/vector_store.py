@@ -90,6 +90,10 @@ class VectorStore:
             self._maps[segment] = np.load(self.paths[segment], mmap_mode="r")
         return self._maps[segment]
 
+    def release(self) -> None:
+        """Unmap the segments: the pages ``get`` touched stop counting in this process's resident memory."""
+        self._maps.clear()
+
     def get(self, ids: np.ndarray) -> np.ndarray:
         """float32 rows of the given ids (any shape; -1 gives zeros), gathered from the mapped segments."""
         ids = np.asarray(ids, np.int64)

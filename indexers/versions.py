@@ -74,6 +74,7 @@ class IndexMeta:
     build: dict = field(default_factory=dict)  # how this version was made: full|incremental, seconds, gpu
     layout: int = 1
     ivf_files: list[str] = field(default_factory=list)  # base, then deltas (layout 2, IVF types)
+    graph_files: list[str] = field(default_factory=list)  # the kNN-graph step's codes, base then deltas (graph_codes)
     vector_segments: list[int] = field(default_factory=list)  # first faiss id of each vectors-*.npy
     item_segments: list[int] = field(default_factory=list)  # first faiss id of each items-*.arrow
     knn_layers: list[str] = field(default_factory=list)
@@ -93,7 +94,12 @@ class IndexMeta:
         from reidx.indexers.vector_store import segment_name
 
         index_files = self.ivf_files if self.ivf_files else ["index.faiss"]
-        return (list(index_files) + [segment_name(i) for i in self.vector_segments]
+        graph = []
+        if self.graph_files:
+            from reidx.indexers.graph_codes import GRAPH_COARSE, GRAPH_TEMPLATE, lists_name
+
+            graph = self.graph_files + [GRAPH_TEMPLATE, GRAPH_COARSE] + [lists_name(i) for i in self.vector_segments]
+        return (list(index_files) + graph + [segment_name(i) for i in self.vector_segments]
                 + [items_name(i) for i in self.item_segments] + [f for n in self.knn_layers for f in layer_files(n)])
 
 

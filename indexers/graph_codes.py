@@ -1,0 +1,159 @@
+"""The kNN-graph step's own search: compact codes in the index's lists, fast-scanned, refined exactly.
+
+Every item of the gallery needs a graph row (its top k, 30), so at millions the graph step costs
+more than the rest of a build. An IVF search of one row pays twice: choosing its lists (a coarse
+search over every centroid) and scanning their codes. Both are cut here, for the rows of indexed
+items only (queries keep the index's own search):
+
+- **lists**: an indexed item's nearest centroids lie among the nearest centroids of the list it
+  was added to. The candidates are that list's COARSE_NEIGHBOURS nearest centroids
+  (``graph-coarse.npy``, computed once per training), ranked by the item's inner product with
+  them: a few hundred multiply-adds per row instead of a search over every centroid.
+- **codes**: a second code of every vector, product quantisation with 4-d sub-vectors at 4 bits
+  (dim/8 bytes), in the *same* lists (the add tasks fill both from one assignment,
+  ``ivf_ondisk.add_part``), stored as ordinary IVF files (``graph-*.faiss``: written in parts,
+  merged and stacked like the index's) and searched by Faiss' SIMD fast-scan, converted in
+  memory (dim/8 + 8 bytes per vector); its shortlist of max(GRAPH_REFINE × k, 100) is re-scored
+  exactly against the stored vectors.
+
+Rows do not depend on the number of workers or on how rows are batched: the candidate ranking is
+Faiss' per-query SIMD inner product, fast-scan distances are integer sums per query, and the
+refine is an exact per-row product. Each list assignment is stored (``lists-<first id>.npy``,
+int32 per vector, beside its vector segment).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from reidx.indexers.ivf_ondisk import open_ivf, template_bytes
+from reidx.indexers.searcher import REFINE_MIN_SHORTLIST, refine
+from reidx.indexers.vector_store import VectorStore
+
+GRAPH_TEMPLATE = "graph-template.faiss"  # trained, empty: nightly parts are copies of it
+GRAPH_COARSE = "graph-coarse.npy"  # (nlist, COARSE_NEIGHBOURS) int32: each list's nearest centroids
+GRAPH_BASE = "graph.faiss"
+SUBVECTOR_DIMS = 4  # dims per 4-bit sub-quantizer: dim/8 bytes per vector
+COARSE_NEIGHBOURS = 128
+GRAPH_REFINE = 4  # the fast-scan shortlist is GRAPH_REFINE × k (at least REFINE_MIN_SHORTLIST)
+TRAIN_POINTS = 65536  # 16 centroids per sub-quantizer need few points
+ROWS_PER_STEP = 1024  # rows searched per call; the vector pages mapped for refining are released after each
+
+
+def supported(kind: str, dim: int, ivf_types) -> bool:
+    """Graph codes exist for IVF indexes of a dimension that 4-d sub-vectors tile (an even count)."""
+    return kind in ivf_types and dim % (2 * SUBVECTOR_DIMS) == 0
+
+
+def lists_name(first_id: int) -> str:
+    return f"lists-{first_id:012d}.npy"
+
+
+def train_graph_codes(template: bytes, sample: np.ndarray, seed: int) -> tuple[bytes, np.ndarray]:
+    """(the graph codes' trained empty index, serialised; each list's nearest centroids) for the
+    index ``template``: its centroids, a product quantizer trained on the residuals of up to
+    TRAIN_POINTS sampled vectors."""
+    index = faiss.deserialize_index(np.frombuffer(template, np.uint8))
+    ivf = faiss.extract_index_ivf(index)
+    centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+    dim = centroids.shape[1]
+    quantizer = faiss.IndexFlatIP(dim)
+    quantizer.add(centroids)
+    codes = faiss.IndexIVFPQ(quantizer, dim, int(ivf.nlist), dim // SUBVECTOR_DIMS, 4, faiss.METRIC_INNER_PRODUCT)
+    codes.own_fields = True
+    quantizer.this.disown()
+    if len(sample) > TRAIN_POINTS:
+        sample = sample[np.sort(np.random.default_rng(seed).choice(len(sample), TRAIN_POINTS, replace=False))]
+    codes.train(np.ascontiguousarray(sample, np.float32))
+    width = min(COARSE_NEIGHBOURS, int(ivf.nlist))
+    with _simd_only():
+        _, neighbours = faiss.knn(centroids, centroids, width, metric=faiss.METRIC_INNER_PRODUCT)
+    return template_bytes(codes), neighbours.astype(np.int32)
+
+
+class GraphCodes:
+    """``search(ids, vectors, k, breadth)`` → (cosine distances, ids) for indexed items' graph rows.
+
+    ``layout`` is the version's meta.json as a dict (``graph_files``, ``vector_segments``).
+    """
+
+    def __init__(self, folder: Path, layout: dict):
+        folder = Path(folder)
+        mapped = open_ivf([folder / f for f in layout["graph_files"]])
+        self.index = faiss.IndexIVFPQFastScan(mapped.index)  # reads the mapped lists into SIMD blocks
+        quantizer = faiss.clone_index(mapped.index.quantizer)  # the copy outlives the mapping
+        self.index.quantizer, self.index.own_fields = quantizer, True
+        quantizer.this.disown()
+        del mapped  # unmapped: the lists' pages stop counting in resident memory
+        self.centroids = self.index.quantizer.reconstruct_n(0, self.index.nlist)
+        self.coarse = np.load(folder / GRAPH_COARSE)
+        self.store = VectorStore(folder, layout["vector_segments"])
+        self.lists = [np.load(folder / lists_name(i), mmap_mode="r") for i in layout["vector_segments"]]
+
+    def list_of(self, ids: np.ndarray) -> np.ndarray:
+        """The list each indexed id was added to."""
+        segment = np.searchsorted(self.store.starts, ids, side="right") - 1
+        out = np.empty(len(ids), np.int64)
+        for s in np.unique(segment):
+            pick = segment == s
+            out[pick] = self.lists[s][ids[pick] - self.store.starts[s]]
+        return out
+
+    def probes(self, ids: np.ndarray, vectors: np.ndarray, breadth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's ``breadth`` lists to scan and its inner products with their centroids:
+        the best of its own list's nearest centroids (rows grouped by list)."""
+        own = self.list_of(ids)
+        width = min(breadth, self.coarse.shape[1])
+        lists = np.empty((len(ids), width), np.int64)
+        sims = np.empty((len(ids), width), np.float32)
+        order = np.argsort(own, kind="stable")
+        bounds = np.flatnonzero(np.diff(own[order])) + 1
+        with _simd_only():
+            for rows in np.split(order, bounds):
+                candidates = self.coarse[own[rows[0]]]
+                s, at = faiss.knn(vectors[rows], self.centroids[candidates], width, metric=faiss.METRIC_INNER_PRODUCT)
+                lists[rows], sims[rows] = candidates[at], s
+        return lists, sims
+
+    def search(self, ids: np.ndarray, vectors: np.ndarray, k: int, breadth: int) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(ids, np.int64)
+        vectors = np.ascontiguousarray(vectors, np.float32)
+        shortlist = max(GRAPH_REFINE * k, REFINE_MIN_SHORTLIST)
+        distances = np.empty((len(ids), k), np.float32)
+        found = np.empty((len(ids), k), np.int64)
+        for a in range(0, len(ids), ROWS_PER_STEP):
+            rows = slice(a, a + ROWS_PER_STEP)
+            lists, sims = self.probes(ids[rows], vectors[rows], breadth)
+            self.index.nprobe = lists.shape[1]
+            _, candidates = self.index.search_preassigned(vectors[rows], shortlist, lists, sims)
+            distances[rows], found[rows] = refine(self.store, vectors[rows], candidates, k)
+            self.store.release()
+        return distances, found
+
+
+class _simd_only:
+    """Inner products by Faiss' per-query SIMD code, not BLAS: BLAS' last bits depend on its thread
+    count and on the batch, and near-ties would then rank candidates differently per worker."""
+
+    def __enter__(self):
+        self.saved = faiss.cvar.distance_compute_blas_threshold
+        faiss.cvar.distance_compute_blas_threshold = 1 << 30
+
+    def __exit__(self, *exc):
+        faiss.cvar.distance_compute_blas_threshold = self.saved
+
+
+_OPEN: dict[tuple, GraphCodes] = {}
+
+
+def open_graph_codes(folder: Path, layout: dict) -> GraphCodes:
+    """The version's graph codes, kept open for the process's next task (one version at a time:
+    the fast-scan copy holds dim/8 + 8 bytes per vector)."""
+    key = (str(folder), tuple(layout["graph_files"]), tuple(layout["vector_segments"]))
+    if key not in _OPEN:
+        _OPEN.clear()
+        _OPEN[key] = GraphCodes(Path(folder), layout)
+    return _OPEN[key]
