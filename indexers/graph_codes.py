@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 
 from reidx.indexers.ivf_ondisk import open_ivf, template_bytes
-from reidx.indexers.searcher import REFINE_MIN_SHORTLIST, refine
+from reidx.indexers.searcher import REFINE_MIN_SHORTLIST
 from reidx.indexers.vector_store import VectorStore
 
 GRAPH_TEMPLATE = "graph-template.faiss"  # trained, empty: nightly parts are copies of it
@@ -40,7 +40,8 @@ SUBVECTOR_DIMS = 4  # dims per 4-bit sub-quantizer: dim/8 bytes per vector
 COARSE_NEIGHBOURS = 128
 GRAPH_REFINE = 4  # the fast-scan shortlist is GRAPH_REFINE × k (at least REFINE_MIN_SHORTLIST)
 TRAIN_POINTS = 65536  # 16 centroids per sub-quantizer need few points
-ROWS_PER_STEP = 1024  # rows searched per call; the vector pages mapped for refining are released after each
+ROWS_PER_STEP = 512  # rows searched per call; their distinct candidates (≤ 512 × 124) are decoded at once
+RELEASE_ROWS = 8192  # the store's mapped pages are released after this many rows (≤ 8192 × 124 KB touched)
 
 
 def supported(kind: str, dim: int, ivf_types) -> bool:
@@ -92,6 +93,7 @@ class GraphCodes:
         self.coarse = np.load(folder / GRAPH_COARSE)
         self.store = VectorStore(folder, layout["vector_segments"])
         self.lists = [np.load(folder / lists_name(i), mmap_mode="r") for i in layout["vector_segments"]]
+        self._since_release = 0
 
     def list_of(self, ids: np.ndarray) -> np.ndarray:
         """The list each indexed id was added to."""
@@ -104,19 +106,25 @@ class GraphCodes:
 
     def probes(self, ids: np.ndarray, vectors: np.ndarray, breadth: int) -> tuple[np.ndarray, np.ndarray]:
         """Each row's ``breadth`` lists to scan and its inner products with their centroids:
-        the best of its own list's nearest centroids (rows grouped by list)."""
-        own = self.list_of(ids)
-        width = min(breadth, self.coarse.shape[1])
-        lists = np.empty((len(ids), width), np.int64)
-        sims = np.empty((len(ids), width), np.float32)
-        order = np.argsort(own, kind="stable")
-        bounds = np.flatnonzero(np.diff(own[order])) + 1
-        with _simd_only():
-            for rows in np.split(order, bounds):
-                candidates = self.coarse[own[rows[0]]]
-                s, at = faiss.knn(vectors[rows], self.centroids[candidates], width, metric=faiss.METRIC_INNER_PRODUCT)
-                lists[rows], sims[rows] = candidates[at], s
-        return lists, sims
+        the best of the nearest centroids of its own list."""
+        candidates = self.coarse[self.list_of(ids)].astype(np.int64)
+        sims = inner_products_by_idx(vectors, self.centroids, candidates)
+        best = np.argsort(-sims, axis=1, kind="stable")[:, :breadth]
+        return np.take_along_axis(candidates, best, 1), np.take_along_axis(sims, best, 1)
+
+    def refine(self, vectors: np.ndarray, shortlist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The shortlist re-scored by exact inner products: each distinct candidate read and
+        decoded once (rows of one step share many), in id order."""
+        valid = shortlist >= 0
+        unique, inverse = np.unique(shortlist[valid], return_inverse=True)
+        local = np.full(shortlist.shape, -1, np.int64)
+        local[valid] = inverse
+        sims = inner_products_by_idx(vectors, self.store.get(unique), local)
+        best = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        picked = np.take_along_axis(local, best, 1)
+        found = np.where(picked >= 0, unique[np.maximum(picked, 0)], -1)
+        distances = np.where(found >= 0, 1.0 - np.take_along_axis(sims, best, 1), np.inf).astype(np.float32)
+        return distances, found
 
     def search(self, ids: np.ndarray, vectors: np.ndarray, k: int, breadth: int) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(ids, np.int64)
@@ -129,9 +137,23 @@ class GraphCodes:
             lists, sims = self.probes(ids[rows], vectors[rows], breadth)
             self.index.nprobe = lists.shape[1]
             _, candidates = self.index.search_preassigned(vectors[rows], shortlist, lists, sims)
-            distances[rows], found[rows] = refine(self.store, vectors[rows], candidates, k)
-            self.store.release()
+            distances[rows], found[rows] = self.refine(vectors[rows], candidates, k)
+            self._since_release += len(vectors[rows])
+            if self._since_release >= RELEASE_ROWS:
+                self.store.release()
+                self._since_release = 0
         return distances, found
+
+
+def inner_products_by_idx(x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """(n, m) inner products of x[i] with y[ids[i, j]] (-inf where ids is -1): Faiss' SIMD code,
+    each product computed alone (thread- and batch-independent)."""
+    x, y = np.ascontiguousarray(x, np.float32), np.ascontiguousarray(y, np.float32)
+    ids = np.ascontiguousarray(ids, np.int64)
+    out = np.empty(ids.shape, np.float32)
+    faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(y), faiss.swig_ptr(ids),
+                                     x.shape[1], ids.shape[0], ids.shape[1])
+    return out
 
 
 class _simd_only:

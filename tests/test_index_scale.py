@@ -20,11 +20,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from reidx.indexers import build_steps
 from reidx.indexers.build import TEMPLATE, build_index
 from reidx.indexers.bulk_query import bulk_search
 from reidx.indexers.distributed import Executor
 from reidx.indexers.faiss_ops import choose_type, exact_neighbours, recall
+from reidx.indexers.graph_codes import GraphCodes
 from reidx.indexers.knn_graph import graph_recall
+from reidx.indexers.vector_store import VectorStore
 from reidx.indexers.versions import current_version, load_index, read_meta
 from reidx.pipeline.ledger import append, ledger_rows
 from reidx.pipeline.shards import detection_id, iter_shard_batches, shard_schema, shards_dir, write_shard
@@ -179,6 +182,40 @@ def test_nightly_adds_only_new_and_keeps_the_graph_accurate(tmp_path):
     rows, _ = gi.knn_graph().lookup(sample)
     assert graph_recall(rows, exact_neighbours(x[sample], x, 15), 15) >= 0.9
     assert (rows[:, 0] == sample).all()
+
+
+def test_graph_codes_give_batch_independent_rows_and_merge_with_the_deltas(tmp_path, monkeypatch):
+    """Graph rows are searched in the graph codes (4-bit fast-scan in the index's own lists, exact
+    refine): the same rows however they are batched; each nightly adds a graph-codes delta beside
+    the index's, and past MAX_DELTAS both are merged into a new base, rows still accurate."""
+    from dataclasses import asdict
+
+    monkeypatch.setattr(build_steps, "MAX_DELTAS", 2)
+    gallery = tmp_path / "g"
+    parts = [clustered(6000, 3)]
+    add_shards(gallery, parts[0], "base")
+    build_index(gallery, index_type="ivf-sq8", knn_k=15)
+    gi = load_index(gallery, gpu="off")
+    assert gi.meta.graph_files == ["graph.faiss"] and gi.meta.build["knn_breadth"] >= 1
+    codes = GraphCodes(gi.folder, asdict(gi.meta))
+    ids = np.arange(0, 6000, 7)
+    vectors = VectorStore(gi.folder, gi.meta.vector_segments).get(ids)
+    whole = codes.search(ids, vectors, 16, 4)
+    halves = [codes.search(ids[p], vectors[p], 16, 4) for p in (np.s_[300:], np.s_[:300])]
+    assert np.array_equal(whole[1], np.concatenate([halves[1][1], halves[0][1]]))
+    assert np.array_equal(whole[0], np.concatenate([halves[1][0], halves[0][0]]))
+    for night in range(1, 4):
+        parts.append(clustered(600, 20 + night))
+        add_shards(gallery, parts[-1], f"night{night}")
+        assert build_index(gallery, index_type="ivf-sq8", knn_k=15)["mode"] == "incremental"
+    meta = read_meta(current_version(gallery))
+    assert meta.ivf_files == ["index-g3.faiss"] and meta.graph_files == ["graph-g3.faiss"]
+    assert all((current_version(gallery) / f).exists() for f in meta.files())
+    x = np.concatenate(parts)
+    gi = load_index(gallery, gpu="off")
+    sample = np.random.default_rng(2).choice(len(x), 400, replace=False)
+    rows, _ = gi.knn_graph().lookup(sample)
+    assert meta.knn_recall >= 0.9 and graph_recall(rows, exact_neighbours(x[sample], x, 15), 15) >= 0.9
 
 
 def test_memory_budget_chooses_the_index_and_is_recorded(tmp_path):
