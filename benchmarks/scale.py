@@ -341,7 +341,8 @@ def main() -> None:
                 folder = current_version(gallery)
                 result["bytes"] = {"index": folder_bytes(folder, "index") + folder_bytes(folder, "delta"),
                                    "vectors": folder_bytes(folder, "vectors"), "items": folder_bytes(folder, "items"),
-                                   "knn": folder_bytes(folder, "knn"), "shards": folder_bytes(gallery / "shards")}
+                                   "knn": folder_bytes(folder, "knn"), "shards": folder_bytes(gallery / "shards"),
+                                   "graph_codes": folder_bytes(folder, "graph") + folder_bytes(folder, "lists")}
                 n = result["summary"]["persons_added"]
                 result["per_item"] = {"build_us": round(1e6 * result["summary"]["wall_s"] / max(1, n), 2),
                                       "index_bytes": round(result["bytes"]["index"] / result["summary"]["persons"], 1),

@@ -72,7 +72,7 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
         if not shards:
             raise IndexBuildError(f"{gallery} holds no committed shards yet: nothing to index")
         previous = None if rebuild else current_version(gallery)
-        damage = version_problem(previous) if previous else None
+        damage = version_problem(previous, own_files_only=True) if previous else None
         if damage:
             log(f"the live index {previous.name} is damaged ({damage}): building afresh")
             previous = None

@@ -8,7 +8,7 @@ items only (queries keep the index's own search):
 - **lists**: an indexed item's nearest centroids lie among the nearest centroids of the list it
   was added to. The candidates are that list's COARSE_NEIGHBOURS nearest centroids
   (``graph-coarse.npy``, computed once per training), ranked by the item's inner product with
-  them: a few hundred multiply-adds per row instead of a search over every centroid.
+  them: 128 inner products per row instead of a search over every centroid.
 - **codes**: a second code of every vector, product quantisation with 4-d sub-vectors at 4 bits
   (dim/8 bytes), in the *same* lists (the add tasks fill both from one assignment,
   ``ivf_ondisk.add_part``), stored as ordinary IVF files (``graph-*.faiss``: written in parts,
@@ -16,10 +16,10 @@ items only (queries keep the index's own search):
   memory (dim/8 + 8 bytes per vector); its shortlist of max(GRAPH_REFINE × k, 100) is re-scored
   exactly against the stored vectors.
 
-Rows do not depend on the number of workers or on how rows are batched: the candidate ranking is
-Faiss' per-query SIMD inner product, fast-scan distances are integer sums per query, and the
-refine is an exact per-row product. Each list assignment is stored (``lists-<first id>.npy``,
-int32 per vector, beside its vector segment).
+Rows do not depend on the number of workers or on how rows are batched: the centroid ranking and
+the refine are Faiss' SIMD inner products computed pair by pair (``fvec_inner_products_by_idx``,
+no BLAS), and fast-scan distances are integer sums per query. Each vector's list is stored
+(``lists-<first id>.npy``, int32, beside its vector segment). Measured: ``benchmarks/graph_step.py``.
 """
 
 from __future__ import annotations

@@ -147,6 +147,13 @@ def publish(gallery: Path, index: faiss.Index, items: pa.Table, knn: tuple[np.nd
     return publish_folder(gallery, tmp, meta)
 
 
+def _records_of(folder: Path | None) -> dict:
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("file_records", {}) if folder else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def publish_folder(gallery: Path, tmp: Path, meta: IndexMeta) -> Path:
     """Write meta.json into a complete staging folder, rename it into place and point CURRENT at
     it; keep the previous version for queries still reading it, remove older ones. The folder's
@@ -154,12 +161,14 @@ def publish_folder(gallery: Path, tmp: Path, meta: IndexMeta) -> Path:
     root = index_root(gallery)
     folder = root / meta.version
     names = meta.files() if meta.layout >= 2 else ["index.faiss", "items.parquet", "knn.parquet"]
-    meta.file_records = file_records(tmp, [n for n in names if (tmp / n).is_file()])
+    previous = current_version(gallery)
+    previous_records = _records_of(previous)
+    meta.file_records = file_records(tmp, [n for n in names if (tmp / n).is_file()], meta.version, previous,
+                                     previous_records)
     write_text_atomic(tmp / "meta.json", json.dumps(asdict(meta), indent=2))
     fsync_dir(tmp)
     os.replace(tmp, folder)
     fsync_dir(root)
-    previous = current_version(gallery)
     write_text_atomic(root / CURRENT, meta.version)
     keep = {meta.version, previous.name if previous else None}
     for old in root.glob("v-*"):
