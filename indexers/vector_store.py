@@ -16,17 +16,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from reidx.pipeline.embedding_table import as_float32
+
 DEFAULT_SCAN_ROWS = 262144  # rows per block of an exact scan: 512 MiB of float32 × 512
-
-
-def as_float32(vectors: np.ndarray) -> np.ndarray:
-    """float32 rows; float16 through Faiss' fp16 decoder (F16C, threaded: 3× numpy's cast, and
-    numpy's is 10× slower again on the subnormals that small embedding values become), bit-equal."""
-    if vectors.dtype != np.float16 or not vectors.size:
-        return vectors.astype(np.float32, copy=False)
-    decoder = faiss.ScalarQuantizer(vectors.shape[-1], faiss.ScalarQuantizer.QT_fp16)
-    flat = np.ascontiguousarray(vectors).reshape(-1, vectors.shape[-1])
-    return decoder.decode(flat.view(np.uint8)).reshape(vectors.shape)
 
 
 def segment_name(first_id: int) -> str:
