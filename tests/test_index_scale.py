@@ -218,6 +218,36 @@ def test_graph_codes_give_batch_independent_rows_and_merge_with_the_deltas(tmp_p
     assert meta.knn_recall >= 0.9 and graph_recall(rows, exact_neighbours(x[sample], x, 15), 15) >= 0.9
 
 
+def test_a_nightly_hashes_only_new_files_and_still_catches_a_changed_one(tmp_path):
+    """file_records of hard-linked files are carried from the version they came from; the nightly
+    hashes the files the live version wrote itself (a flipped byte there forces a full rebuild) and
+    only sizes the older ones, which `reidx verify`'s full check covers."""
+    from reidx.pipeline.integrity import version_problem
+
+    gallery = tmp_path / "g"
+    add_shards(gallery, clustered(5000, 4), "base")
+    build_index(gallery, index_type="ivf-flat", knn_k=10)
+    first = read_meta(current_version(gallery))
+    add_shards(gallery, clustered(500, 5), "night1")
+    assert build_index(gallery, index_type="ivf-flat", knn_k=10)["mode"] == "incremental"
+    folder = current_version(gallery)
+    meta = read_meta(folder)
+    records = meta.file_records
+    assert records["index.faiss"] == first.file_records["index.faiss"]  # carried, not hashed again
+    assert records["index.faiss"]["written_by"] == first.version
+    assert records["delta-g1.faiss"]["written_by"] == meta.version
+    for name, change in (("index.faiss", "old"), ("delta-g1.faiss", "own")):
+        data = bytearray((folder / name).read_bytes())
+        data[-9] ^= 0xFF  # same size, one byte changed (in an id: the file still reads)
+        (folder / name).write_bytes(bytes(data))
+        quick, full = version_problem(folder, own_files_only=True), version_problem(folder)
+        assert "checksum" in full
+        assert (quick is None) if change == "old" else ("checksum" in quick)
+    add_shards(gallery, clustered(500, 6), "night2")
+    assert build_index(gallery, index_type="ivf-flat", knn_k=10)["reason"] and \
+        read_meta(current_version(gallery)).build["mode"] == "full"
+
+
 def test_memory_budget_chooses_the_index_and_is_recorded(tmp_path):
     assert choose_type("auto", 50_000, 512, 1 << 30)[0] == "flat"
     assert choose_type("auto", 50_000, 512, 50 << 20)[0] == "ivf-sq8"
