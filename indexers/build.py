@@ -161,7 +161,8 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
         built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         build={"staging": str(tmp), "generation": 0, "knn_recall_built": knn_recall,
                "knn_breadth": layout.get("knn_breadth")},
-        layout=2, ivf_files=ivf_files, graph_files=graph_files, vector_segments=segments, item_segments=segments, knn_layers=layers,
+        layout=2, ivf_files=ivf_files, graph_files=graph_files, vector_segments=segments, item_segments=segments,
+        knn_layers=layers,
         refine_factor=layout["refine_factor"], memory_budget=ctx["budget"],
         expected_bytes=expected_bytes(kind, total, store.dim, nlist_used), choice=f"{kind}: {why}",
         knn_recall=knn_recall, quantizer=_quantizer(nlist_used), rerank_profile=profile)
@@ -222,7 +223,8 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     built_recall = old.build.get("knn_recall_built")
     if old.knn_k:
         knn_recall = steps.graph_check(tmp, layers, total, old.knn_k, ids, truth_ids)
-        floor = max(steps.KNN_MIN_RECALL, min(built_recall or 0, steps.KNN_TARGET_RECALL) - steps.KNN_MAX_DRIFT)
+        target = steps.KNN_TARGET_RECALL if layout.get("knn_breadth") else 1.0  # exact rows (flat) stay exact
+        floor = max(steps.KNN_MIN_RECALL, min(built_recall or 0, target) - steps.KNN_MAX_DRIFT)
         if knn_recall < floor:
             log(f"graph recall@{old.knn_k} {knn_recall} < {floor:.3f}: recomputing every row")
             for name in layers:
@@ -235,7 +237,8 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     meta = IndexMeta(**{**asdict(old), "version": version, "count": total, "nprobe": nprobe,
                         "recall_at_10": round(r10, 4), "recall_at_100": round(r100, 4), "shards": shards,
                         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                        "ivf_files": ivf_files, "graph_files": graph_files, "vector_segments": segments, "item_segments": segments,
+                        "ivf_files": ivf_files, "graph_files": graph_files, "vector_segments": segments,
+                        "item_segments": segments,
                         "knn_layers": layers, "knn_recall": knn_recall, "memory_budget": ctx["budget"],
                         "expected_bytes": expected_bytes(old.type, total, old.dim, old.nlist),
                         "rerank_profile": steps.rerank_profile(tmp, layers, total, old.knn_k) if old.knn_k else None})
@@ -271,7 +274,8 @@ def _calibrate_graph(folder: Path, layout: dict, k: int, ids, truth_ids, log) ->
     breadth, got = steps.graph_breadth(folder, layout, k, ids, truth_ids, breadth_start(layout["type"]), limit)
     layout["knn_breadth"] = breadth
     codes = "graph codes" if layout.get("graph_files") else "the index"
-    log(f"graph rows searched in {codes} at breadth {breadth} (sampled recall@{k} {got}; queries use {layout['nprobe']})")
+    log(f"graph rows searched in {codes} at breadth {breadth} (sampled recall@{k} {got}; "
+        f"queries use {layout['nprobe']})")
 
 
 def _merge_deltas(folder: Path, template: bytes, files: list[str], base: str, log) -> list[str]:
