@@ -206,7 +206,8 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
             if graph_files:
                 graph_files = _merge_deltas(tmp, templates[1], graph_files, f"graph-g{generation}.faiss", log)
     layout = {"type": old.type, "nlist": old.nlist, "ivf_files": ivf_files, "vector_segments": segments,
-              "nprobe": old.nprobe, "refine_factor": old.refine_factor, "graph_files": graph_files}
+              "nprobe": old.nprobe, "refine_factor": old.refine_factor, "graph_files": graph_files,
+              "knn_exact_coarse": True}  # new items' lists by the quantizer (graph_codes.exact_probes)
     layers, knn_recall, built_recall, touched, repaired = list(old.knn_layers), None, None, 0, False
     nprobe, r10, r100, ids, truth_ids, new_ids, new_truth = _calibrate(
         tmp, layout, store, breadth_limit(old.type, old.nlist), old.nprobe or breadth_start(old.type),
@@ -243,7 +244,8 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
                         "expected_bytes": expected_bytes(old.type, total, old.dim, old.nlist),
                         "rerank_profile": steps.rerank_profile(tmp, layers, total, old.knn_k) if old.knn_k else None})
     meta.build = {"staging": str(tmp), "generation": generation, "knn_recall_built": built_recall,
-                  "knn_rows_updated": touched, "knn_repaired": repaired, "knn_breadth": layout.get("knn_breadth")}
+                  "knn_rows_updated": touched, "knn_repaired": repaired, "knn_breadth": layout.get("knn_breadth"),
+                  "knn_exact_coarse": bool(layout.get("graph_files"))}
     return meta
 
 
@@ -269,7 +271,7 @@ def _calibrate_graph(folder: Path, layout: dict, k: int, ids, truth_ids, log) ->
     limit = breadth_limit(layout["type"], layout.get("nlist"))
     if not limit:
         return
-    if layout.get("graph_files"):
+    if layout.get("graph_files") and not layout.get("knn_exact_coarse"):
         limit = min(limit, graph_codes.COARSE_NEIGHBOURS)
     breadth, got = steps.graph_breadth(folder, layout, k, ids, truth_ids, breadth_start(layout["type"]), limit)
     layout["knn_breadth"] = breadth

@@ -128,7 +128,8 @@ def graph_search(folder: Path, layout: dict):
     the graph codes where the version has them, else the index as queries search it."""
     if layout.get("graph_files"):
         codes = open_graph_codes(folder, layout)
-        return lambda ids, vectors, k: codes.search(ids, vectors, k, layout["knn_breadth"])
+        exact = bool(layout.get("knn_exact_coarse"))
+        return lambda ids, vectors, k: codes.search(ids, vectors, k, layout["knn_breadth"], exact)
     searcher = open_searcher(folder, layout)
     return lambda ids, vectors, k: searcher.search(vectors, k, layout.get("knn_breadth") or layout["nprobe"])
 

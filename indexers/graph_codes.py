@@ -94,6 +94,19 @@ class GraphCodes:
         self.store = VectorStore(folder, layout["vector_segments"])
         self.lists = [np.load(folder / lists_name(i), mmap_mode="r") for i in layout["vector_segments"]]
         self._since_release = 0
+        self._index_files = [folder / f for f in layout["ivf_files"]]
+        self._mapped_index = None
+
+    def exact_probes(self, vectors: np.ndarray, breadth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's ``breadth`` nearest lists by the index's own coarse quantizer (HNSW or flat,
+        per-query SIMD): for a nightly's new items, whose own list's neighbours miss lists they need
+        (benchmarks/graph_new_items.py: recall@30 0.975 against 0.949 at 32 lists, 5M)."""
+        if self._mapped_index is None:  # maps the lists, loads only the quantizer
+            self._mapped_index = open_ivf(self._index_files)
+        quantizer = faiss.extract_index_ivf(self._mapped_index.index).quantizer
+        with _simd_only():
+            sims, lists = quantizer.search(vectors, min(breadth, self.index.nlist))
+        return lists, sims
 
     def list_of(self, ids: np.ndarray) -> np.ndarray:
         """The list each indexed id was added to."""
@@ -126,7 +139,10 @@ class GraphCodes:
         distances = np.where(found >= 0, 1.0 - np.take_along_axis(sims, best, 1), np.inf).astype(np.float32)
         return distances, found
 
-    def search(self, ids: np.ndarray, vectors: np.ndarray, k: int, breadth: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, ids: np.ndarray, vectors: np.ndarray, k: int, breadth: int,
+               exact_coarse: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of indexed ``ids``: probes from their own list's neighbours, or (``exact_coarse``)
+        from the index's quantizer."""
         ids = np.asarray(ids, np.int64)
         vectors = np.ascontiguousarray(vectors, np.float32)
         shortlist = max(GRAPH_REFINE * k, REFINE_MIN_SHORTLIST)
@@ -134,7 +150,10 @@ class GraphCodes:
         found = np.empty((len(ids), k), np.int64)
         for a in range(0, len(ids), ROWS_PER_STEP):
             rows = slice(a, a + ROWS_PER_STEP)
-            lists, sims = self.probes(ids[rows], vectors[rows], breadth)
+            if exact_coarse:
+                lists, sims = self.exact_probes(vectors[rows], breadth)
+            else:
+                lists, sims = self.probes(ids[rows], vectors[rows], breadth)
             self.index.nprobe = lists.shape[1]
             _, candidates = self.index.search_preassigned(vectors[rows], shortlist, lists, sims)
             distances[rows], found[rows] = self.refine(vectors[rows], candidates, k)
