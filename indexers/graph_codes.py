@@ -30,7 +30,7 @@ import faiss
 import numpy as np
 
 from reidx.indexers.ivf_ondisk import open_ivf, template_bytes
-from reidx.indexers.searcher import REFINE_MIN_SHORTLIST
+from reidx.indexers.searcher import REFINE_MIN_SHORTLIST, thread_independent
 from reidx.indexers.vector_store import VectorStore
 
 GRAPH_TEMPLATE = "graph-template.faiss"  # trained, empty: nightly parts are copies of it
@@ -70,7 +70,7 @@ def train_graph_codes(template: bytes, sample: np.ndarray, seed: int) -> tuple[b
         sample = sample[np.sort(np.random.default_rng(seed).choice(len(sample), TRAIN_POINTS, replace=False))]
     codes.train(np.ascontiguousarray(sample, np.float32))
     width = min(COARSE_NEIGHBOURS, int(ivf.nlist))
-    with _simd_only():
+    with thread_independent():
         _, neighbours = faiss.knn(centroids, centroids, width, metric=faiss.METRIC_INNER_PRODUCT)
     return template_bytes(codes), neighbours.astype(np.int32)
 
@@ -104,7 +104,7 @@ class GraphCodes:
         if self._mapped_index is None:  # maps the lists, loads only the quantizer
             self._mapped_index = open_ivf(self._index_files)
         quantizer = faiss.extract_index_ivf(self._mapped_index.index).quantizer
-        with _simd_only():
+        with thread_independent():
             sims, lists = quantizer.search(vectors, min(breadth, self.index.nlist))
         return lists, sims
 
@@ -173,18 +173,6 @@ def inner_products_by_idx(x: np.ndarray, y: np.ndarray, ids: np.ndarray) -> np.n
     faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(x), faiss.swig_ptr(y), faiss.swig_ptr(ids),
                                      x.shape[1], ids.shape[0], ids.shape[1])
     return out
-
-
-class _simd_only:
-    """Inner products by Faiss' per-query SIMD code, not BLAS: BLAS' last bits depend on its thread
-    count and on the batch, and near-ties would then rank candidates differently per worker."""
-
-    def __enter__(self):
-        self.saved = faiss.cvar.distance_compute_blas_threshold
-        faiss.cvar.distance_compute_blas_threshold = 1 << 30
-
-    def __exit__(self, *exc):
-        faiss.cvar.distance_compute_blas_threshold = self.saved
 
 
 _OPEN: dict[tuple, GraphCodes] = {}

@@ -51,15 +51,16 @@ class Searcher:
     def search(self, vectors: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         set_nprobe(self.index, nprobe or self.nprobe)
         vectors = np.ascontiguousarray(vectors, np.float32)
-        with _thread_independent(self.flat_quantizer):
+        with thread_independent(self.flat_quantizer):
             if not self.refine_factor or self.store is None:
                 return search(self.index, vectors, k)
             _, shortlist = search(self.index, vectors, max(k * self.refine_factor, REFINE_MIN_SHORTLIST))
         return refine(self.store, vectors, shortlist, k)
 
 
-class _thread_independent:
-    """Coarse distances without BLAS while searching an IVF index with a flat quantizer.
+class thread_independent:
+    """Inner products without BLAS: while searching an IVF index with a flat quantizer, and in
+    the graph codes' coarse steps (``indexers.graph_codes``).
 
     Faiss computes a batch's query-centroid products with BLAS, whose last bits depend on its
     thread count; IVF distances include that product, so a Dask worker (1 thread) and the driver
@@ -69,7 +70,7 @@ class _thread_independent:
     result then depended on the batch it came in — bulk queries cut into chunks differed.)
     """
 
-    def __init__(self, active: bool):
+    def __init__(self, active: bool = True):
         self.active = active
 
     def __enter__(self):
