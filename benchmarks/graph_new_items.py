@@ -21,7 +21,7 @@ import faiss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / ".pyroot"))
 
-from reidx.indexers import build_steps as steps  # noqa: E402
+from reidx.indexers.check_sample import sample_ids  # noqa: E402
 from reidx.indexers.graph_codes import GraphCodes  # noqa: E402
 from reidx.indexers.ivf_ondisk import open_ivf  # noqa: E402
 from reidx.indexers.knn_graph import graph_recall, knn_rows  # noqa: E402
@@ -40,7 +40,7 @@ def main() -> None:
     meta = read_meta(folder)
     k = meta.knn_k
     store = VectorStore(folder, meta.vector_segments)
-    ids = args.first_new + steps.sample_ids(store.count - args.first_new, args.seed, args.sample)
+    ids = args.first_new + sample_ids(store.count - args.first_new, args.seed, args.sample)
     vectors = store.get(ids)
     _, truth = exact_search(store, vectors, k + 1)
     codes = GraphCodes(folder, asdict(meta))

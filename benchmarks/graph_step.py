@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / ".pyroot"))
 
 from reidx.indexers import build_steps as steps  # noqa: E402
 from reidx.indexers.build_tasks import KNN_BLOCK, graph_search  # noqa: E402
+from reidx.indexers.check_sample import exact_check, sample_ids  # noqa: E402
 from reidx.indexers.faiss_ops import breadth_limit, breadth_start  # noqa: E402
 from reidx.indexers.graph_codes import COARSE_NEIGHBOURS  # noqa: E402
 from reidx.indexers.knn_graph import knn_rows  # noqa: E402
@@ -48,9 +49,8 @@ def main() -> None:
     layout = asdict(meta)
     k = meta.knn_k
     store = VectorStore(folder, meta.vector_segments)
-    ids = steps.sample_ids(store.count, args.seed)
-    queries, truth_ids = steps.truth(store, ids)
-    del queries
+    check = exact_check(store, sample_ids(store.count, args.seed))
+    ids, truth_ids = check.ids, check.truth_ids
     ways = {"graph_codes": dict(layout), "index_search": {**layout, "graph_files": []}}
     limit = breadth_limit(meta.type, meta.nlist)
     out = {"gallery": str(args.gallery), "version": meta.version, "count": meta.count, "type": meta.type,

@@ -20,6 +20,8 @@ import numpy as np
 
 from reidx.indexers import build_steps as steps
 from reidx.indexers import graph_codes
+from reidx.indexers.check_sample import (CHECK_SAMPLE, NEW_CHECK_SAMPLE, CheckSample, check_name, exact_check,
+                                         extend_check, sample_ids)
 from reidx.indexers.distributed import Executor
 from reidx.indexers.faiss_ops import (DEFAULT_KNN, IN_MEMORY_TYPES, IVF_TYPES, REFINE_FACTOR, RETRAIN_GROWTH,
                                       TARGET_RECALL_AT_100, HNSW_QUANTIZER_MIN_NLIST, IndexBuildError, breadth_limit,
@@ -144,15 +146,18 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
         steps.add_and_merge(executor, tmp, segments, templates, ivf_files + graph_files)
     layout = {"type": kind, "nlist": nlist_used, "ivf_files": ivf_files, "vector_segments": segments, "nprobe": None,
               "refine_factor": REFINE_FACTOR if kind == "ivf-pq" else None, "graph_files": graph_files}
-    nprobe, r10, r100, ids, truth_ids, _, _ = _calibrate(tmp, layout, store, breadth_limit(kind, nlist_used),
-                                                         breadth_start(kind), seed, log)
+    log(f"exact neighbours of {min(CHECK_SAMPLE, total)} sampled items (one pass over the vectors)")
+    check = exact_check(store, sample_ids(total, seed))
+    check.save(tmp / check_name(0))
+    nprobe, r10, r100 = _calibrate(tmp, layout, store, check, breadth_limit(kind, nlist_used), breadth_start(kind),
+                                   log)
     layout["nprobe"] = nprobe
     layers, knn_recall = [], None
     if knn_k:
-        _calibrate_graph(tmp, layout, knn_k, ids, truth_ids, log)
+        _calibrate_graph(tmp, layout, knn_k, check, log)
         log(f"computing each item's {knn_k} nearest neighbours")
         layers = steps.graph_ranges(executor, tmp, layout, knn_k, 0, total, "g0", ctx["task_rows"])
-        knn_recall = steps.graph_check(tmp, layers, total, knn_k, ids, truth_ids)
+        knn_recall = steps.graph_check(tmp, layers, total, knn_k, check.ids, check.truth_ids)
     profile = steps.rerank_profile(tmp, layers, total, knn_k) if knn_k else None
     return IndexMeta(
         version=version, type=kind, metric="inner_product", dim=store.dim, embedder=embedder[0],
@@ -162,7 +167,7 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
         build={"staging": str(tmp), "generation": 0, "knn_recall_built": knn_recall,
                "knn_breadth": layout.get("knn_breadth")},
         layout=2, ivf_files=ivf_files, graph_files=graph_files, vector_segments=segments, item_segments=segments,
-        knn_layers=layers,
+        knn_layers=layers, check_file=check_name(0),
         refine_factor=layout["refine_factor"], memory_budget=ctx["budget"],
         expected_bytes=expected_bytes(kind, total, store.dim, nlist_used), choice=f"{kind}: {why}",
         knn_recall=knn_recall, quantizer=_quantizer(nlist_used), rerank_profile=profile)
@@ -176,7 +181,7 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     version, generation = version_name(), old.build.get("generation", 0) + 1
     tmp = staging_folder(gallery, version)
     in_memory = old.type in IN_MEMORY_TYPES
-    keep = [f for f in old.files() if not (in_memory and f == "index.faiss")]
+    keep = [f for f in old.files() if not (in_memory and f == "index.faiss") and f != old.check_file]
     for name in keep + ([] if in_memory else [TEMPLATE]):
         link_or_copy(previous / name, tmp / name)
     groups = steps.plan_groups(gallery, new_shards, ctx["task_rows"])
@@ -209,12 +214,13 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
               "nprobe": old.nprobe, "refine_factor": old.refine_factor, "graph_files": graph_files,
               "knn_exact_coarse": True}  # new items' lists by the quantizer (graph_codes.exact_probes)
     layers, knn_recall, built_recall, touched, repaired = list(old.knn_layers), None, None, 0, False
-    nprobe, r10, r100, ids, truth_ids, new_ids, new_truth = _calibrate(
-        tmp, layout, store, breadth_limit(old.type, old.nlist), old.nprobe or breadth_start(old.type),
-        seed + generation, log, new_from=old.count)
+    check, new_check = _grown_check(previous, old, store, [seed, generation], log)
+    check.save(tmp / check_name(generation))
+    nprobe, r10, r100 = _calibrate(tmp, layout, store, check, breadth_limit(old.type, old.nlist),
+                                   old.nprobe or breadth_start(old.type), log)
     layout["nprobe"] = nprobe
     if old.knn_k:  # the graph breadth calibrated on sampled new items: their rows as accurate as a build's
-        _calibrate_graph(tmp, layout, old.knn_k, new_ids, new_truth, log)
+        _calibrate_graph(tmp, layout, old.knn_k, new_check, log)
         new_layers = steps.graph_ranges(executor, tmp, layout, old.knn_k, old.count, total,
                                         f"g{generation}", ctx["task_rows"])
         reverse, touched = steps.reverse_layer(tmp, old.knn_layers, new_layers, old.count, total, old.knn_k,
@@ -223,7 +229,7 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
         log(f"graph: {total - old.count} new rows, {touched} old rows gained a new neighbour")
     built_recall = old.build.get("knn_recall_built")
     if old.knn_k:
-        knn_recall = steps.graph_check(tmp, layers, total, old.knn_k, ids, truth_ids)
+        knn_recall = steps.graph_check(tmp, layers, total, old.knn_k, check.ids, check.truth_ids)
         target = steps.KNN_TARGET_RECALL if layout.get("knn_breadth") else 1.0  # exact rows (flat) stay exact
         floor = max(steps.KNN_MIN_RECALL, min(built_recall or 0, target) - steps.KNN_MAX_DRIFT)
         if knn_recall < floor:
@@ -233,7 +239,7 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
                     (tmp / f).unlink()
             layers = steps.graph_ranges(executor, tmp, layout, old.knn_k, 0, total,
                                         f"g{generation}r", ctx["task_rows"])
-            knn_recall = built_recall = steps.graph_check(tmp, layers, total, old.knn_k, ids, truth_ids)
+            knn_recall = built_recall = steps.graph_check(tmp, layers, total, old.knn_k, check.ids, check.truth_ids)
             repaired = True
     meta = IndexMeta(**{**asdict(old), "version": version, "count": total, "nprobe": nprobe,
                         "recall_at_10": round(r10, 4), "recall_at_100": round(r100, 4), "shards": shards,
@@ -241,6 +247,7 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
                         "ivf_files": ivf_files, "graph_files": graph_files, "vector_segments": segments,
                         "item_segments": segments,
                         "knn_layers": layers, "knn_recall": knn_recall, "memory_budget": ctx["budget"],
+                        "check_file": check_name(generation),
                         "expected_bytes": expected_bytes(old.type, total, old.dim, old.nlist),
                         "rerank_profile": steps.rerank_profile(tmp, layers, total, old.knn_k) if old.knn_k else None})
     meta.build = {"staging": str(tmp), "generation": generation, "knn_recall_built": built_recall,
@@ -249,31 +256,40 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
     return meta
 
 
-def _calibrate(folder: Path, layout: dict, store: VectorStore, limit: int | None, start: int, seed: int, log,
-               new_from: int | None = None):
-    """The sample check: exact top-100 of CHECK_SAMPLE items (one streamed pass over the vectors),
-    the search breadth (IVF nprobe, HNSW efSearch) calibrated from ``start`` up to ``limit``;
-    (breadth, recall@10, recall@100, sample ids, truth, new ids, their truth). With ``new_from``, up
-    to CHECK_SAMPLE items from that id on are sampled too, their truth from the same pass."""
-    ids = steps.sample_ids(store.count, seed)
-    new_ids = np.zeros(0, np.int64) if new_from is None else new_from + steps.sample_ids(store.count - new_from, seed)
-    queries, truth_ids = steps.truth(store, np.concatenate([ids, new_ids]))
-    queries, truth_ids, new_truth = queries[:len(ids)], truth_ids[:len(ids)], truth_ids[len(ids):]
-    nprobe, r10, r100 = steps.calibrate(Searcher(folder, layout), queries, truth_ids, limit, start)
+def _grown_check(previous: Path, old: IndexMeta, store: VectorStore, seed, log) -> tuple[CheckSample, CheckSample]:
+    """(the check sample of the grown gallery, sampled new items), with exact top-100s: the live
+    version's sample updated from the new rows (O(new), ``indexers.check_sample``); drawn afresh
+    where that version kept none (built before samples were kept)."""
+    if old.check_file and (previous / old.check_file).is_file():
+        kept = CheckSample.load(previous / old.check_file)
+        log(f"exact neighbours of the sample from the {store.count - old.count} new items, and of "
+            f"{NEW_CHECK_SAMPLE} sampled new items (one pass over the vectors)")
+    else:
+        log(f"{old.version} kept no check sample: exact neighbours of {CHECK_SAMPLE} sampled items")
+        kept = exact_check(VectorStore(previous, old.vector_segments), sample_ids(old.count, seed))
+    return extend_check(store, kept, old.count, seed)
+
+
+def _calibrate(folder: Path, layout: dict, store: VectorStore, check: CheckSample, limit: int | None, start: int,
+               log) -> tuple[int | None, float, float]:
+    """The queries' search breadth (IVF nprobe, HNSW efSearch) calibrated on the check sample from
+    ``start`` up to ``limit``; (breadth, recall@10, recall@100)."""
+    nprobe, r10, r100 = steps.calibrate(Searcher(folder, layout), store.get(check.ids), check.truth_ids, limit, start)
     if r100 < TARGET_RECALL_AT_100:
         log(f"warning: recall@100 is {r100:.3f} even at search breadth {nprobe} ({layout['type']} loses "
             f"accuracy in its compression or graph); use ivf-flat or ivf-sq8 for higher recall")
-    return nprobe, r10, r100, ids, truth_ids, new_ids, new_truth
+    return nprobe, r10, r100
 
 
-def _calibrate_graph(folder: Path, layout: dict, k: int, ids, truth_ids, log) -> None:
+def _calibrate_graph(folder: Path, layout: dict, k: int, sample: CheckSample, log) -> None:
     """The graph rows' own search breadth (layout["knn_breadth"]), from the sample; none for flat."""
     limit = breadth_limit(layout["type"], layout.get("nlist"))
     if not limit:
         return
     if layout.get("graph_files") and not layout.get("knn_exact_coarse"):
         limit = min(limit, graph_codes.COARSE_NEIGHBOURS)
-    breadth, got = steps.graph_breadth(folder, layout, k, ids, truth_ids, breadth_start(layout["type"]), limit)
+    breadth, got = steps.graph_breadth(folder, layout, k, sample.ids, sample.truth_ids, breadth_start(layout["type"]),
+                                       limit)
     layout["knn_breadth"] = breadth
     codes = "graph codes" if layout.get("graph_files") else "the index"
     log(f"graph rows searched in {codes} at breadth {breadth} (sampled recall@{k} {got}; "

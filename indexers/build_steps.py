@@ -18,19 +18,18 @@ import faiss
 import numpy as np
 
 from reidx.indexers.build_tasks import add_segment, graph_search, ingest_shards, knn_range
+from reidx.indexers.check_sample import TRUTH_K, sample_ids
 from reidx.indexers.faiss_ops import TARGET_RECALL_AT_100, new_index, recall, train_empty
 from reidx.indexers.ivf_ondisk import merge_parts, template_bytes
 from reidx.indexers.knn_graph import graph_recall, knn_rows, reverse_edges
 from reidx.indexers.knn_store import KnnGraph, write_layer
 from reidx.indexers.rerank_adaptive import gallery_rerank_profile_of
 from reidx.indexers.searcher import Searcher
-from reidx.indexers.vector_store import VectorStore, exact_search
+from reidx.indexers.vector_store import VectorStore
 from reidx.pipeline.shards import shard_row_counts
 
 ROWS_PER_TASK = 250_000  # vectors per ingest/add task: a part of ≤ 250k codes in a worker's memory
 KNN_TASK_ROWS = 250_000
-CHECK_SAMPLE = 1000  # sampled items for calibration and the graph drift check
-TRUTH_K = 100
 KNN_MIN_RECALL = 0.90  # repair the graph below this recall@k, or when it lost KNN_MAX_DRIFT from the target or
 # from its recall when built, whichever is lower (a build's breadth overshoots the target by up to one doubling)
 KNN_MAX_DRIFT = 0.03
@@ -110,16 +109,6 @@ def build_in_memory(kind: str, folder: Path, store: VectorStore, previous: Path 
 
         os.fsync(f.fileno())
     return int(index.ntotal)
-
-
-def sample_ids(count: int, seed: int, size: int = CHECK_SAMPLE) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed).choice(count, size=min(size, count), replace=False))
-
-
-def truth(store: VectorStore, ids: np.ndarray, k: int = TRUTH_K) -> tuple[np.ndarray, np.ndarray]:
-    """The sampled items' vectors and their exact top-k ids (one streamed pass over the store)."""
-    queries = store.get(ids)
-    return queries, exact_search(store, queries, k)[1]
 
 
 def calibrate(searcher: Searcher, queries: np.ndarray, truth_ids: np.ndarray, limit: int | None,

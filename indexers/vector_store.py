@@ -122,12 +122,12 @@ class VectorStore:
 
 
 def exact_search(store: VectorStore, queries: np.ndarray, k: int, rows: int = DEFAULT_SCAN_ROWS,
-                 stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product over the whole store, one block in memory at a time:
-    (cosine distances (Q, k), ids (Q, k)), id -1 where the store holds fewer than k."""
+                 start: int | None = None, stop: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product over the store's ids start..stop-1 (default: all), one block in
+    memory at a time: (cosine distances (Q, k), ids (Q, k)), id -1 where it holds fewer than k."""
     queries = np.ascontiguousarray(queries, np.float32)
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
-    for first, block in store.iter_blocks(rows, stop=stop):
+    for first, block in store.iter_blocks(rows, start=start, stop=stop):
         sims, found = faiss.knn(queries, block, min(k, len(block)), metric=faiss.METRIC_INNER_PRODUCT)
         heap.add_result(sims, np.where(found >= 0, found + first, -1))
     heap.finalize()

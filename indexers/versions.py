@@ -84,6 +84,7 @@ class IndexMeta:
     choice: str = ""  # why this index type
     knn_recall: float | None = None  # measured recall@knn_k of the stored graph on a sample
     quantizer: str = "flat"
+    check_file: str | None = None  # the sample check's items and exact top-100 (indexers.check_sample)
     file_records: dict = field(default_factory=dict)  # {file: {size, sha256}}: `reidx verify` and builds check them
     rerank_profile: dict | None = None  # the gallery's neighbour structure for adaptive re-ranking (issue 15)
 
@@ -100,7 +101,8 @@ class IndexMeta:
 
             graph = self.graph_files + [GRAPH_TEMPLATE, GRAPH_COARSE] + [lists_name(i) for i in self.vector_segments]
         return (list(index_files) + graph + [segment_name(i) for i in self.vector_segments]
-                + [items_name(i) for i in self.item_segments] + [f for n in self.knn_layers for f in layer_files(n)])
+                + [items_name(i) for i in self.item_segments] + [f for n in self.knn_layers for f in layer_files(n)]
+                + ([self.check_file] if self.check_file else []))
 
 
 def read_meta(folder: Path) -> IndexMeta:

@@ -44,6 +44,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -111,12 +112,18 @@ def read_ledger(gallery: str | os.PathLike) -> pa.Table:
 
 def latest(gallery: str | os.PathLike) -> pa.Table:
     """One row per image key: its most recent outcome (a missing source is recorded every night)."""
+    import pyarrow.compute as pc
+
     table = read_ledger(gallery)
     if table.num_rows == 0:
         return table
-    table = table.sort_by([("processed_at", "ascending")])
-    last_index = {key: i for i, key in enumerate(table["image_key"].to_pylist())}
-    return table.take(sorted(last_index.values()))
+    order = pc.sort_indices(table, sort_keys=[("processed_at", "ascending")])  # stable: ties keep part order
+    keys = pc.dictionary_encode(table["image_key"].take(order).combine_chunks(),  # hashed in Arrow, not Python
+                                null_encoding="encode")
+    codes = keys.indices.to_numpy(zero_copy_only=False)
+    last = np.full(len(keys.dictionary), -1, np.int64)
+    np.maximum.at(last, codes, np.arange(len(codes)))  # each key's last row in time order
+    return table.take(order.take(pa.array(np.sort(last))))
 
 
 def ledger_counts(gallery: str | os.PathLike) -> dict:

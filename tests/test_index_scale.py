@@ -23,6 +23,7 @@ import pytest
 from reidx.indexers import build_steps
 from reidx.indexers.build import TEMPLATE, build_index
 from reidx.indexers.bulk_query import bulk_search
+from reidx.indexers.check_sample import CheckSample
 from reidx.indexers.distributed import Executor
 from reidx.indexers.faiss_ops import choose_type, exact_neighbours, recall
 from reidx.indexers.graph_codes import GraphCodes
@@ -182,6 +183,15 @@ def test_nightly_adds_only_new_and_keeps_the_graph_accurate(tmp_path):
     rows, _ = gi.knn_graph().lookup(sample)
     assert graph_recall(rows, exact_neighbours(x[sample], x, 15), 15) >= 0.9
     assert (rows[:, 0] == sample).all()
+    # the kept check sample, updated from new rows only each night, is still the exact top-100 of
+    # a uniform sample of the whole gallery (about a third of it drawn from the 10,000 added)
+    check = CheckSample.load(gi.folder / gi.meta.check_file)
+    assert gi.meta.check_file == "check-g5.npz" and sorted(os.listdir(gi.folder)).count("check-g4.npz") == 0
+    assert len(check.ids) == 1000 and len(np.unique(check.ids)) == 1000 and 200 < (check.ids >= 20000).sum() < 470
+    sims = x[check.ids] @ x.T
+    exact = np.argsort(-sims, axis=1, kind="stable")[:, :100]
+    assert np.mean([len(set(a) & set(b)) for a, b in zip(exact, check.truth_ids)]) > 99.9
+    np.testing.assert_allclose(1 - check.truth_dist, np.take_along_axis(sims, exact, 1), atol=1e-5)
 
 
 def test_graph_codes_give_batch_independent_rows_and_merge_with_the_deltas(tmp_path, monkeypatch):
