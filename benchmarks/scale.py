@@ -56,7 +56,9 @@ SHARD_ROWS = 50_000
 
 
 def log(message: str) -> None:
-    print(f"[scale {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    """A timestamped line on stderr, with this process's memory (a build's phases show where it peaks)."""
+    memory = " ".join(f"{k} {v >> 20}M" for k, v in _status().items() if k != "VmRSS")
+    print(f"[scale {time.strftime('%H:%M:%S')} {memory}] {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------- data

@@ -40,6 +40,7 @@ from reidx.pipeline.lock import GalleryLock
 from reidx.pipeline.shards import shard_row_counts, shards_dir
 
 TEMPLATE = "template.faiss"  # the trained, empty IVF index: nightly parts are copies of it
+CALIBRATION_RESIDENT_BYTES = 1 << 30  # mapped list pages a calibration search keeps resident at most
 
 
 def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: int | None = None,
@@ -203,7 +204,8 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
             templates.append((tmp / graph_codes.GRAPH_TEMPLATE).read_bytes())
             deltas.append(f"graph-delta-g{generation}.faiss")
         log(f"adding {total - old.count} detections as {deltas[0]}")
-        steps.add_and_merge(executor, tmp, new_segments, templates, deltas)
+        steps.add_and_merge(executor, tmp, new_segments, templates, deltas,
+                            probes=graph_codes.PROBES_KEPT if graph_files else 0)
         ivf_files.append(deltas[0])
         graph_files += deltas[1:]
         if len(ivf_files) - 1 > steps.MAX_DELTAS:
@@ -227,6 +229,8 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
                                                f"knn-g{generation}-reverse")
         layers += new_layers + ([reverse] if reverse else [])
         log(f"graph: {total - old.count} new rows, {touched} old rows gained a new neighbour")
+    for first in new_segments:  # the add's coarse search, kept for the new rows only: not part of the version
+        (tmp / graph_codes.probes_name(first)).unlink(missing_ok=True)
     built_recall = old.build.get("knn_recall_built")
     if old.knn_k:
         knn_recall = steps.graph_check(tmp, layers, total, old.knn_k, check.ids, check.truth_ids)
@@ -274,7 +278,9 @@ def _calibrate(folder: Path, layout: dict, store: VectorStore, check: CheckSampl
                log) -> tuple[int | None, float, float]:
     """The queries' search breadth (IVF nprobe, HNSW efSearch) calibrated on the check sample from
     ``start`` up to ``limit``; (breadth, recall@10, recall@100)."""
-    nprobe, r10, r100 = steps.calibrate(Searcher(folder, layout), store.get(check.ids), check.truth_ids, limit, start)
+    searcher = Searcher(folder, layout, resident_bytes=CALIBRATION_RESIDENT_BYTES)
+    nprobe, r10, r100 = steps.calibrate(searcher, store.get(check.ids), check.truth_ids, limit, start)
+    log(f"queries search at breadth {nprobe}: sampled recall@10 {r10:.4f}, recall@100 {r100:.4f}")
     if r100 < TARGET_RECALL_AT_100:
         log(f"warning: recall@100 is {r100:.3f} even at search breadth {nprobe} ({layout['type']} loses "
             f"accuracy in its compression or graph); use ivf-flat or ivf-sq8 for higher recall")

@@ -81,12 +81,14 @@ def train(kind: str, sample: np.ndarray, nlist: int, on_gpu: bool, seed: int) ->
     return template_bytes(train_empty(kind, sample, nlist, on_gpu, seed))
 
 
-def add_and_merge(executor, folder: Path, segments: list[int], templates: list[bytes], outs: list[str]) -> int:
+def add_and_merge(executor, folder: Path, segments: list[int], templates: list[bytes], outs: list[str],
+                  probes: int = 0) -> int:
     """Each segment into a part of each template (the index, then the graph codes; parallel, one
-    list assignment), each template's parts merged into its ``outs`` file in id order."""
+    list assignment; ``probes``: each vector's nearest lists kept too), each template's parts
+    merged into its ``outs`` file in id order."""
     parts = [[f".part-{first:012d}-{n}.faiss" for n in range(len(templates))] for first in segments]
-    executor.map(add_segment, [{"folder": str(folder), "first_id": first, "templates": templates, "parts": names}
-                               for first, names in zip(segments, parts)])
+    executor.map(add_segment, [{"folder": str(folder), "first_id": first, "templates": templates, "parts": names,
+                                "probes": probes} for first, names in zip(segments, parts)])
     counts = set()
     for n, (template, out) in enumerate(zip(templates, outs)):
         counts.add(merge_parts(template, [folder / names[n] for names in parts], folder / out))

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from reidx.indexers.distributed import worker_threads
-from reidx.indexers.graph_codes import lists_name, open_graph_codes
+from reidx.indexers.graph_codes import lists_name, open_graph_codes, probes_name
 from reidx.indexers.ivf_ondisk import add_part
 from reidx.indexers.knn_graph import knn_rows
 from reidx.indexers.knn_store import DenseLayerWriter
@@ -92,20 +92,22 @@ def ingest_shards(gallery: str, shards: list[str], first_id: int, folder: str, s
             "sample": np.concatenate(samples) if samples else np.zeros((0, dim), np.float32)}
 
 
-def add_segment(folder: str, first_id: int, templates: list[bytes], parts: list[str],
+def add_segment(folder: str, first_id: int, templates: list[bytes], parts: list[str], probes: int = 0,
                 batch_rows: int = DEFAULT_BATCH_ROWS) -> int:
     """Add one vector segment (ids first_id..) to an empty copy of each trained template (the
     index, then the graph codes) with one list assignment; write them as the IVF ``parts`` and the
-    assignment as ``lists-<first_id>.npy``; returns the count. Memory: the parts' codes plus one batch."""
+    assignment as ``lists-<first_id>.npy``; with ``probes``, each vector's that many nearest lists
+    as ``probes-<first_id>.npy`` too (a nightly's new graph rows, ``graph_codes``). Returns the
+    count. Memory: the parts' codes plus one batch."""
     worker_threads()
     store = VectorStore(Path(folder), [first_id])
     blocks = ((np.arange(first, first + len(v)), v) for first, v in store.iter_blocks(batch_rows))
-    lists = add_part(templates, blocks, [Path(folder) / p for p in parts])
+    nearest = add_part(templates, blocks, [Path(folder) / p for p in parts], max(1, probes))
     if len(templates) > 1:  # graph codes: their rows look up each item's list
-        path = Path(folder) / lists_name(first_id)
-        np.save(path, lists)
-        _fsync(path)
-    return len(lists)
+        for name, array in [(lists_name(first_id), nearest[:, 0])] + [(probes_name(first_id), nearest)] * bool(probes):
+            np.save(Path(folder) / name, np.ascontiguousarray(array))
+            _fsync(Path(folder) / name)
+    return len(nearest)
 
 
 def knn_range(folder: str, layout: dict, start: int, stop: int, k: int, layer: str) -> str:

@@ -42,6 +42,7 @@ GRAPH_REFINE = 4  # the fast-scan shortlist is GRAPH_REFINE × k (at least REFIN
 TRAIN_POINTS = 65536  # 16 centroids per sub-quantizer need few points
 ROWS_PER_STEP = 512  # rows searched per call; their distinct candidates (≤ 512 × 124) are decoded at once
 RELEASE_ROWS = 8192  # the store's mapped pages are released after this many rows (≤ 8192 × 124 KB touched)
+PROBES_KEPT = 32  # a nightly's add keeps each new item's nearest lists (probes-<first id>.npy) for its graph row
 
 
 def supported(kind: str, dim: int, ivf_types) -> bool:
@@ -51,6 +52,10 @@ def supported(kind: str, dim: int, ivf_types) -> bool:
 
 def lists_name(first_id: int) -> str:
     return f"lists-{first_id:012d}.npy"
+
+
+def probes_name(first_id: int) -> str:
+    return f"probes-{first_id:012d}.npy"
 
 
 def train_graph_codes(template: bytes, sample: np.ndarray, seed: int) -> tuple[bytes, np.ndarray]:
@@ -93,6 +98,8 @@ class GraphCodes:
         self.coarse = np.load(folder / GRAPH_COARSE)
         self.store = VectorStore(folder, layout["vector_segments"])
         self.lists = [np.load(folder / lists_name(i), mmap_mode="r") for i in layout["vector_segments"]]
+        self.kept_probes = {int(i): np.load(folder / probes_name(i), mmap_mode="r")
+                            for i in layout["vector_segments"] if (folder / probes_name(i)).is_file()}
         self._since_release = 0
         self._index_files = [folder / f for f in layout["ivf_files"]]
         self._mapped_index = None
@@ -114,10 +121,24 @@ class GraphCodes:
             return lists, sims
         wide = min(2 * breadth, self.index.nlist)
         _, candidates = faiss.knn(vectors, self.centroids, wide, metric=faiss.METRIC_INNER_PRODUCT)  # BLAS
-        candidates = np.sort(candidates, axis=1)
-        sims = inner_products_by_idx(vectors, self.centroids, candidates)
-        best = np.argsort(-sims, axis=1, kind="stable")[:, :breadth]  # ties: the lower list first
-        return np.take_along_axis(candidates, best, 1), np.take_along_axis(sims, best, 1)
+        return self._best_lists(vectors, np.sort(candidates, axis=1), breadth)  # ties: the lower list first
+
+    def kept_probes_of(self, ids: np.ndarray, vectors: np.ndarray, breadth: int):
+        """The ``breadth`` nearest lists the add step kept for these ids (``probes-*.npy``, the
+        quantizer's own top PROBES_KEPT, re-ranked by the SIMD products: the coarse search is not
+        done twice), or None where some id has none kept or ``breadth`` asks for more."""
+        starts = self.store.starts[np.searchsorted(self.store.starts, ids, side="right") - 1]
+        firsts = np.unique(starts)
+        if not self.kept_probes or any(int(f) not in self.kept_probes for f in firsts):
+            return None
+        width = next(iter(self.kept_probes.values())).shape[1]
+        if breadth > width:
+            return None
+        candidates = np.empty((len(ids), width), np.int64)
+        for first in firsts:
+            pick = starts == first
+            candidates[pick] = self.kept_probes[int(first)][ids[pick] - first]
+        return self._best_lists(vectors, np.sort(candidates, axis=1), breadth)
 
     def list_of(self, ids: np.ndarray) -> np.ndarray:
         """The list each indexed id was added to."""
@@ -131,7 +152,11 @@ class GraphCodes:
     def probes(self, ids: np.ndarray, vectors: np.ndarray, breadth: int) -> tuple[np.ndarray, np.ndarray]:
         """Each row's ``breadth`` lists to scan and its inner products with their centroids:
         the best of the nearest centroids of its own list."""
-        candidates = self.coarse[self.list_of(ids)].astype(np.int64)
+        return self._best_lists(vectors, self.coarse[self.list_of(ids)].astype(np.int64), breadth)
+
+    def _best_lists(self, vectors: np.ndarray, candidates: np.ndarray, breadth: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's ``breadth`` best candidate lists by its SIMD inner product with their
+        centroids (ties: the earlier candidate), and those products."""
         sims = inner_products_by_idx(vectors, self.centroids, candidates)
         best = np.argsort(-sims, axis=1, kind="stable")[:, :breadth]
         return np.take_along_axis(candidates, best, 1), np.take_along_axis(sims, best, 1)
@@ -162,7 +187,8 @@ class GraphCodes:
         for a in range(0, len(ids), ROWS_PER_STEP):
             rows = slice(a, a + ROWS_PER_STEP)
             if exact_coarse:
-                lists, sims = self.exact_probes(vectors[rows], breadth)
+                kept = self.kept_probes_of(ids[rows], vectors[rows], breadth)
+                lists, sims = kept if kept is not None else self.exact_probes(vectors[rows], breadth)
             else:
                 lists, sims = self.probes(ids[rows], vectors[rows], breadth)
             self.index.nprobe = lists.shape[1]

@@ -41,26 +41,29 @@ def template_bytes(index: faiss.Index) -> bytes:
     return data
 
 
-def add_part(templates: list[bytes], batches, paths: list[Path]) -> np.ndarray:
+def add_part(templates: list[bytes], batches, paths: list[Path], nearest: int = 1) -> np.ndarray:
     """Fill an empty copy of each template with ``(ids, vectors)`` batches and write it to the
-    matching path (fsynced); returns each vector's list. The lists are assigned once, by the first
-    template's quantizer (as its ``add_with_ids`` would), and every template is filled with that
-    assignment: the kNN-graph codes (``indexers.graph_codes``) share the index's lists.
-    Memory: the parts' codes plus one batch."""
+    matching path (fsynced); returns each vector's ``nearest`` lists by the first template's
+    quantizer, (n, nearest) int32, best first: column 0 is the list it was added to. The lists are
+    assigned once (as that template's ``add_with_ids`` would) and every template is filled with
+    that assignment: the kNN-graph codes (``indexers.graph_codes``) share the index's lists, and
+    a nightly's new graph rows reuse the other columns as their probes (the coarse search done
+    once). Memory: the parts' codes plus one batch."""
     indexes = [faiss.deserialize_index(np.frombuffer(t, np.uint8)) for t in templates]
     quantizer = faiss.extract_index_ivf(indexes[0]).quantizer
     assigned = []
     for ids, vectors in batches:
         vectors = np.ascontiguousarray(vectors, np.float32)
         ids = np.ascontiguousarray(ids, np.int64)
-        lists = np.ascontiguousarray(quantizer.assign(vectors, 1).reshape(-1), np.int64)
+        top = quantizer.assign(vectors, nearest).reshape(len(vectors), nearest)
+        lists = np.ascontiguousarray(top[:, 0], np.int64)
         for index in indexes:
             index.add_core(len(ids), faiss.swig_ptr(vectors), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
-        assigned.append(lists.astype(np.int32))
+        assigned.append(top.astype(np.int32))
     for index, path in zip(indexes, paths):
         faiss.write_index(index, str(path))
         _fsync(path)
-    return np.concatenate(assigned) if assigned else np.zeros(0, np.int32)
+    return np.concatenate(assigned) if assigned else np.zeros((0, nearest), np.int32)
 
 
 class IvfListsFile:
@@ -163,6 +166,36 @@ class MappedIvf:
 
 def open_ivf(paths: list[Path]) -> MappedIvf:
     return MappedIvf([Path(p) for p in paths])
+
+
+def release_pages(paths: list[Path]) -> int:
+    """Drop this process's resident pages of every mapping of these files (Linux
+    ``madvise(MADV_DONTNEED)``; elsewhere nothing): they stay in the page cache, so touching them
+    again is a minor fault, but they stop counting in the process's resident memory. Faiss maps
+    a whole index file and keeps no handle Python could unmap, so a build that searches it
+    (calibration) calls this between query chunks. Mappings are found by inode (hard links and
+    renamed folders included). Returns the bytes advised."""
+    import ctypes
+
+    try:
+        wanted = {(os.stat(p).st_dev, os.stat(p).st_ino) for p in paths}
+        with open("/proc/self/maps") as f:
+            lines = f.readlines()
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return 0
+    advised = 0
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[4] == "0":
+            continue
+        major, minor = (int(x, 16) for x in fields[3].split(":"))
+        if (os.makedev(major, minor), int(fields[4])) not in wanted:
+            continue
+        low, high = (int(x, 16) for x in fields[0].split("-"))
+        if libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), 4) == 0:  # MADV_DONTNEED
+            advised += high - low
+    return advised
 
 
 def list_sizes(paths: list[Path], template: bytes) -> np.ndarray:

@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 
 from reidx.indexers.faiss_ops import search, set_nprobe
-from reidx.indexers.ivf_ondisk import open_ivf
+from reidx.indexers.ivf_ondisk import open_ivf, release_pages
 from reidx.indexers.vector_store import VectorStore
 
 REFINE_MIN_SHORTLIST = 100  # small k (graph rows of 6) still re-rank a useful shortlist
@@ -29,8 +29,9 @@ class Searcher:
     are re-scored with exact inner products against the vectors on disk.
     """
 
-    def __init__(self, folder: Path, layout: dict):
+    def __init__(self, folder: Path, layout: dict, resident_bytes: int | None = None):
         self.folder, self.layout = Path(folder), layout
+        self.resident_bytes = resident_bytes
         self._mapped = None
         if layout["type"] == "flat" or not layout.get("ivf_files"):
             self.index = faiss.read_index(str(self.folder / "index.faiss"))
@@ -49,8 +50,35 @@ class Searcher:
         return int(self.index.ntotal)
 
     def search(self, vectors: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        set_nprobe(self.index, nprobe or self.nprobe)
+        """With ``resident_bytes`` (a build's calibration), queries go in chunks that touch about
+        that many bytes of mapped lists, released after each (:func:`ivf_ondisk.release_pages`):
+        the process's resident memory stays bounded whatever the index size. The results are the
+        same (each query is searched alone: per-query SIMD or HNSW coarse search)."""
         vectors = np.ascontiguousarray(vectors, np.float32)
+        rows = self._chunk_rows(nprobe or self.nprobe)
+        if rows >= len(vectors):
+            return self._search(vectors, k, nprobe)
+        parts = []
+        for start in range(0, len(vectors), rows):
+            parts.append(self._search(vectors[start:start + rows], k, nprobe))
+            self.release()
+        return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+
+    def _chunk_rows(self, nprobe: int | None) -> int:
+        if not self.resident_bytes or self._mapped is None or not nprobe:
+            return 1 << 62
+        ivf = faiss.extract_index_ivf(self.index)
+        list_bytes = max(1.0, ivf.ntotal * (ivf.code_size + 8) / ivf.nlist)
+        return max(1, int(self.resident_bytes // (nprobe * list_bytes)))
+
+    def release(self) -> None:
+        """The mapped lists' (and stored vectors') pages out of this process's resident memory."""
+        release_pages([self.folder / f for f in self.layout["ivf_files"]])
+        if self.store is not None:
+            self.store.release()
+
+    def _search(self, vectors: np.ndarray, k: int, nprobe: int | None) -> tuple[np.ndarray, np.ndarray]:
+        set_nprobe(self.index, nprobe or self.nprobe)
         with thread_independent(self.flat_quantizer):
             if not self.refine_factor or self.store is None:
                 return search(self.index, vectors, k)

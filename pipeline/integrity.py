@@ -76,10 +76,11 @@ def shard_problem(path: Path, sha256: str | None = None, rows: int | None = None
 
 
 def damaged_shards(gallery: str | os.PathLike, names: list[str] | None = None) -> dict[str, str]:
-    """{shard name: what is wrong} for the committed shards (or the given ones)."""
-    from reidx.pipeline.ledger import shard_digests
+    """{shard name: what is wrong} for the committed shards (or the given ones, each against what
+    the ledger recorded when it was committed)."""
+    from reidx.pipeline.ledger import recorded_digests, shard_digests
 
-    digests = shard_digests(gallery)
+    digests = shard_digests(gallery) if names is None else recorded_digests(gallery, names)
     damaged = {}
     for name in sorted(digests if names is None else names):
         sha256, rows = digests.get(name, (None, None))

@@ -187,6 +187,25 @@ def shard_digests(gallery: str | os.PathLike) -> dict[str, tuple[str | None, int
         table["shard_rows"].to_pylist()) if name and status == "ok"}
 
 
+def recorded_digests(gallery: str | os.PathLike, names: list[str]) -> dict[str, tuple[str | None, int | None]]:
+    """(sha256, rows) the ledger recorded for each named shard when it was committed (every row
+    naming a shard records the same pair; (None, None) from a version-1 ledger). Reads three
+    columns, not the whole ledger: a nightly checks its new shards in O(new) + a column scan."""
+    import pyarrow.compute as pc
+
+    wanted = pa.array(sorted(set(names)), pa.string())
+    found: dict[str, tuple[str | None, int | None]] = {}
+    for part in sorted(ledger_dir(gallery).glob("part-*.parquet")):
+        present = set(pq.read_schema(part).names)
+        table = pq.read_table(part, columns=[c for c in ("shard", "shard_sha256", "shard_rows") if c in present])
+        table = table.filter(pc.is_in(table["shard"], value_set=wanted))
+        shas = table["shard_sha256"].to_pylist() if "shard_sha256" in present else [None] * table.num_rows
+        rows = table["shard_rows"].to_pylist() if "shard_rows" in present else [None] * table.num_rows
+        for name, sha, count in zip(table["shard"].to_pylist(), shas, rows):
+            found.setdefault(name, (sha, count))
+    return found
+
+
 def recover(gallery: str | os.PathLike) -> dict:
     """Remove what a crashed run left: temporary files and shards no ledger row names.
 

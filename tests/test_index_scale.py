@@ -130,6 +130,44 @@ def test_out_of_core_ivf_equals_one_in_memory_add(parallel_pair):
     assert str(gi.folder / "index.faiss") in maps
 
 
+def _mapped_rss(path: Path) -> int:
+    """Resident bytes of this process's mappings of ``path`` (from /proc/self/smaps)."""
+    inode, rss, inside = str(os.stat(path).st_ino), 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:
+            inside = fields[4] == inode
+        elif inside and fields[0] == "Rss:":
+            rss += int(fields[1]) * 1024
+    return rss
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="resident pages are read from Linux /proc")
+def test_calibration_search_keeps_mapped_pages_bounded_and_results_equal(parallel_pair):
+    """A searcher with a resident budget searches in chunks and drops the mapped lists' pages after
+    each: same results as one batch, and the index file's pages no longer count as resident."""
+    from dataclasses import asdict
+
+    from reidx.indexers.searcher import Searcher
+
+    x, built = parallel_pair
+    gi = built["single"]
+    path = gi.folder / "index.faiss"
+    whole = Searcher(gi.folder, asdict(gi.meta))
+    expected = whole.search(x[:600], 30, 8)
+    touched = _mapped_rss(path)
+    assert touched > path.stat().st_size // 2
+    whole.release()
+    assert _mapped_rss(path) == 0
+    chunked = Searcher(gi.folder, asdict(gi.meta), resident_bytes=64 << 10)
+    assert 1 < chunked._chunk_rows(8) < 600
+    found = chunked.search(x[:600], 30, 8)
+    assert np.array_equal(found[1], expected[1]) and np.array_equal(found[0], expected[0])
+    # a few 64 KB fault-around blocks may be mapped again right after the last release (seen
+    # with Faiss' OpenMP threads), never the lists the search went through
+    assert _mapped_rss(path) < touched // 2
+
+
 def test_two_worker_dask_build_equals_single_process_build(parallel_pair):
     x, built = parallel_pair
     single, dask = built["single"], built["dask"]
