@@ -55,10 +55,21 @@ sys.path.insert(0, str(HERE))
 SHARD_ROWS = 50_000
 
 
+_PEAK = [0]  # the process's VmHWM over all phases (log() resets the kernel's between phases)
+
+
 def log(message: str) -> None:
-    """A timestamped line on stderr, with this process's memory (a build's phases show where it peaks)."""
-    memory = " ".join(f"{k} {v >> 20}M" for k, v in _status().items() if k != "VmRSS")
+    """A timestamped line on stderr with this process's memory: ``peak`` is the resident peak
+    since the previous line (the kernel's VmHWM, reset after each line through clear_refs), so
+    each phase of a build shows its own peak; ``_status()`` still reports the whole run's."""
+    status = _read_status()
+    _PEAK[0] = max(_PEAK[0], status["VmHWM"])
+    memory = " ".join(f"{'peak' if k == 'VmHWM' else k} {v >> 20}M" for k, v in status.items() if k != "VmRSS")
     print(f"[scale {time.strftime('%H:%M:%S')} {memory}] {message}", file=sys.stderr, flush=True)
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------- data
@@ -135,12 +146,19 @@ def write_gallery_part(gallery: Path, crops: Crops, first_chunk: int, rows: int,
 # ---------------------------------------------------------------- children (measured processes)
 
 
-def _status() -> dict:
+def _read_status() -> dict:
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
             fields[key] = int(value.split()[0]) * 1024
+    return fields
+
+
+def _status() -> dict:
+    """VmHWM (the peak since the process started, whatever log() reset), VmRSS, RssAnon, RssFile."""
+    fields = _read_status()
+    _PEAK[0] = fields["VmHWM"] = max(_PEAK[0], fields["VmHWM"])
     return fields
 
 

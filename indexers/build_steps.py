@@ -67,11 +67,22 @@ def ingest(executor, gallery: Path, groups, first_id: int, folder: Path, sample_
 
 
 def training_sample(ingested: list[dict], size: int, seed: int) -> np.ndarray:
-    """The ingest tasks' samples together, cut to ``size`` rows (seeded)."""
-    sample = np.concatenate([r.pop("sample") for r in ingested])
-    if len(sample) > size:
-        sample = sample[np.sort(np.random.default_rng(seed).choice(len(sample), size, replace=False))]
-    return np.ascontiguousarray(sample)
+    """The ingest tasks' samples together, cut to ``size`` rows (seeded). Each task's part is
+    dropped once copied: memory peaks at the sample plus one part, not twice the sample."""
+    total = sum(len(r["sample"]) for r in ingested)
+    keep = np.sort(np.random.default_rng(seed).choice(total, size, replace=False)) if total > size else None
+    dim = ingested[0]["sample"].shape[1] if ingested else 0
+    sample = np.empty((total if keep is None else len(keep), dim), np.float32)
+    at = filled = 0
+    for r in ingested:
+        part = r.pop("sample")
+        rows = np.arange(at, at + len(part))
+        picked = rows if keep is None else keep[(keep >= at) & (keep < at + len(part))]
+        sample[filled:filled + len(picked)] = part[picked - at]
+        filled += len(picked)
+        at += len(part)
+        del part
+    return sample
 
 
 def train(kind: str, sample: np.ndarray, nlist: int, on_gpu: bool, seed: int) -> bytes:

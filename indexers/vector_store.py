@@ -18,7 +18,7 @@ import numpy as np
 
 from reidx.pipeline.embedding_table import as_float32
 
-DEFAULT_SCAN_ROWS = 262144  # rows per block of an exact scan: 512 MiB of float32 × 512
+DEFAULT_SCAN_ROWS = 131072  # rows per block of an exact scan: 256 MiB of float32 × 512 (plus the read)
 
 
 def segment_name(first_id: int) -> str:
@@ -111,7 +111,7 @@ class VectorStore:
                 parts.append(np.fromfile(f, self.dtype, int(hi - lo) * self.dim).reshape(-1, self.dim))
         if not parts:
             return np.zeros((0, self.dim), np.float32)
-        return as_float32(np.concatenate(parts))
+        return as_float32(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def iter_blocks(self, rows: int = DEFAULT_SCAN_ROWS, start: int | None = None, stop: int | None = None):
         """Yield ``(first id, float32 block)`` over ids start..stop-1 (default: all the store holds)."""

@@ -264,6 +264,22 @@ def test_graph_codes_give_batch_independent_rows_and_merge_with_the_deltas(tmp_p
     sample = np.random.default_rng(2).choice(len(x), 400, replace=False)
     rows, _ = gi.knn_graph().lookup(sample)
     assert meta.knn_recall >= 0.9 and graph_recall(rows, exact_neighbours(x[sample], x, 15), 15) >= 0.9
+    # a nightly's new rows probe the lists its add step kept (probes-*.npy, deleted once used):
+    # the same rows as searching the quantizer again
+    from reidx.indexers.graph_codes import PROBES_KEPT, probes_name
+    from reidx.indexers.ivf_ondisk import add_part
+
+    folder, last = current_version(gallery), meta.vector_segments[-1]
+    assert not list(folder.glob("probes-*.npy"))
+    ids = np.arange(last, meta.count)
+    vectors = VectorStore(folder, meta.vector_segments).get(ids)
+    nearest = add_part([(folder / TEMPLATE).read_bytes()], [(ids, vectors)], [tmp_path / "part.faiss"], PROBES_KEPT)
+    searched = GraphCodes(folder, asdict(meta)).search(ids, vectors, 16, 8, exact_coarse=True)
+    np.save(folder / probes_name(last), nearest)
+    codes = GraphCodes(folder, asdict(meta))
+    assert codes.kept_probes_of(ids, vectors, 8) is not None and codes.kept_probes_of(ids, vectors, 64) is None
+    kept = codes.search(ids, vectors, 16, 8, exact_coarse=True)
+    assert np.array_equal(kept[1], searched[1]) and np.array_equal(kept[0], searched[0])
 
 
 def test_a_nightly_hashes_only_new_files_and_still_catches_a_changed_one(tmp_path):
