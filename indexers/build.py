@@ -20,8 +20,8 @@ import numpy as np
 
 from reidx.indexers import build_steps as steps
 from reidx.indexers import graph_codes
-from reidx.indexers.check_sample import (CHECK_SAMPLE, NEW_CHECK_SAMPLE, CheckSample, check_name, exact_check,
-                                         extend_check, sample_ids)
+from reidx.indexers.check_sample import (CHECK_SAMPLE, NEW_CHECK_SAMPLE, TUNE_SAMPLE, CheckSample, check_name,
+                                         exact_check, extend_check, first_check, sample_ids)
 from reidx.indexers.distributed import Executor
 from reidx.indexers.faiss_ops import (DEFAULT_KNN, IN_MEMORY_TYPES, IVF_TYPES, REFINE_FACTOR, RETRAIN_GROWTH,
                                       TARGET_RECALL_AT_100, HNSW_QUANTIZER_MIN_NLIST, IndexBuildError, breadth_limit,
@@ -147,15 +147,15 @@ def _full(ctx: dict, shards: list[str], kind: str, why: str, nlist: int | None, 
         steps.add_and_merge(executor, tmp, segments, templates, ivf_files + graph_files)
     layout = {"type": kind, "nlist": nlist_used, "ivf_files": ivf_files, "vector_segments": segments, "nprobe": None,
               "refine_factor": REFINE_FACTOR if kind == "ivf-pq" else None, "graph_files": graph_files}
-    log(f"exact neighbours of {min(CHECK_SAMPLE, total)} sampled items (one pass over the vectors)")
-    check = exact_check(store, sample_ids(total, seed))
+    log(f"exact neighbours of {min(CHECK_SAMPLE + TUNE_SAMPLE, total)} sampled items (one pass over the vectors)")
+    check, tune = first_check(store, seed)
     check.save(tmp / check_name(0))
     nprobe, r10, r100 = _calibrate(tmp, layout, store, check, breadth_limit(kind, nlist_used), breadth_start(kind),
                                    log)
     layout["nprobe"] = nprobe
     layers, knn_recall = [], None
     if knn_k:
-        _calibrate_graph(tmp, layout, knn_k, check, log)
+        _calibrate_graph(tmp, layout, knn_k, tune, log)
         log(f"computing each item's {knn_k} nearest neighbours")
         layers = steps.graph_ranges(executor, tmp, layout, knn_k, 0, total, "g0", ctx["task_rows"])
         knn_recall = steps.graph_check(tmp, layers, total, knn_k, check.ids, check.truth_ids)
@@ -216,13 +216,13 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
               "nprobe": old.nprobe, "refine_factor": old.refine_factor, "graph_files": graph_files,
               "knn_exact_coarse": True}  # new items' lists by the quantizer (graph_codes.exact_probes)
     layers, knn_recall, built_recall, touched, repaired = list(old.knn_layers), None, None, 0, False
-    check, new_check = _grown_check(previous, old, store, [seed, generation], log)
+    check, new_tune = _grown_check(previous, old, store, [seed, generation], log)
     check.save(tmp / check_name(generation))
     nprobe, r10, r100 = _calibrate(tmp, layout, store, check, breadth_limit(old.type, old.nlist),
                                    old.nprobe or breadth_start(old.type), log)
     layout["nprobe"] = nprobe
     if old.knn_k:  # the graph breadth calibrated on sampled new items: their rows as accurate as a build's
-        _calibrate_graph(tmp, layout, old.knn_k, new_check, log)
+        _calibrate_graph(tmp, layout, old.knn_k, new_tune, log)
         new_layers = steps.graph_ranges(executor, tmp, layout, old.knn_k, old.count, total,
                                         f"g{generation}", ctx["task_rows"])
         reverse, touched = steps.reverse_layer(tmp, old.knn_layers, new_layers, old.count, total, old.knn_k,
@@ -261,7 +261,7 @@ def _incremental(ctx: dict, previous: Path, old: IndexMeta, new_shards: list[str
 
 
 def _grown_check(previous: Path, old: IndexMeta, store: VectorStore, seed, log) -> tuple[CheckSample, CheckSample]:
-    """(the check sample of the grown gallery, sampled new items), with exact top-100s: the live
+    """(the check sample of the grown gallery, sampled new items to tune on), exact top-100s: the live
     version's sample updated from the new rows (O(new), ``indexers.check_sample``); drawn afresh
     where that version kept none (built before samples were kept)."""
     if old.check_file and (previous / old.check_file).is_file():

@@ -23,7 +23,7 @@ import pytest
 from reidx.indexers import build_steps
 from reidx.indexers.build import TEMPLATE, build_index
 from reidx.indexers.bulk_query import bulk_search
-from reidx.indexers.check_sample import CheckSample
+from reidx.indexers.check_sample import CheckSample, first_check
 from reidx.indexers.distributed import Executor
 from reidx.indexers.faiss_ops import choose_type, exact_neighbours, recall
 from reidx.indexers.graph_codes import GraphCodes
@@ -196,6 +196,10 @@ def test_nightly_adds_only_new_and_keeps_the_graph_accurate(tmp_path):
     first = clustered(20000, 2)
     add_shards(gallery, first, "base")
     build_index(gallery, index_type="ivf-flat", knn_k=15)
+    built = load_index(gallery, gpu="off")
+    check, tune = first_check(VectorStore(built.folder, built.meta.vector_segments), 0)
+    assert (len(check.ids), len(tune.ids)) == (1000, 500) and not set(check.ids) & set(tune.ids)
+    assert np.array_equal(CheckSample.load(built.folder / built.meta.check_file).ids, check.ids)
     everything = [first]
     for night in range(1, 6):
         before = load_index(gallery, gpu="off")
