@@ -103,8 +103,11 @@ def add_segment(folder: str, first_id: int, templates: list[bytes], parts: list[
     store = VectorStore(Path(folder), [first_id])
     blocks = ((np.arange(first, first + len(v)), v) for first, v in store.iter_blocks(batch_rows))
     nearest = add_part(templates, blocks, [Path(folder) / p for p in parts], max(1, probes))
-    if len(templates) > 1:  # graph codes: their rows look up each item's list
-        for name, array in [(lists_name(first_id), nearest[:, 0])] + [(probes_name(first_id), nearest)] * bool(probes):
+    if len(templates) > 1:  # graph codes: their rows look up each item's list (and, in a nightly, its probes)
+        outputs = {lists_name(first_id): nearest[:, 0]}
+        if probes:
+            outputs[probes_name(first_id)] = nearest
+        for name, array in outputs.items():
             np.save(Path(folder) / name, np.ascontiguousarray(array))
             _fsync(Path(folder) / name)
     return len(nearest)

@@ -73,7 +73,7 @@ class Searcher:
 
     def release(self) -> None:
         """The mapped lists' (and stored vectors') pages out of this process's resident memory."""
-        release_pages([self.folder / f for f in self.layout["ivf_files"]])
+        release_pages([self.folder / f for f in self.layout.get("ivf_files") or []])
         if self.store is not None:
             self.store.release()
 
