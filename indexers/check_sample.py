@@ -8,9 +8,8 @@ a nightly
 
 - updates the kept items' top-100 from the new rows only (an old item's exact neighbours among
   old ∪ new are the best of its stored ones and its best among the new: O(new)),
-- keeps the sample uniform over the grown gallery (reservoir: the number of new members is
-  drawn from the hypergeometric law of a fresh uniform sample, the old members they replace at
-  random),
+- keeps the sample uniform over the grown gallery (reservoir: as many new members as a fresh
+  uniform sample of the grown gallery holds, replacing old members chosen at random),
 - and searches, exactly, only NEW_CHECK_SAMPLE sampled new items (the new members among them)
   against the whole store: one streamed read of the vectors with a few hundred queries, the one
   step of a nightly that still reads O(N) bytes (benchmarks/scale.py measures it).
@@ -104,7 +103,9 @@ def extend_check(store: VectorStore, old: CheckSample, old_count: int, seed) -> 
     rng = np.random.default_rng(seed)
     total, new_count = store.count, store.count - old_count
     size = min(CHECK_SAMPLE, total)
-    joining = int(rng.hypergeometric(new_count, old_count, size)) if new_count else 0
+    # how many new items a fresh uniform sample of the grown gallery holds (hypergeometric; drawn
+    # this way because numpy's hypergeometric refuses populations of 10⁹ and more)
+    joining = int((rng.choice(total, size, replace=False) >= old_count).sum()) if new_count else 0
     new = exact_check(store, old_count + sample_ids(new_count, rng, joining + NEW_CHECK_SAMPLE))
     staying = np.sort(rng.choice(len(old.ids), size - joining, replace=False))
     kept = old.rows(staying)

@@ -115,10 +115,10 @@ class GraphCodes:
             self._mapped_index = open_ivf(self._index_files)
         quantizer = faiss.downcast_index(faiss.extract_index_ivf(self._mapped_index.index).quantizer)
         breadth = min(breadth, self.index.nlist)
-        if not isinstance(quantizer, faiss.IndexFlat):
+        if not isinstance(quantizer, faiss.IndexFlat):  # HNSW: its lists, ordered as the kept probes are
             with thread_independent():
-                sims, lists = quantizer.search(vectors, breadth)
-            return lists, sims
+                _, lists = quantizer.search(vectors, breadth)
+            return self._best_lists(vectors, np.sort(lists, axis=1), breadth)
         wide = min(2 * breadth, self.index.nlist)
         _, candidates = faiss.knn(vectors, self.centroids, wide, metric=faiss.METRIC_INNER_PRODUCT)  # BLAS
         return self._best_lists(vectors, np.sort(candidates, axis=1), breadth)  # ties: the lower list first

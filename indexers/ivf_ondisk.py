@@ -174,11 +174,13 @@ def release_pages(paths: list[Path]) -> int:
     again is a minor fault, but they stop counting in the process's resident memory. Faiss maps
     a whole index file and keeps no handle Python could unmap, so a build that searches it
     (calibration) calls this between query chunks. Mappings are found by inode (hard links and
-    renamed folders included). Returns the bytes advised."""
+    renamed folders included) or by path (overlay filesystems show the lower file's device and
+    inode there, not what ``stat`` returns). Returns the bytes advised."""
     import ctypes
 
     try:
         wanted = {(os.stat(p).st_dev, os.stat(p).st_ino) for p in paths}
+        names = {os.path.realpath(p) for p in paths}
         with open("/proc/self/maps") as f:
             lines = f.readlines()
         libc = ctypes.CDLL(None, use_errno=True)
@@ -186,11 +188,11 @@ def release_pages(paths: list[Path]) -> int:
         return 0
     advised = 0
     for line in lines:
-        fields = line.split()
+        fields = line.split(maxsplit=5)
         if len(fields) < 6 or fields[4] == "0":
             continue
         major, minor = (int(x, 16) for x in fields[3].split(":"))
-        if (os.makedev(major, minor), int(fields[4])) not in wanted:
+        if (os.makedev(major, minor), int(fields[4])) not in wanted and fields[5].strip() not in names:
             continue
         low, high = (int(x, 16) for x in fields[0].split("-"))
         if libc.madvise(ctypes.c_void_p(low), ctypes.c_size_t(high - low), 4) == 0:  # MADV_DONTNEED

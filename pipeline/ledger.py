@@ -118,8 +118,8 @@ def latest(gallery: str | os.PathLike) -> pa.Table:
     if table.num_rows == 0:
         return table
     order = pc.sort_indices(table, sort_keys=[("processed_at", "ascending")])  # stable: ties keep part order
-    keys = pc.dictionary_encode(table["image_key"].take(order).combine_chunks(),  # hashed in Arrow, not Python
-                                null_encoding="encode")
+    keys = pc.dictionary_encode(  # hashed in Arrow, not Python; large_string: over 2 GiB of keys in one array
+        table["image_key"].take(order).cast(pa.large_string()).combine_chunks(), null_encoding="encode")
     codes = keys.indices.to_numpy(zero_copy_only=False)
     last = np.full(len(keys.dictionary), -1, np.int64)
     np.maximum.at(last, codes, np.arange(len(codes)))  # each key's last row in time order
@@ -195,6 +195,8 @@ def recorded_digests(gallery: str | os.PathLike, names: list[str]) -> dict[str, 
 
     wanted = pa.array(sorted(set(names)), pa.string())
     found: dict[str, tuple[str | None, int | None]] = {}
+    if not len(wanted):
+        return found
     for part in sorted(ledger_dir(gallery).glob("part-*.parquet")):
         present = set(pq.read_schema(part).names)
         table = pq.read_table(part, columns=[c for c in ("shard", "shard_sha256", "shard_rows") if c in present])

@@ -65,3 +65,24 @@ def test_recover_removes_uncommitted_shards_and_temporary_files(tmp_path):
     assert [p.name for p in shard_files(tmp_path)] == [committed]
     assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [committed]
     assert recover(tmp_path) == {"temporary_files": 0, "orphan_shards": 0}
+
+
+def test_latest_keeps_each_keys_last_row_across_parts_and_ties(tmp_path):
+    """latest() (Arrow dictionary codes) against the plain rule it replaced: sort by time (stable:
+    part order breaks ties), each key's last row, in that order (image_key is never null)."""
+    from datetime import datetime, timedelta, timezone
+
+    from reidx.pipeline.ledger import latest
+
+    rng = np.random.default_rng(7)
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    for part in range(6):
+        rows = [{"image_key": f"k{k}", "source": "s", "member": f"k{k}", "status": str(rng.integers(0, 3)),
+                 "processed_at": start + timedelta(minutes=int(rng.integers(0, 4)))}
+                for k in rng.integers(0, 12, 25)]
+        append(tmp_path, ledger_rows(rows))
+    table = read_ledger(tmp_path).sort_by([("processed_at", "ascending")])
+    last = {key: i for i, key in enumerate(table["image_key"].to_pylist())}
+    expected = table.take(sorted(last.values()))
+    got = latest(tmp_path)
+    assert got.num_rows == len(last) and got.equals(expected)
