@@ -22,7 +22,7 @@ from reidx.indexers.check_sample import TRUTH_K, sample_ids
 from reidx.indexers.faiss_ops import TARGET_RECALL_AT_100, new_index, recall, train_empty
 from reidx.indexers.ivf_ondisk import merge_parts, template_bytes
 from reidx.indexers.knn_graph import graph_recall, knn_rows, reverse_edges
-from reidx.indexers.knn_store import KnnGraph, write_layer
+from reidx.indexers.knn_store import KnnGraph, SparseLayerWriter, layer_files
 from reidx.indexers.rerank_adaptive import gallery_rerank_profile_of
 from reidx.indexers.searcher import Searcher
 from reidx.indexers.vector_store import VectorStore
@@ -171,15 +171,19 @@ def graph_breadth(folder: Path, layout: dict, k: int, ids: np.ndarray, truth_ids
 def reverse_layer(folder: Path, old_layers: list[str], new_layers: list[str], old_count: int, total: int,
                   k: int, name: str) -> tuple[str | None, int]:
     """The sparse layer of old rows that gain a new neighbour (:func:`reverse_edges`); (name, rows).
-    Memory: the new items' rows (O(new · k)) and the touched old rows."""
+    Memory: the new items' rows (O(new · k)) and one block of touched old rows."""
     old = KnnGraph(folder, old_layers, old_count, k)
     new = KnnGraph(folder, new_layers, total, k)
-    new_ids = np.concatenate([np.asarray(ids) for _, ids, _ in new._maps])
-    new_dist = np.concatenate([np.asarray(dist) for _, _, dist in new._maps])
-    rows, ids, dist = reverse_edges(old.lookup, new_ids, new_dist, old_count)
-    if not len(rows):
+    new_ids, new_dist = new.lookup(np.arange(old_count, total))  # the new items' rows, O(new · k)
+    writer = SparseLayerWriter(folder, name, k)
+    for rows, ids, dist in reverse_edges(old.lookup, new_ids, new_dist, old_count):
+        writer.write(rows, ids, dist)
+    writer.close()
+    if not writer.count:
+        for f in layer_files(name):
+            (folder / f).unlink()
         return None, 0
-    return write_layer(folder, name, rows, ids, dist), len(rows)
+    return name, writer.count
 
 
 def graph_check(folder: Path, layers: list[str], count: int, k: int, ids: np.ndarray, truth_ids: np.ndarray) -> float:

@@ -52,27 +52,42 @@ def merge_rows(ids: np.ndarray, dist: np.ndarray, own: np.ndarray, cand_ids: np.
     return np.take_along_axis(merged_ids, best, axis=1), np.take_along_axis(merged_d, best, axis=1)
 
 
-def reverse_edges(lookup, new_ids: np.ndarray, new_dist: np.ndarray, first_new: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+REVERSE_BLOCK_ROWS = 1 << 18  # old rows merged at a time (≈ 100 MB per array of k = 30 rows)
+
+
+def reverse_edges(lookup, new_ids: np.ndarray, new_dist: np.ndarray, first_new: int,
+                  block_rows: int = REVERSE_BLOCK_ROWS):
     """The old items' rows after adding items first_new..: each new item's row (from the ANN
     search that gave its own neighbours) names old items near it; by symmetry of the distance, the
     new item belongs in such an old item's row if it is closer than that row's current k-th.
 
-    ``lookup(rows) -> (ids, dist)`` reads old rows (only the touched ones are read); returns
-    (old item ids, their new rows, distances) for the rows that changed. No old vector is read and
-    no exact old × new search is run: cost O(new · k). What the ANN search missed is what the
-    drift check measures (:func:`graph_recall`).
+    ``lookup(rows) -> (ids, dist)`` reads old rows (only the touched ones are read); yields
+    (old item ids, their new rows, distances) for the rows that changed, in blocks of at most
+    ``block_rows`` touched rows, ids ascending across blocks (memory: the new rows' edges plus one
+    block, not every touched row at once). No old vector is read and no exact old × new search is
+    run: cost O(new · k). What the ANN search missed is what the drift check measures
+    (:func:`graph_recall`).
     """
     k = new_ids.shape[1]
     owners = np.broadcast_to(new_ids[:, :1], new_ids.shape)
     pick = (new_ids >= 0) & (new_ids < first_new)
     targets, sources, dists = new_ids[pick], owners[pick], new_dist[pick]
     if not len(targets):
-        return np.zeros(0, np.int64), np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        return
     order = np.lexsort((sources, dists, targets))  # by target, then distance, then new id
     targets, sources, dists = targets[order], sources[order], dists[order]
+    del order
     rows, starts, counts = np.unique(targets, return_index=True, return_counts=True)
-    rank = np.arange(len(targets)) - np.repeat(starts, counts)
+    for first in range(0, len(rows), block_rows):
+        block = slice(first, first + block_rows)
+        lo = int(starts[first])
+        hi = int(starts[first + block_rows]) if first + block_rows < len(rows) else len(targets)
+        yield _merge_block(lookup, rows[block], starts[block] - lo, counts[block], sources[lo:hi], dists[lo:hi], k)
+
+
+def _merge_block(lookup, rows, starts, counts, sources, dists, k):
+    """One block of :func:`reverse_edges`: each row's k closest new candidates merged into it."""
+    rank = np.arange(len(sources)) - np.repeat(starts, counts)
     keep = rank < k  # a row can take at most k new neighbours
     cand_ids = np.full((len(rows), k), -1, np.int64)
     cand_d = np.full((len(rows), k), np.inf, np.float32)

@@ -15,26 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from reidx.indexers.vector_store import SegmentWriter
+from reidx.indexers.vector_store import MappedRows, SegmentWriter
 
 PARTS = ("rows", "ids", "dist")
 
 
 def layer_files(name: str) -> list[str]:
     return [f"{name}.{part}.npy" for part in PARTS]
-
-
-def write_layer(folder: Path, name: str, rows: np.ndarray, ids: np.ndarray, dist: np.ndarray) -> str:
-    """Write one layer (rows ascending), fsynced; returns its name."""
-    order = np.argsort(rows, kind="stable")
-    for part, array in zip(PARTS, (rows[order].astype(np.int64), ids[order].astype(np.int64),
-                                   dist[order].astype(np.float32))):
-        path = folder / f"{name}.{part}.npy"
-        with open(path, "wb") as f:
-            np.save(f, np.ascontiguousarray(array))
-            f.flush()
-            os.fsync(f.fileno())
-    return name
 
 
 class DenseLayerWriter:
@@ -58,9 +45,36 @@ class DenseLayerWriter:
         return self.name
 
 
-def _load(folder: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows, ids, dist = (np.load(folder / f"{name}.{part}.npy", mmap_mode="r") for part in PARTS)
-    return rows.reshape(-1), ids, dist
+class SparseLayerWriter:
+    """A layer of ascending rows written block by block, its row count known only at the end."""
+
+    def __init__(self, folder: Path, name: str, k: int):
+        self.name, self.k, self.count, self.last = name, k, 0, -1
+        self.writers = [SegmentWriter(folder / f"{name}.rows.npy", None, 1, np.int64),
+                        SegmentWriter(folder / f"{name}.ids.npy", None, k, np.int64),
+                        SegmentWriter(folder / f"{name}.dist.npy", None, k, np.float32)]
+
+    def write(self, rows: np.ndarray, ids: np.ndarray, dist: np.ndarray) -> None:
+        if len(rows) and (rows[0] <= self.last or np.any(np.diff(rows) <= 0)):
+            raise ValueError(f"layer {self.name}: rows must ascend across blocks")
+        if ids.shape != (len(rows), self.k) or dist.shape != (len(rows), self.k):
+            raise ValueError(f"layer {self.name}: rows of {self.k} expected, got {ids.shape} and {dist.shape}")
+        for writer, array in zip(self.writers, (np.asarray(rows, np.int64)[:, None], ids, dist)):
+            writer.write(array)
+        self.count += len(rows)
+        self.last = int(rows[-1]) if len(rows) else self.last
+
+    def close(self) -> str:
+        for writer in self.writers:
+            writer.close()
+        return self.name
+
+
+def _load(folder: Path, name: str) -> tuple[np.ndarray, MappedRows, MappedRows]:
+    """A layer's row ids (mapped: binary-searched), its neighbours and distances (gathered by
+    window, so a lookup of millions of rows does not make the layer resident)."""
+    rows = np.load(folder / f"{name}.rows.npy", mmap_mode="r")
+    return rows.reshape(-1), MappedRows(folder / f"{name}.ids.npy"), MappedRows(folder / f"{name}.dist.npy")
 
 
 class KnnGraph:
@@ -81,7 +95,7 @@ class KnnGraph:
             at = np.minimum(np.searchsorted(layer_rows, rows), len(layer_rows) - 1)
             hit = layer_rows[at] == rows
             if hit.any():
-                ids[hit], dist[hit] = layer_ids[at[hit]], layer_dist[at[hit]]
+                ids[hit], dist[hit] = layer_ids.take(at[hit]), layer_dist.take(at[hit])
         return ids, dist
 
     def to_arrays(self, block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +105,8 @@ class KnnGraph:
         for layer_rows, layer_ids, layer_dist in self._maps:
             for start in range(0, len(layer_rows), block):
                 rows = np.asarray(layer_rows[start:start + block])
-                ids[rows], dist[rows] = layer_ids[start:start + block], layer_dist[start:start + block]
+                ids[rows] = layer_ids.slice(start, start + block)
+                dist[rows] = layer_dist.slice(start, start + block)
         return ids, dist
 
     def files(self) -> list[str]:

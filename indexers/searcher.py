@@ -16,6 +16,7 @@ from reidx.indexers.faiss_ops import search, set_nprobe
 from reidx.indexers.ivf_ondisk import open_ivf, release_pages
 from reidx.indexers.vector_store import VectorStore
 
+FIRST_CHUNK_ROWS = 16  # a bounded search's first chunk, which measures what a query leaves resident
 REFINE_MIN_SHORTLIST = 100  # small k (graph rows of 6) still re-rank a useful shortlist
 _CACHE: dict[tuple, "Searcher"] = {}
 _CACHE_SIZE = 4
@@ -50,26 +51,35 @@ class Searcher:
         return int(self.index.ntotal)
 
     def search(self, vectors: np.ndarray, k: int, nprobe: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """With ``resident_bytes`` (a build's calibration), queries go in chunks that touch about
-        that many bytes of mapped lists, released after each (:func:`ivf_ondisk.release_pages`):
-        the process's resident memory stays bounded whatever the index size. The results are the
+        """With ``resident_bytes`` (a build's calibration), queries go in chunks whose mapped list
+        pages are released after each (:func:`ivf_ondisk.release_pages`), and each chunk is sized
+        from the resident growth *measured* on the previous one: a fault maps a whole large folio
+        (or a fault-around block), so the bytes of the lists a chunk probes understate what it
+        leaves resident, and chunks sized from list sizes overshot the bound. The results are the
         same (each query is searched alone: per-query SIMD or HNSW coarse search)."""
         vectors = np.ascontiguousarray(vectors, np.float32)
-        rows = self._chunk_rows(nprobe or self.nprobe)
-        if rows >= len(vectors):
+        if not self.resident_bytes or self._mapped is None or len(vectors) <= FIRST_CHUNK_ROWS:
             return self._search(vectors, k, nprobe)
-        parts = []
-        for start in range(0, len(vectors), rows):
+        parts, start, rows = [], 0, FIRST_CHUNK_ROWS
+        self.chunk_rows = []  # the chunks' sizes, for the record
+        while start < len(vectors):
+            self.chunk_rows.append(rows)
+            before = mapped_resident_bytes()
             parts.append(self._search(vectors[start:start + rows], k, nprobe))
+            after = mapped_resident_bytes()
             self.release()
+            start += rows
+            if before is None or after is None:  # no /proc: sized from the lists' bytes
+                rows = self._estimated_chunk_rows(nprobe or self.nprobe)
+            else:
+                # per-row growth of a smaller chunk overstates a larger one's (lists are shared): safe
+                rows = max(1, min(4 * rows, int(self.resident_bytes * rows // max(1, after - before))))
         return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
 
-    def _chunk_rows(self, nprobe: int | None) -> int:
-        if not self.resident_bytes or self._mapped is None or not nprobe:
-            return 1 << 62
+    def _estimated_chunk_rows(self, nprobe: int | None) -> int:
         ivf = faiss.extract_index_ivf(self.index)
         list_bytes = max(1.0, ivf.ntotal * (ivf.code_size + 8) / ivf.nlist)
-        return max(1, int(self.resident_bytes // (nprobe * list_bytes)))
+        return max(1, int(self.resident_bytes // ((nprobe or 1) * list_bytes)))
 
     def release(self) -> None:
         """The mapped lists' (and stored vectors') pages out of this process's resident memory."""
@@ -126,6 +136,17 @@ def refine(store: VectorStore, queries: np.ndarray, shortlist: np.ndarray, k: in
         distances[start:start + batch] = 1.0 - np.take_along_axis(sims, order, 1)
     distances[ids < 0] = np.inf
     return distances, ids
+
+
+def mapped_resident_bytes() -> int | None:
+    """This process's resident pages of mapped files (``RssFile`` + ``RssShmem``: files on tmpfs
+    count as the latter); None where /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("RssFile:", "RssShmem:")))
+        return sum(int(v.split()[0]) * 1024 for v in fields.values()) if len(fields) == 2 else None
+    except OSError:
+        return None
 
 
 def open_searcher(folder: Path, layout: dict) -> Searcher:

@@ -10,6 +10,7 @@ own dtype (float16 shards give a float16 store: half the disk), always handed ou
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import numpy as np
 from reidx.pipeline.embedding_table import as_float32
 
 DEFAULT_SCAN_ROWS = 131072  # rows per block of an exact scan: 256 MiB of float32 × 512 (plus the read)
+GATHER_WINDOW_BYTES = 64 << 20  # a gather maps this much of a segment at a time, then drops its pages
+FOLIO_MARGIN = 2 << 20  # a dropped window is widened by this much each side: a PMD-sized folio
 
 
 def segment_name(first_id: int) -> str:
@@ -26,25 +29,45 @@ def segment_name(first_id: int) -> str:
 
 
 class SegmentWriter:
-    """Append rows to one .npy segment whose final shape is known up front; plain writes, fsynced on close."""
+    """Append rows to one .npy segment; plain writes, fsynced on close.
 
-    def __init__(self, path: Path, rows: int, dim: int, dtype):
+    ``rows``: the final count, announced in the header up front (close checks it), or None when
+    it is known only at the end (a header with room for any count, rewritten on close)."""
+
+    def __init__(self, path: Path, rows: int | None, dim: int, dtype):
         self.path, self.rows, self.written = Path(path), rows, 0
         self.dtype, self.shape = np.dtype(dtype), (rows, dim)
         self.file = open(self.path, "wb")
-        np.lib.format.write_array_header_1_0(self.file, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                         "fortran_order": False, "shape": (rows, dim)})
+        # an unknown count reserves room for any count; a known one gets numpy's own header size
+        self.header_bytes = len(_npy_header(self.dtype, (1 << 62 if rows is None else rows, dim)))
+        self.file.write(_npy_header(self.dtype, (rows or 0, dim), self.header_bytes))
 
     def write(self, vectors: np.ndarray) -> None:
         self.file.write(np.ascontiguousarray(vectors, self.dtype).tobytes())
         self.written += len(vectors)
 
     def close(self) -> None:
-        if self.written != self.rows:
+        if self.rows is None:
+            self.file.seek(0)
+            self.file.write(_npy_header(self.dtype, (self.written, self.shape[1]), self.header_bytes))
+        elif self.written != self.rows:
             raise ValueError(f"{self.path}: {self.written} rows written, {self.rows} announced")
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, int], length: int | None = None) -> bytes:
+    """A version-1.0 .npy header for this dtype and shape, space-padded to ``length`` bytes
+    (default: the next multiple of 64, as numpy writes it)."""
+    text = "{'descr': %r, 'fortran_order': False, 'shape': (%d, %d), }" % (
+        np.lib.format.dtype_to_descr(dtype), *shape)
+    used = 10 + len(text) + 1  # magic and version (8), length (2), text, newline
+    length = -(-used // 64) * 64 if length is None else length
+    if used > length:
+        raise ValueError(f"a header of {used} bytes does not fit in {length}")
+    text += " " * (length - used) + "\n"
+    return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
 
 
 def _header(path: Path) -> tuple[tuple[int, int], np.dtype, int]:
@@ -53,6 +76,75 @@ def _header(path: Path) -> tuple[tuple[int, int], np.dtype, int]:
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read(f)
         return shape, dtype, f.tell()
+
+
+class MappedRows:
+    """The rows of one 2-D .npy file, memory-mapped read-only, gathered window by window.
+
+    ``take(rows)`` returns copies; after each GATHER_WINDOW_BYTES of the file its pages are
+    dropped from this process (``madvise(MADV_DONTNEED)``; they stay in the page cache). Why: a
+    fault on a file mapping maps a whole large folio of the page cache (Linux 6.x), so 1,000
+    random rows of a 256 MB segment left 206 MB resident, and the graph step's shortlists, spread
+    over every segment, could make the whole store resident between two releases (10 GB at 10M
+    float16 × 512). A gather now adds at most one window (plus a folio) to resident memory,
+    whatever the file's size; its time is unchanged (``benchmarks/gather.py``).
+    """
+
+    def __init__(self, path: Path):
+        shape, self.dtype, self.offset = _header(Path(path))
+        with open(path, "rb") as f:
+            f.seek(0)
+            fortran = np.lib.format.read_array_header_1_0(f)[1] if np.lib.format.read_magic(f) == (1, 0) else False
+        if fortran or len(shape) not in (1, 2):
+            raise ValueError(f"{path}: a C-ordered 1-D or 2-D array expected, found shape {shape}")
+        self.shape = (shape[0], shape[1] if len(shape) == 2 else 1)
+        self.row_bytes = self.shape[1] * self.dtype.itemsize
+        with open(path, "rb") as f:
+            self.mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.array = np.frombuffer(self.mapping, self.dtype, self.shape[0] * self.shape[1], self.offset).reshape(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (0 ≤ row < len, any order) as a new (len(rows), width) array of the file's dtype."""
+        rows = np.asarray(rows, np.int64).reshape(-1)
+        out = np.empty((len(rows), self.shape[1]), self.dtype)
+        if not len(rows):
+            return out
+        if np.all(rows[1:] >= rows[:-1]):  # sorted already (lookups of unique rows): no argsort
+            where = None
+        else:
+            where = np.argsort(rows, kind="stable")  # sorted gathers touch pages in order
+            rows = rows[where]
+        if rows[0] < 0 or rows[-1] >= self.shape[0]:
+            raise IndexError(f"rows {rows[0]}..{rows[-1]} asked of a file of {self.shape[0]}")
+        window = (self.offset + rows * self.row_bytes) // GATHER_WINDOW_BYTES
+        cuts = np.concatenate([[0], np.flatnonzero(np.diff(window)) + 1, [len(rows)]])
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            out[slice(a, b) if where is None else where[a:b]] = self.array[rows[a:b]]
+            self._drop_window(int(window[a]))
+        return out
+
+    def slice(self, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop-1, copied, their pages dropped."""
+        out = np.array(self.array[start:stop])
+        if len(out):
+            self._drop(self.offset + start * self.row_bytes, self.offset + (start + len(out)) * self.row_bytes)
+        return out
+
+    def _drop_window(self, window: int) -> None:
+        """The window's pages, and a large folio's worth either side (what a fault there may have
+        mapped beyond it)."""
+        self._drop(window * GATHER_WINDOW_BYTES - FOLIO_MARGIN, (window + 1) * GATHER_WINDOW_BYTES + FOLIO_MARGIN)
+
+    def _drop(self, start: int, stop: int) -> None:
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        low = max(0, start - start % mmap.PAGESIZE)
+        high = min(len(self.mapping), -(-stop // mmap.PAGESIZE) * mmap.PAGESIZE)
+        if high > low:
+            self.mapping.madvise(mmap.MADV_DONTNEED, low, high - low)
 
 
 class VectorStore:
@@ -70,33 +162,32 @@ class VectorStore:
         self.dim = int(headers[0][0][1]) if headers else 0
         self.dtype = headers[0][1] if headers else np.dtype(np.float32)
         self.offsets = [h[2] for h in headers]
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: dict[int, MappedRows] = {}
 
     @property
     def count(self) -> int:
         """One past the last id held (the store of a version holds ids 0..count-1)."""
         return int(self.starts[-1])
 
-    def _map(self, segment: int) -> np.ndarray:
+    def _map(self, segment: int) -> MappedRows:
         if segment not in self._maps:
-            self._maps[segment] = np.load(self.paths[segment], mmap_mode="r")
+            self._maps[segment] = MappedRows(self.paths[segment])
         return self._maps[segment]
 
     def release(self) -> None:
-        """Unmap the segments: the pages ``get`` touched stop counting in this process's resident memory."""
+        """Unmap the segments (each gather already drops its pages; this closes the maps)."""
         self._maps.clear()
 
     def get(self, ids: np.ndarray) -> np.ndarray:
-        """float32 rows of the given ids (any shape; -1 gives zeros), gathered from the mapped segments."""
+        """float32 rows of the given ids (any shape; -1 gives zeros), gathered from the mapped
+        segments window by window (:class:`MappedRows`: resident memory stays bounded)."""
         ids = np.asarray(ids, np.int64)
         flat = ids.reshape(-1)
         out = np.zeros((len(flat), self.dim), np.float32)
         segment = np.searchsorted(self.starts, flat, side="right") - 1
         for s in np.unique(segment[flat >= 0]):
-            pick = (segment == s) & (flat >= 0)
-            rows = flat[pick] - self.starts[s]
-            order = np.argsort(rows, kind="stable")  # sorted gathers touch pages in order
-            out[np.flatnonzero(pick)[order]] = as_float32(self._map(int(s))[rows[order]])
+            pick = np.flatnonzero((segment == s) & (flat >= 0))
+            out[pick] = as_float32(self._map(int(s)).take(flat[pick] - self.starts[s]))
         return out.reshape(*ids.shape, self.dim)
 
     def read(self, start: int, stop: int) -> np.ndarray:

@@ -160,12 +160,101 @@ def test_calibration_search_keeps_mapped_pages_bounded_and_results_equal(paralle
     whole.release()
     assert _mapped_rss(path) == 0
     chunked = Searcher(gi.folder, asdict(gi.meta), resident_bytes=64 << 10)
-    assert 1 < chunked._chunk_rows(8) < 600
     found = chunked.search(x[:600], 30, 8)
+    assert len(chunked.chunk_rows) > 2 and sum(chunked.chunk_rows) >= 600
     assert np.array_equal(found[1], expected[1]) and np.array_equal(found[0], expected[0])
     # a few 64 KB fault-around blocks may be mapped again right after the last release (seen
     # with Faiss' OpenMP threads), never the lists the search went through
     assert _mapped_rss(path) < touched // 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="resident pages are read from Linux /proc")
+def test_store_gathers_window_by_window_and_drop_their_pages(tmp_path, monkeypatch):
+    """Random rows spread over a whole segment come back equal to plain reads, and the gather's
+    resident peak stays about one window (a fault maps a whole large folio or a 64 KB fault-around
+    block: without the windows, gathers spread over a store made all of it resident)."""
+    from reidx.indexers import vector_store
+    from reidx.indexers.vector_store import SegmentWriter, segment_name
+
+    rng = np.random.default_rng(0)
+    rows = 16384  # 16 MiB of float16 × 512
+    writer = SegmentWriter(tmp_path / segment_name(0), rows, 512, np.float16)
+    for a in range(0, rows, 4096):
+        writer.write(rng.standard_normal((4096, 512)).astype(np.float16))
+    writer.close()
+    store = VectorStore(tmp_path, [0])
+    plain = store.read(0, rows)
+    ids = rng.integers(-1, rows, size=(100, 4))  # 400 rows: 0.8 MB gathered
+    expected = plain[np.maximum(ids, 0)]
+    expected[ids < 0] = 0
+    del plain
+
+    def gather_peak(window: int) -> int:
+        monkeypatch.setattr(vector_store, "GATHER_WINDOW_BYTES", window)
+        store.release()
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        except OSError:
+            pytest.skip("this kernel does not let a process reset its VmHWM")
+        rss = _status_bytes("VmRSS")
+        got = store.get(ids)
+        assert np.array_equal(got, expected)
+        assert _mapped_rss(tmp_path / segment_name(0)) <= 2 << 20  # dropped after the gather either way
+        return _status_bytes("VmHWM") - rss
+
+    assert gather_peak(1 << 40) > 8 << 20  # one window: the whole segment was resident at once
+    assert gather_peak(1 << 20) < 5 << 20  # 1 MiB windows (plus folio edges and the 0.8 MB out)
+    rows = vector_store.MappedRows(tmp_path / segment_name(0))
+    with pytest.raises(IndexError):
+        rows.take(np.array([5, rows.shape[0]]))
+    with pytest.raises(IndexError):
+        rows.take(np.array([-1, 3]))
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(np.ones((4, 3))))
+    with pytest.raises(ValueError, match="C-ordered"):
+        vector_store.MappedRows(tmp_path / "fortran.npy")
+
+
+def _status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def test_reverse_edges_in_blocks_equal_one_pass_and_write_a_readable_layer(tmp_path):
+    """Old rows updated block by block (bounded memory) are the rows one pass gives, and the
+    layer written without knowing its row count up front reads back through KnnGraph."""
+    from reidx.indexers.knn_graph import reverse_edges
+    from reidx.indexers.knn_store import DenseLayerWriter, KnnGraph, SparseLayerWriter
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    k, old = 10, 2400
+    d_old, i_old = faiss.knn(x[:old], x[:old], k, metric=faiss.METRIC_INNER_PRODUCT)
+    d_new, i_new = faiss.knn(x[old:], x, k, metric=faiss.METRIC_INNER_PRODUCT)
+    writer = DenseLayerWriter(tmp_path, "knn-g0", 0, old, k)
+    writer.write(i_old, 1 - d_old)
+    writer.close()
+    graph = KnnGraph(tmp_path, ["knn-g0"], old, k)
+    whole = list(reverse_edges(graph.lookup, i_new, 1 - d_new, old, block_rows=1 << 30))
+    blocks = list(reverse_edges(graph.lookup, i_new, 1 - d_new, old, block_rows=97))
+    assert len(whole) == 1 and len(blocks) > 5
+    rows, ids, dist = (np.concatenate(parts) for parts in zip(*blocks))
+    assert all(np.array_equal(a, b) for a, b in zip((rows, ids, dist), whole[0]))
+    assert 100 < len(rows) < old and np.all(np.diff(rows) > 0)
+    # each changed row gained a new item closer than its old k-th
+    assert np.all((ids >= old).any(axis=1))
+    sparse = SparseLayerWriter(tmp_path, "knn-g1r", k)
+    for block in blocks:
+        sparse.write(*block)
+    sparse.close()
+    layered = KnnGraph(tmp_path, ["knn-g0", "knn-g1r"], old, k)
+    assert np.array_equal(layered.lookup(rows)[0], ids) and np.array_equal(layered.lookup(rows)[1], dist)
+    with pytest.raises(ValueError, match="ascend"):
+        SparseLayerWriter(tmp_path, "bad", k).write(rows[::-1], ids, dist)
+    with pytest.raises(ValueError, match="rows of"):
+        SparseLayerWriter(tmp_path, "bad", k).write(rows, ids[:, :3], dist)
 
 
 def test_two_worker_dask_build_equals_single_process_build(parallel_pair):
