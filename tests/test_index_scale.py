@@ -257,6 +257,32 @@ def test_reverse_edges_in_blocks_equal_one_pass_and_write_a_readable_layer(tmp_p
         SparseLayerWriter(tmp_path, "bad", k).write(rows, ids[:, :3], dist)
 
 
+# recall@30 of graph rows against breadth, measured by benchmarks/graph_breadth.py (shortlist 4·k)
+CURVE_1M = {1: 0.8732, 2: 0.9439, 3: 0.9582, 5: 0.9763, 8: 0.9826, 12: 0.9851, 18: 0.9864, 27: 0.9877,
+            41: 0.988, 62: 0.9881, 93: 0.9881, 128: 0.9881}
+CURVE_10M = {1: 0.6549, 2: 0.7666, 3: 0.8141, 5: 0.8637, 8: 0.9027, 12: 0.9234, 18: 0.9385, 27: 0.9457,
+             41: 0.95, 62: 0.9518, 93: 0.9524, 128: 0.9525}
+
+
+def test_graph_breadth_stops_at_the_target_or_where_the_curve_flattens():
+    from reidx.indexers.build_steps import choose_breadth
+
+    asked = []
+
+    def on(curve, shift=0.0):
+        asked.clear()
+        return lambda breadth: asked.append(breadth) or curve[breadth] + shift
+
+    assert choose_breadth(on(CURVE_1M), 1, 128) == (3, 0.9582)
+    assert choose_breadth(on(CURVE_10M), 1, 128) == (41, 0.95)
+    # a sample that reads 0.008 lower never reaches 0.95: no longer searched up to the cap
+    assert choose_breadth(on(CURVE_10M, -0.008), 1, 128) == (41, 0.942)
+    assert asked == [1, 2, 3, 5, 8, 12, 18, 27, 41, 62]
+    # without the flat rule it went to the cap, as the 10M build did
+    assert choose_breadth(on(CURVE_10M, -0.008), 1, 128, flat_gain=0.0)[0] == 128
+    assert choose_breadth(on(CURVE_10M), 8, 12) == (12, 0.9234)  # the limit still binds
+
+
 def test_two_worker_dask_build_equals_single_process_build(parallel_pair):
     x, built = parallel_pair
     single, dask = built["single"], built["dask"]
