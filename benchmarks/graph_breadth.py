@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from reidx.indexers import graph_codes
+from reidx.indexers.build_steps import next_breadth
 from reidx.indexers.build_tasks import graph_search
 from reidx.indexers.check_sample import CheckSample, check_name, exact_check, sample_ids
 from reidx.indexers.knn_graph import graph_recall, knn_rows
@@ -39,7 +40,7 @@ def series(limit: int) -> list[int]:
     out, breadth = [], 1
     while breadth < limit:
         out.append(breadth)
-        breadth = max(breadth + 1, (3 * breadth + 1) // 2)
+        breadth = next_breadth(breadth)
     return out + [limit]
 
 

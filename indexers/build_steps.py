@@ -185,7 +185,12 @@ def choose_breadth(measure, start: int, limit: int, target: float = KNN_TARGET_R
         if previous is not None and got - previous[1] < flat_gain:
             return previous[0], round(previous[1], 4)
         previous = (breadth, got)
-        breadth = min(max(breadth + 1, (3 * breadth + 1) // 2), limit)
+        breadth = min(next_breadth(breadth), limit)
+
+
+def next_breadth(breadth: int) -> int:
+    """The breadth after this one in the series 1, 2, 3, 5, 8, 12, 18, … (× 1.5)."""
+    return max(breadth + 1, (3 * breadth + 1) // 2)
 
 
 def reverse_layer(folder: Path, old_layers: list[str], new_layers: list[str], old_count: int, total: int,

@@ -10,7 +10,6 @@ meta.json's list of layers, read memory-mapped, so looking up rows never loads t
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

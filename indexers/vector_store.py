@@ -71,10 +71,13 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, int], length: int | None = No
 
 
 def _header(path: Path) -> tuple[tuple[int, int], np.dtype, int]:
+    """(shape, dtype, data offset) of a C-ordered .npy file (every reader here assumes that order)."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
+        shape, fortran_order, dtype = read(f)
+        if fortran_order:
+            raise ValueError(f"{path}: a C-ordered array expected, found a Fortran-ordered one")
         return shape, dtype, f.tell()
 
 
@@ -92,10 +95,7 @@ class MappedRows:
 
     def __init__(self, path: Path):
         shape, self.dtype, self.offset = _header(Path(path))
-        with open(path, "rb") as f:
-            f.seek(0)
-            fortran = np.lib.format.read_array_header_1_0(f)[1] if np.lib.format.read_magic(f) == (1, 0) else False
-        if fortran or len(shape) not in (1, 2):
+        if len(shape) not in (1, 2):
             raise ValueError(f"{path}: a C-ordered 1-D or 2-D array expected, found shape {shape}")
         self.shape = (shape[0], shape[1] if len(shape) == 2 else 1)
         self.row_bytes = self.shape[1] * self.dtype.itemsize
