@@ -171,7 +171,17 @@ def test_second_job_on_the_same_gallery_exits_at_once(crop_folder, tmp_path):
     manifest = crops_manifest(tmp_path / "night.toml", crop_folder)
     first = reidx("index", str(manifest), "--out", str(gallery), "--task-size", "10", wait=False)
     try:
-        assert wait_for(lambda: (gallery / ".lock").exists())
+        def holder_written():  # the holder's name goes into the file once its flock is taken
+            try:
+                return bool((gallery / ".lock").read_text().strip())
+            except FileNotFoundError:
+                return False
+
+        assert wait_for(holder_written)
+        # Paused, the first job keeps its lock however long the second takes to start (on a loaded
+        # machine it could otherwise finish first, and the second would rightly run).
+        os.killpg(first.pid, signal.SIGSTOP)
+        assert first.poll() is None
         started = time.time()
         second = reidx("index", str(manifest), "--out", str(gallery))
         assert second.returncode == 1 and "being indexed by another job" in second.stderr
@@ -271,28 +281,6 @@ def test_acceptance_full_con_reid_split(tmp_path):
         assert parse_market_name(member) == (pid, cam)  # cameras are strings everywhere
     second = reidx("index", str(manifest), "--out", str(tmp_path / "g"), "--json")
     assert json.loads(second.stdout)["images_new"] == 0
-
-
-def test_frames_are_detected_and_the_query_person_is_found_in_its_frame(tmp_path):
-    """End to end on real scenes: frames → YOLOX → OSNet → shards; the query crop of person 0001
-    (cut from c1s1_001051.jpg) has its nearest indexed person in that frame, at that place."""
-    from reidx.pipeline.embed import build_embedder, resize_crop
-    from reidx.pipeline.imaging import load_image
-    from conftest import SCENES
-
-    result = reidx("index", str(REPO / "data_manifests" / "scenes.toml"), "--out", str(tmp_path / "g"), "--json")
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["images_new"] == 16 and summary["images_failed"] == 0 and summary["persons"] >= 16
-    table = pq.read_table(tmp_path / "g" / "shards")
-    assert set(table["detector"].to_pylist()) == {"yolox_nano"} and table["score"].to_numpy().min() > 0
-    assert (table["x2"].to_numpy() <= table["frame_width"].to_numpy()).all()
-    query = build_embedder("osnet_x0_25_msmt17").embed(
-        resize_crop(load_image(SCENES / "queries" / "0001_c1s1_001051_00.jpg"))[None])[0]
-    best = int(np.argmax(embeddings_to_numpy(table["embedding"]) @ query))
-    row = table.slice(best, 1).to_pylist()[0]
-    assert row["member"] == "c1s1_001051.jpg" and row["camera"] == "1"
-    assert row["x1"] > row["frame_width"] / 2  # centre right, as the issue describes her
 
 
 def test_job_runs_on_an_existing_scheduler(crop_folder, tmp_path):

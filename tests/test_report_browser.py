@@ -222,6 +222,25 @@ def test_report_is_self_contained_and_its_trajectory_written(report):
         assert all(p["sightings"] == len(p["detection_ids"]) for p in path)
 
 
+def test_campus_frames_are_detected_and_the_query_person_found_in_her_frame(report):
+    """Real scenes through the nightly job: frames → YOLOX → OSNet → shards; the query crop of person
+    0001 (cut from c1s1_001051.jpg) has its nearest indexed person in that frame, at that place."""
+    from reidx.pipeline.embed import build_embedder, resize_crop
+    from reidx.pipeline.imaging import load_image
+
+    rows = list(report["detections"].values())
+    campus = [r for r in rows if r["source"] == "campus"]
+    assert len({r["member"] for r in campus}) == 16 and len(campus) >= 16
+    detected = [r for r in rows if r["source"] != "crops"]
+    assert {r["detector"] for r in detected} == {"yolox_nano"} and min(r["score"] for r in detected) > 0
+    assert all(r["x2"] <= r["frame_width"] and r["y2"] <= r["frame_height"] for r in detected)
+    query = build_embedder("osnet_x0_25_msmt17").embed(
+        resize_crop(load_image(SCENES / "queries" / "0001_c1s1_001051_00.jpg"))[None])[0]
+    best = max(rows, key=lambda r: float(r["embedding"] @ query))
+    assert best["member"].startswith("c1s1_001051@") and best["camera"] == "1"
+    assert best["x1"] > best["frame_width"] / 2  # centre right, as the issue describes her
+
+
 def test_report_in_headless_chromium(report, tmp_path):
     page = report["page"]
     check = page.with_name("check.html")  # beside the report: same relative picture paths
