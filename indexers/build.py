@@ -87,8 +87,11 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
         total = (old.count if old else 0) + new_rows
         if total == 0:
             raise IndexBuildError(f"{gallery}'s committed shards hold no detections: nothing to index")
-        kind, why = choose_type(index_type, total, dim, budget, nlist)
+        chosen, chosen_why = choose_type(index_type, total, dim, budget, nlist)
+        kind, why = _kept_type(old, index_type, chosen, chosen_why, total, budget)
         reason = _full_rebuild_reason(old, shards, kind, total, knn_k, nlist)
+        if reason is not None:  # a full build chooses afresh
+            kind, why = chosen, chosen_why
         if reason is None and not new_rows:  # no new shards, or only empty ones
             return _summary(gallery, old, "unchanged", None, 0, on_gpu, started)
         with Executor(workers, scheduler) as executor:
@@ -97,7 +100,11 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
                        "task_rows": task_rows or steps.ROWS_PER_TASK}
             if reason is None:
                 log(f"adding {len(new_shards)} new shards to {old.version}")
+                if kind != chosen:
+                    log(f"{kind} {why}")
                 meta = _incremental(context, previous, old, new_shards, shards)
+                if kind != chosen:
+                    meta.choice = f"{kind}: {why}"
             else:
                 if old:
                     log(f"full rebuild: {reason}")
@@ -361,6 +368,21 @@ def _summary(gallery: Path, meta: IndexMeta, mode: str, reason: str | None, adde
             "nprobe": meta.nprobe, "recall_at_10": meta.recall_at_10, "recall_at_100": meta.recall_at_100,
             "knn_k": meta.knn_k, "knn_recall": meta.knn_recall, "memory_budget": meta.memory_budget,
             "expected_bytes": meta.expected_bytes, "gpu": on_gpu, "wall_s": round(time.perf_counter() - started, 2)}
+
+
+def _kept_type(old: IndexMeta | None, requested: str, kind: str, why: str, total: int,
+               budget: int) -> tuple[str, str]:
+    """Under ``--type auto`` a gallery that outgrows its IVF type's budget between retrains keeps
+    the live type until its next retrain (growth past RETRAIN_GROWTH × the trained size), where the
+    budget chooses again: one night's growth past the budget must not turn that nightly into a full
+    rebuild (at 10M → 13M on 2 cores: about two hours instead of ten minutes). A changed budget, or
+    an explicit ``--type``, re-chooses at once."""
+    if (requested != "auto" or old is None or old.layout < 2 or kind == old.type
+            or old.type not in IVF_TYPES or kind not in IVF_TYPES or old.memory_budget != budget
+            or total > RETRAIN_GROWTH * old.trained_count):
+        return kind, why
+    return old.type, (f"kept until the next retrain (past {RETRAIN_GROWTH:g} × {old.trained_count} vectors), "
+                      f"where {kind} will be chosen if the budget still says so: {why}")
 
 
 def _full_rebuild_reason(old: IndexMeta | None, shards: list[str], kind: str, total: int, knn_k: int,

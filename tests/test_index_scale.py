@@ -449,6 +449,28 @@ def test_memory_budget_chooses_the_index_and_is_recorded(tmp_path):
     assert build_index(gallery, knn_k=5, memory_budget="1G")["index_type"] == "flat"
 
 
+def test_a_nightly_past_the_budget_keeps_the_type_until_the_next_retrain(tmp_path):
+    """One night's growth past the budget keeps the live IVF type (an O(new) nightly, the choice
+    recorded as kept) instead of a full rebuild; a changed budget chooses again at once."""
+    from reidx.indexers.faiss_ops import default_nlist, expected_bytes
+
+    gallery = tmp_path / "g"
+    add_shards(gallery, clustered(8000, 5), "a")
+    budget = expected_bytes("ivf-sq8", 8000, DIM, default_nlist(8000)) + 1024  # sq8 fits 8,000, not 9,000
+    assert choose_type("auto", 9000, DIM, budget)[0] == "ivf-pq"
+    assert build_index(gallery, knn_k=5, memory_budget=str(budget))["index_type"] == "ivf-sq8"
+    add_shards(gallery, clustered(1000, 6), "b")
+    summary = build_index(gallery, knn_k=5, memory_budget=str(budget))
+    meta = read_meta(current_version(gallery))
+    assert summary["mode"] == "incremental" and summary["index_type"] == meta.type == "ivf-sq8"
+    assert meta.count == 9000 and meta.choice.startswith("ivf-sq8: kept until the next retrain")
+    assert meta.expected_bytes > budget  # over the budget, and saying so
+    add_shards(gallery, clustered(500, 7), "c")
+    summary = build_index(gallery, knn_k=5, memory_budget=str(budget - 1))  # the budget changed: choose now
+    assert summary["mode"] == "full" and summary["index_type"] == "ivf-pq"
+    assert summary["reason"] == "index type changes from ivf-sq8 to ivf-pq"
+
+
 def test_hnsw_index_on_data_without_clusters(tmp_path):
     """Issue 12 item 6: `--type hnsw` on unclustered vectors (Gaussian, the case IVF handles worst):
     efSearch calibrated to recall@100 ≥ 0.95 and recorded as the version's search breadth; a nightly
