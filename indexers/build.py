@@ -381,8 +381,10 @@ def _kept_type(old: IndexMeta | None, requested: str, kind: str, why: str, total
             or old.type not in IVF_TYPES or kind not in IVF_TYPES or old.memory_budget != budget
             or total > RETRAIN_GROWTH * old.trained_count):
         return kind, why
-    return old.type, (f"kept until the next retrain (past {RETRAIN_GROWTH:g} × {old.trained_count} vectors), "
-                      f"where {kind} will be chosen if the budget still says so: {why}")
+    size = expected_bytes(old.type, total, old.dim, old.nlist)
+    return old.type, (f"kept until the next retrain (past {RETRAIN_GROWTH:g} × {old.trained_count:,} vectors): "
+                      f"expected {size / 2**30:.2f} GiB, over the {budget / 2**30:.2f} GiB budget; "
+                      f"the retrain will choose {kind} if the budget still says so ({why})")
 
 
 def _full_rebuild_reason(old: IndexMeta | None, shards: list[str], kind: str, total: int, knn_k: int,
