@@ -23,7 +23,7 @@ from reidx.indexers import graph_codes
 from reidx.indexers.check_sample import (CHECK_SAMPLE, NEW_CHECK_SAMPLE, TUNE_SAMPLE, CheckSample, check_name,
                                          exact_check, extend_check, first_check, sample_ids)
 from reidx.indexers.distributed import Executor
-from reidx.indexers.faiss_ops import (DEFAULT_KNN, IN_MEMORY_TYPES, IVF_TYPES, REFINE_FACTOR, RETRAIN_GROWTH,
+from reidx.indexers.faiss_ops import (DEFAULT_KNN, IN_MEMORY_TYPES, IVF_TYPES, REFINE_FACTOR,
                                       TARGET_RECALL_AT_100, HNSW_QUANTIZER_MIN_NLIST, IndexBuildError, breadth_limit,
                                       breadth_start, choose_type, default_memory_budget, default_nlist,
                                       expected_bytes, parse_bytes, resolve_gpu, training_size)
@@ -88,8 +88,8 @@ def build_index(gallery: str | os.PathLike, *, index_type: str = "auto", nlist: 
         if total == 0:
             raise IndexBuildError(f"{gallery}'s committed shards hold no detections: nothing to index")
         chosen, chosen_why = choose_type(index_type, total, dim, budget, nlist)
-        kind, why = _kept_type(old, index_type, chosen, chosen_why, total, budget)
-        reason = _full_rebuild_reason(old, shards, kind, total, knn_k, nlist)
+        kind, why = steps.kept_type(old, index_type, chosen, chosen_why, total, budget)
+        reason = steps.full_rebuild_reason(old, shards, kind, total, knn_k, nlist)
         if reason is not None:  # a full build chooses afresh
             kind, why = chosen, chosen_why
         if reason is None and not new_rows:  # no new shards, or only empty ones
@@ -368,40 +368,3 @@ def _summary(gallery: Path, meta: IndexMeta, mode: str, reason: str | None, adde
             "nprobe": meta.nprobe, "recall_at_10": meta.recall_at_10, "recall_at_100": meta.recall_at_100,
             "knn_k": meta.knn_k, "knn_recall": meta.knn_recall, "memory_budget": meta.memory_budget,
             "expected_bytes": meta.expected_bytes, "gpu": on_gpu, "wall_s": round(time.perf_counter() - started, 2)}
-
-
-def _kept_type(old: IndexMeta | None, requested: str, kind: str, why: str, total: int,
-               budget: int) -> tuple[str, str]:
-    """Under ``--type auto`` a gallery that outgrows its IVF type's budget between retrains keeps
-    the live type until its next retrain (growth past RETRAIN_GROWTH × the trained size), where the
-    budget chooses again: one night's growth past the budget must not turn that nightly into a full
-    rebuild (at 10M → 13M on 2 cores: about two hours instead of ten minutes). A changed budget, or
-    an explicit ``--type``, re-chooses at once."""
-    if (requested != "auto" or old is None or old.layout < 2 or kind == old.type
-            or old.type not in IVF_TYPES or kind not in IVF_TYPES or old.memory_budget != budget
-            or total > RETRAIN_GROWTH * old.trained_count):
-        return kind, why
-    size = expected_bytes(old.type, total, old.dim, old.nlist)
-    return old.type, (f"kept until the next retrain (past {RETRAIN_GROWTH:g} × {old.trained_count:,} vectors): "
-                      f"expected {size / 2**30:.2f} GiB, over the {budget / 2**30:.2f} GiB budget; "
-                      f"the retrain will choose {kind} if the budget still says so ({why})")
-
-
-def _full_rebuild_reason(old: IndexMeta | None, shards: list[str], kind: str, total: int, knn_k: int,
-                         nlist: int | None) -> str | None:
-    """Why the live version cannot simply be extended (None: it can)."""
-    if old is None:
-        return "no index yet"
-    if old.layout < 2:
-        return "the live version has the layout from before out-of-core builds"
-    if set(old.shards) - set(shards):
-        return "shards were removed from the gallery"
-    if kind != old.type:
-        return f"index type changes from {old.type} to {kind}"
-    if nlist is not None and nlist != old.nlist:
-        return f"nlist changes from {old.nlist} to {nlist}"
-    if knn_k != old.knn_k and min(knn_k, total) != old.knn_k:
-        return f"kNN graph size changes from {old.knn_k} to {knn_k}"
-    if kind in IVF_TYPES and total > RETRAIN_GROWTH * old.trained_count:
-        return f"the gallery grew from {old.trained_count} to {total} (> {RETRAIN_GROWTH:g}× the trained size)"
-    return None

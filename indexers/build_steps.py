@@ -13,13 +13,15 @@ KNN_TASK_ROWS), not by workers, samples are seeded per task, and parts merge in 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
 
 from reidx.indexers.build_tasks import add_segment, graph_search, ingest_shards, knn_range
 from reidx.indexers.check_sample import TRUTH_K, sample_ids
-from reidx.indexers.faiss_ops import TARGET_RECALL_AT_100, new_index, recall, train_empty
+from reidx.indexers.faiss_ops import (IVF_TYPES, RETRAIN_GROWTH, TARGET_RECALL_AT_100, expected_bytes, new_index,
+                                      recall, train_empty)
 from reidx.indexers.ivf_ondisk import merge_parts, template_bytes
 from reidx.indexers.knn_graph import graph_recall, knn_rows, reverse_edges
 from reidx.indexers.knn_store import KnnGraph, SparseLayerWriter, layer_files
@@ -27,6 +29,9 @@ from reidx.indexers.rerank_adaptive import gallery_rerank_profile_of
 from reidx.indexers.searcher import Searcher
 from reidx.indexers.vector_store import VectorStore
 from reidx.pipeline.shards import shard_row_counts
+
+if TYPE_CHECKING:
+    from reidx.indexers.versions import IndexMeta
 
 ROWS_PER_TASK = 250_000  # vectors per ingest/add task: a part of ≤ 250k codes in a worker's memory
 KNN_TASK_ROWS = 250_000
@@ -225,3 +230,40 @@ def rerank_profile(folder: Path, layers: list[str], total: int, k: int, seed: in
     graph, block = KnnGraph(folder, layers, total, k), 1 << 16
     rows = np.arange(total) if total <= PROFILE_ROWS else sample_ids(total, seed, PROFILE_ROWS)
     return gallery_rerank_profile_of(graph.lookup(rows[start:start + block]) for start in range(0, len(rows), block))
+
+
+def kept_type(old: IndexMeta | None, requested: str, kind: str, why: str, total: int,
+               budget: int) -> tuple[str, str]:
+    """Under ``--type auto`` a gallery that outgrows its IVF type's budget between retrains keeps
+    the live type until its next retrain (growth past RETRAIN_GROWTH × the trained size), where the
+    budget chooses again: one night's growth past the budget must not turn that nightly into a full
+    rebuild (at 10M → 13M on 2 cores: about two hours instead of ten minutes). A changed budget, or
+    an explicit ``--type``, re-chooses at once."""
+    if (requested != "auto" or old is None or old.layout < 2 or kind == old.type
+            or old.type not in IVF_TYPES or kind not in IVF_TYPES or old.memory_budget != budget
+            or total > RETRAIN_GROWTH * old.trained_count):
+        return kind, why
+    size = expected_bytes(old.type, total, old.dim, old.nlist)
+    return old.type, (f"kept until the next retrain (past {RETRAIN_GROWTH:g} × {old.trained_count:,} vectors): "
+                      f"expected {size / 2**30:.2f} GiB, over the {budget / 2**30:.2f} GiB budget; "
+                      f"the retrain will choose {kind} if the budget still says so ({why})")
+
+
+def full_rebuild_reason(old: IndexMeta | None, shards: list[str], kind: str, total: int, knn_k: int,
+                         nlist: int | None) -> str | None:
+    """Why the live version cannot simply be extended (None: it can)."""
+    if old is None:
+        return "no index yet"
+    if old.layout < 2:
+        return "the live version has the layout from before out-of-core builds"
+    if set(old.shards) - set(shards):
+        return "shards were removed from the gallery"
+    if kind != old.type:
+        return f"index type changes from {old.type} to {kind}"
+    if nlist is not None and nlist != old.nlist:
+        return f"nlist changes from {old.nlist} to {nlist}"
+    if knn_k != old.knn_k and min(knn_k, total) != old.knn_k:
+        return f"kNN graph size changes from {old.knn_k} to {knn_k}"
+    if kind in IVF_TYPES and total > RETRAIN_GROWTH * old.trained_count:
+        return f"the gallery grew from {old.trained_count} to {total} (> {RETRAIN_GROWTH:g}× the trained size)"
+    return None
