@@ -238,10 +238,10 @@ def kept_type(old: IndexMeta | None, requested: str, kind: str, why: str, total:
     the live type until its next retrain (growth past RETRAIN_GROWTH × the trained size), where the
     budget chooses again: one night's growth past the budget must not turn that nightly into a full
     rebuild (at 10M → 13M on 2 cores: about two hours instead of ten minutes). A changed budget, or
-    an explicit ``--type``, re-chooses at once."""
-    if (requested != "auto" or old is None or old.layout < 2 or kind == old.type
-            or old.type not in IVF_TYPES or kind not in IVF_TYPES or old.memory_budget != budget
-            or total > RETRAIN_GROWTH * old.trained_count):
+    an explicit ``--type``, re-chooses at once. (An old layout or a retrain is a full rebuild, which
+    :func:`full_rebuild_reason` finds and the caller then builds with the type chosen now.)"""
+    if (requested != "auto" or old is None or kind == old.type or old.type not in IVF_TYPES
+            or kind not in IVF_TYPES or old.memory_budget != budget):
         return kind, why
     size = expected_bytes(old.type, total, old.dim, old.nlist)
     return old.type, (f"kept until the next retrain (past {RETRAIN_GROWTH:g} × {old.trained_count:,} vectors): "
