@@ -198,7 +198,7 @@ def evaluate_detections_command(ground_truth, detections, images, split, iou_thr
 # --- fine-tuning ---------------------------------------------------------------------------------
 
 LOSS_NAMES = ("id", "triplet", "oim")  # = reidx.pipeline.training.LOSSES (checked by a test; no import here)
-WISE_ALPHA, DISTILL_WEIGHT = 0.3, 1.0  # = reidx.pipeline.training.WISE_ALPHA, DISTILL_WEIGHT (likewise)
+WISE_ALPHA, DISTILL_WEIGHT = 0.4, 0.0  # = reidx.pipeline.training.WISE_ALPHA, DISTILL_WEIGHT (likewise)
 
 
 def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
@@ -279,12 +279,17 @@ def parse_stages(spec: str) -> list[str] | None:
 @click.option("--train-stages", default="all", show_default=True,
               help="Surgical fine-tuning: the OSNet stages that learn, comma-separated from conv1 (the stem) "
                    "… conv5, fc; the others keep the base's weights and BatchNorm statistics.")
+@click.option("--domain-gate/--no-domain-gate", default=None,
+              help="Keep the base model's features on crops unlike the training site's: the checkpoint holds "
+                   "both networks and a label-free gate (from the training crops' base features) that gives "
+                   "each crop the fine-tuned, the base or a mixed feature; embedding then costs 2× "
+                   "(docs/training.md). [default: on; off with --init none]")
 @click.option("--resume", is_flag=True, help="Continue exactly from the last finished epoch of this --out.")
 @json_option
 def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weight, margin, soft_margin, oim_scale,
           oim_momentum, oim_queue, epochs, p, k, lr, weight_decay, warmup_epochs, schedule, step_epochs, device,
           precision, seed, threads, val_query, val_gallery, val_every, val_other, wise_alpha, distill_weight,
-          distill_view, train_stages, resume, as_json):
+          distill_view, train_stages, domain_gate, resume, as_json):
     """Fine-tune an OSNet embedder on labelled person crops.
 
     Starts from a published checkpoint (default osnet_x0_25_msmt17) with a new classifier sized
@@ -313,7 +318,7 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
         oim_queue=oim_queue, device=device, precision=precision, seed=seed, threads=threads,
         val_query=val_query, val_gallery=val_gallery, val_every=val_every,
         val_other=list(val_other) if val_other else None, wise_alpha=wise_alpha, distill_weight=distill_weight,
-        distill_view=distill_view, train_stages=parse_stages(train_stages),
+        distill_view=distill_view, train_stages=parse_stages(train_stages), domain_gate=domain_gate,
     )
     validate = checkpoint_validator(device, threads) if val_query or val_other else None
     summary = run_training(config, resume=resume, progress=_progress(), log=_log, validate=validate)
@@ -321,7 +326,8 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
     def text(r):
         speed = f"{r['train_images_per_s']} images/s" if r["train_images_per_s"] else "no epoch left: re-mixed only"
         yield (f"trained {r['epochs']} epochs on {r['num_images']} crops of {r['num_identities']} identities "
-               f"({r['precision']}, {r['device']}, {speed}, {r['wall_s']} s, WiSE-FT α {r['wise_alpha']:g}) "
+               f"({r['precision']}, {r['device']}, {speed}, {r['wall_s']} s, WiSE-FT α {r['wise_alpha']:g}"
+               f"{', domain gate' if r['domain_gate'] else ''}) "
                f"→ {r['out']}")
         for side, e in r["evaluation"].items():
             before = f"{e['base']['mAP']:.2f}% (base) → " if e["base"] else ""

@@ -208,7 +208,7 @@ def smoke_data(smoke_table):
 def smoke_config(table, out, epochs=2, **overrides) -> TrainConfig:
     # one thread: small batches gain little from two, and lose several-fold when the cores are shared
     options = {"p": 4, "k": 4, "lr": 5e-4, "warmup_epochs": 0.5, "threads": 1, "wise_alpha": 1.0,
-               "distill_weight": 0.0, **overrides}
+               "distill_weight": 0.0, "domain_gate": False, **overrides}
     return TrainConfig(data=str(table), out=str(out), epochs=epochs, **options)
 
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from reidx.pipeline.models.weights import ResolvedWeights, load_state_dict, resolve_weights
+from reidx.pipeline.models.weights import ResolvedWeights, load_checkpoint, resolve_weights, state_dict_of
 
+GATE_KEY = "domain_gate"  # a fine-tuned OSNet's gate entry (pipeline.models.domain_gate)
 OSNET_INPUT_HW = (256, 128)  # torchreid's training size; the published weights expect it
 
 
@@ -63,8 +64,13 @@ def _osnet_from_onnx(resolved: ResolvedWeights):
 
 
 def _osnet_fold(model):
+    from reidx.pipeline.models.domain_gate import DomainGatedOSNet
     from reidx.pipeline.models.osnet import fold_batchnorm
 
+    if isinstance(model, DomainGatedOSNet):
+        fold_batchnorm(model.base)
+        fold_batchnorm(model.tuned)
+        return model
     return fold_batchnorm(model)
 
 
@@ -97,12 +103,15 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def load_model(weights: str | ResolvedWeights, family: str, fold: bool = False, allow_onnx: bool = True) -> LoadedModel:
+def load_model(weights: str | ResolvedWeights, family: str, fold: bool = False, allow_onnx: bool = True,
+               domain_gate: bool = True) -> LoadedModel:
     """Build the ``family`` module holding ``weights`` (eval mode, CPU).
 
     ``.pth`` checkpoints load strictly (training classifiers ignored); ``.onnx`` exports have
     their BatchNorm folded already, so they come back folded and cannot be fine-tuned
     (``allow_onnx=False`` says so). ``fold`` folds a checkpoint's BatchNorm for inference.
+    A fine-tuned OSNet with a domain gate (:mod:`.domain_gate`) comes back gated, or as the
+    tuned network alone with ``domain_gate=False`` (what training starts from).
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
@@ -114,8 +123,15 @@ def load_model(weights: str | ResolvedWeights, family: str, fold: bool = False, 
                              f"export (its BatchNorm is folded away)")
         module, arch, dim = spec.from_onnx(resolved)
         return LoadedModel(module.eval(), arch, resolved, dim, folded=True)
-    state = load_state_dict(resolved.path)
+    checkpoint = load_checkpoint(resolved.path)
+    state = state_dict_of(checkpoint, resolved.path)
     module, arch, dim = spec.from_state(state, resolved.known.arch if resolved.known else None)
+    gate = checkpoint.get(GATE_KEY) if isinstance(checkpoint, dict) and family == "osnet" and domain_gate else None
+    if gate is not None:
+        from reidx.pipeline.models.domain_gate import from_checkpoint
+
+        module = from_checkpoint(module, gate, lambda base_state: spec.from_state(base_state, arch)[0], dim,
+                                 resolved.path)
     module.eval()
     if fold:
         module = spec.fold(module)

@@ -229,17 +229,13 @@ def check_weights_format(path: str | os.PathLike) -> None:
         _check_torch_format(path)
 
 
-def load_state_dict(path: str | os.PathLike) -> dict:
-    """Load a checkpoint's tensors without executing pickled code.
-
-    Accepts a plain state dict, one nested under ``state_dict`` or ``model`` (torchreid and
-    YOLOX training checkpoints), and keys prefixed ``module.`` (saved from DataParallel).
-    """
+def load_checkpoint(path: str | os.PathLike):
+    """``torch.load`` of a checkpoint without executing pickled code: tensors and plain containers."""
     import torch  # here, not at the top: commands that only resolve weights start fast
 
     _check_torch_format(path)
     try:
-        obj = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # Only "Unsupported global" means real pickled objects; any other unpickling failure is
         # a damaged or foreign file, and calling it "pickled objects" would send the user astray.
@@ -257,6 +253,13 @@ def load_state_dict(path: str | os.PathLike) -> dict:
         raise WeightsError(f"{path} is not a readable torch checkpoint ({_first_line(exc)}); "
                            f"give a file saved with torch.save(model.state_dict(), path)") from None
 
+
+def state_dict_of(checkpoint, path: str | os.PathLike) -> dict:
+    """A loaded checkpoint's tensors: a plain state dict, one nested under ``state_dict`` or
+    ``model`` (torchreid and YOLOX training checkpoints), keys prefixed ``module.`` (DataParallel)."""
+    import torch
+
+    obj = checkpoint
     for nested in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(nested), dict):
             obj = obj[nested]
@@ -264,3 +267,8 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path} does not contain a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """Load a checkpoint's tensors without executing pickled code (:func:`state_dict_of`)."""
+    return state_dict_of(load_checkpoint(path), path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reidx.pipeline.models.osnet import OSNET_CHANNELS
-from reidx.pipeline.training import DISTILL_WEIGHT, LOSSES, WISE_ALPHA
+from reidx.pipeline.training import DISTILL_WEIGHT, DOMAIN_GATE, LOSSES, WISE_ALPHA
 from reidx.pipeline.training.retention import check_stages
 
 
@@ -45,12 +45,15 @@ class TrainConfig:
     distill_weight: float | None = None  # cosine distillation towards the base; None: DISTILL_WEIGHT, 0 without init
     distill_view: str = "same"  # distil on the training batch itself, or on a "photometric" copy of it
     train_stages: list[str] | None = None  # OSNet stages that learn (retention.STAGES); None: all
+    domain_gate: bool | None = None  # keep the base's features on crops unlike the training site; None: DOMAIN_GATE
 
     def __post_init__(self) -> None:
         if self.wise_alpha is None:
             self.wise_alpha = WISE_ALPHA if self.init else 1.0
         if self.distill_weight is None:
             self.distill_weight = DISTILL_WEIGHT if self.init else 0.0
+        if self.domain_gate is None:
+            self.domain_gate = DOMAIN_GATE and bool(self.init)
 
     def check(self) -> None:
         unknown = set(self.losses) - set(LOSSES)
@@ -70,8 +73,8 @@ class TrainConfig:
             raise ValueError("epochs must be at least 1")
         if not 0.0 <= self.wise_alpha <= 1.0 or self.distill_weight < 0:
             raise ValueError("wise_alpha must lie in [0, 1] and distill_weight be ≥ 0")
-        if self.init is None and (self.wise_alpha < 1.0 or self.distill_weight > 0):
-            raise ValueError("--wise-alpha < 1 and --distill-weight need a base model to keep (--init)")
+        if self.init is None and (self.wise_alpha < 1.0 or self.distill_weight > 0 or self.domain_gate):
+            raise ValueError("--wise-alpha < 1, --distill-weight and --domain-gate need a base model to keep (--init)")
         if self.val_other is not None and len(self.val_other) != 2:
             raise ValueError("val_other is [query, gallery]")
         check_stages(self.train_stages)

@@ -45,8 +45,8 @@ from reidx.pipeline.training.checkpoint import check_resumable, plain_config, re
 from reidx.pipeline.training.data import TrainingSet, load_training_set
 from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_logits
 from reidx.pipeline.training.config import TrainConfig
-from reidx.pipeline.training.retention import (distillation_loss, freeze_stages, hold_frozen_statistics, load_base,
-                                               wise_interpolate)
+from reidx.pipeline.training.retention import (distillation_loss, domain_gate_entry, freeze_stages,
+                                               hold_frozen_statistics, load_base, wise_interpolate)
 from reidx.pipeline.training.sampler import PKSampler
 
 from reidx.pipeline.training import LOSSES
@@ -80,7 +80,7 @@ def learning_rate(config: TrainConfig, t: float) -> float:
 def build_model(config: TrainConfig, num_classes: int) -> tuple[nn.Module, dict]:
     """OSNet (+ a classifier sized to the training identities when the id loss is on) and what it came from."""
     if config.init:
-        loaded = load_model(config.init, "osnet", allow_onnx=False)
+        loaded = load_model(config.init, "osnet", allow_onnx=False, domain_gate=False)
         model, arch, feature_dim = loaded.module, loaded.arch, loaded.output_dim
         base = {"base_model": loaded.resolved.model_name, "base_sha256": loaded.resolved.sha256}
     else:
@@ -317,6 +317,11 @@ class _Run:
             state = wise_interpolate(load_base(config.init).state_dict(), state, config.wise_alpha)
         final = {"state_dict": state, "reidx_training": {**metadata, "epochs": len(history), "history": history,
                                                          "wise_alpha": config.wise_alpha}}
+        if config.domain_gate:
+            gate = domain_gate_entry(config.init, data, config.seed)
+            final["domain_gate"] = gate
+            final["reidx_training"]["domain_gate"] = {k: gate[k] for k in ("k", "p", "calibration_median")}
+            self.log(f"domain gate: {len(gate['reference'])} reference crops, k {gate['k']}, p {gate['p']:g}")
         save_checkpoint(final, out)
         evaluation = self.compare(validate)
         if evaluation:
@@ -325,6 +330,7 @@ class _Run:
         return {"out": str(out), "resume_checkpoint": str(self.state_path), "epochs": len(history),
                 "validation": evaluation["target"]["fine_tuned"] if "target" in evaluation else None,
                 "evaluation": evaluation, "wise_alpha": config.wise_alpha, "distill_weight": config.distill_weight,
+                "domain_gate": config.domain_gate,
                 "base_model": self.origin["base_model"], "data_hash": data.data_hash, "num_images": len(data.paths),
                 "num_identities": data.num_classes, "losses": dict(self.config.losses),
                 "precision": metadata["precision"], "device": self.device.type,

@@ -31,7 +31,7 @@ from reidx.pipeline.models.registry import load_model
 
 def load_base(init: str) -> nn.Module:
     """The model fine-tuning starts from, frozen in eval mode (CPU; move it where needed)."""
-    module = load_model(init, "osnet", allow_onnx=False).module.eval()
+    module = load_model(init, "osnet", allow_onnx=False, domain_gate=False).module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return module
@@ -84,3 +84,17 @@ def wise_interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tenso
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Mean cosine distance between each student feature and the base model's feature of the same crop."""
     return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=1)).mean()
+
+
+@torch.inference_mode()
+def domain_gate_entry(init: str, data, seed: int = 0, batch_size: int = 64) -> dict:
+    """The checkpoint's ``domain_gate`` entry (:mod:`reidx.pipeline.models.domain_gate`): the base
+    weights, and the gate's reference and calibration from the base features of every training crop."""
+    from reidx.pipeline.embed import to_input_tensor
+    from reidx.pipeline.models.domain_gate import calibrate
+
+    base = load_base(init)
+    features = torch.cat([F.normalize(base(to_input_tensor(data.crops(range(i, min(i + batch_size, len(data.paths)))))),
+                                      dim=1)
+                          for i in range(0, len(data.paths), batch_size)])
+    return {"base_state_dict": base.state_dict(), **calibrate(features.numpy(), data.targets, seed=seed)}
