@@ -385,14 +385,18 @@ def embedding_cost(base: str, out: str, crops_per_side: int = 512, repeats: int 
     """Embedding time of the output against the base on crops of the training site (Con-ReID's
     test images) and of another (cuhk03): a gated output runs both networks on batches with a
     crop of the site and the base alone on batches wholly off it. Crops are decoded beforehand;
-    the embedders alternate within each repeat (the machine is shared), medians reported."""
+    the embedders (onnx and torch backends) alternate within each repeat (the machine is shared),
+    medians reported; for a gated output also the gate's weights on each side."""
     import statistics
 
     from reidx.pipeline.embed import resize_crop
     from reidx.pipeline.imaging import load_image
+    from reidx.pipeline.runtime import onnxruntime_available
 
     sides = {"site": SHARED / "data" / "con-reid" / "bounding_box_test", "other": SHARED / "data" / "cuhk03-train" / "query"}
-    embedders = {"base": build_embedder(base, threads=1), "output": build_embedder(out, threads=1)}
+    backends = ["onnx", "torch"] if onnxruntime_available() else ["torch"]
+    embedders = {f"{name}_{backend}": build_embedder(weights, backend=backend, threads=1)
+                 for backend in backends for name, weights in (("base", base), ("output", out))}
     result = {}
     for side, folder in sides.items():
         files = sorted(folder.glob("*.jpg"))[:: max(1, len(list(folder.glob("*.jpg"))) // crops_per_side)][:crops_per_side]
@@ -405,8 +409,27 @@ def embedding_cost(base: str, out: str, crops_per_side: int = 512, repeats: int 
                 seconds[name].append(time.perf_counter() - start)
         medians = {name: statistics.median(values) for name, values in seconds.items()}
         result[side] = {"crops": len(crops), **{f"{n}_crops_per_s": round(len(crops) / t, 1) for n, t in medians.items()},
-                        "output_time_ratio": round(medians["output"] / medians["base"], 2)}
+                        **{f"output_time_ratio_{b}": round(medians[f"output_{b}"] / medians[f"base_{b}"], 2)
+                           for b in backends}, **gate_weights(out, crops)}
     return result
+
+
+def gate_weights(weights: str, crops: list) -> dict:
+    """How much of the tuned feature a gated output gives these crops (mean, and the shares of 0 and 1)."""
+    import torch
+
+    from reidx.pipeline.embed import to_input_tensor
+    from reidx.pipeline.models.domain_gate import DomainGatedOSNet
+    from reidx.pipeline.models.registry import load_model
+
+    model = load_model(weights, "osnet", fold=True).module
+    if not isinstance(model, DomainGatedOSNet):
+        return {}
+    with torch.inference_mode():
+        a = torch.cat([model.gate(torch.nn.functional.normalize(model.base(to_input_tensor(crops[i:i + 64])), dim=1))
+                       for i in range(0, len(crops), 64)]).numpy()
+    return {"gate_weight_mean": round(float(a.mean()), 3), "gate_weight_0_share": round(float((a == 0).mean()), 3),
+            "gate_weight_1_share": round(float((a == 1).mean()), 3)}
 
 
 def acceptance(args, scores: "Scores") -> dict:

@@ -28,9 +28,27 @@ def embed(weights, crops) -> np.ndarray:
     return build_embedder(str(weights), backend="torch", device="cpu").embed(crops)
 
 
-def test_wise_alpha_mixes_base_and_fine_tuned_weights(tmp_path, smoke_data, smoke_table):
-    out = tmp_path / "model.pth"
-    tuned = train(smoke_config(smoke_table, out, epochs=1), data=smoke_data)
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory, smoke_data, smoke_table):
+    """One plain epoch, trained once: each test re-makes the output from a copy of its resume
+    checkpoint (a finished run resumed with other output options is not trained again)."""
+    out = tmp_path_factory.mktemp("one_epoch") / "model.pth"
+    return out, train(smoke_config(smoke_table, out, epochs=1), data=smoke_data)
+
+
+def copy_run(one_epoch, folder):
+    """The one-epoch run's resume checkpoint copied beside a new output path in ``folder``."""
+    from reidx.pipeline.training.checkpoint import resume_path
+
+    out = folder / "model.pth"
+    shutil.copy(resume_path(one_epoch[0]), resume_path(out))
+    return out
+
+
+def test_wise_alpha_mixes_base_and_fine_tuned_weights(tmp_path, smoke_data, smoke_table, one_epoch):
+    out = copy_run(one_epoch, tmp_path)
+    tuned = train(smoke_config(smoke_table, out, epochs=1), resume=True, data=smoke_data)
+    assert tuned["history"] == one_epoch[1]["history"]  # re-made from the copy, not trained again
     assert tuned["wise_alpha"] == 1.0 and tuned["epochs"] == 1
     tuned_state = torch.load(out, weights_only=True)["state_dict"]
     crops = smoke_data.crops(np.arange(0, 116, 9))
@@ -66,16 +84,16 @@ def test_wise_alpha_mixes_base_and_fine_tuned_weights(tmp_path, smoke_data, smok
         wise_interpolate(base_state, tuned_state, 1.5)
 
 
-def test_distillation_keeps_features_near_the_base(tmp_path, smoke_data, smoke_table):
+def test_distillation_keeps_features_near_the_base(tmp_path, smoke_data, smoke_table, one_epoch):
     crops = smoke_data.crops(np.arange(0, 116, 5))
     base_features = embed("osnet_x0_25_msmt17", crops)
-    closeness = {}
-    for weight in (0.0, 20.0):
-        out = tmp_path / f"distill{weight}.pth"
-        summary = train(smoke_config(smoke_table, out, epochs=1, distill_weight=weight), data=smoke_data)
-        assert summary["distill_weight"] == weight
-        assert torch.load(out, weights_only=True)["reidx_training"]["config"]["distill_weight"] == weight
-        closeness[weight] = float((embed(out, crops) * base_features).sum(1).mean())
+    closeness = {0.0: float((embed(one_epoch[0], crops) * base_features).sum(1).mean())}  # the same run at λ = 0
+    assert one_epoch[1]["distill_weight"] == 0.0
+    out = tmp_path / "distill20.pth"
+    summary = train(smoke_config(smoke_table, out, epochs=1, distill_weight=20.0), data=smoke_data)
+    assert summary["distill_weight"] == 20.0
+    assert torch.load(out, weights_only=True)["reidx_training"]["config"]["distill_weight"] == 20.0
+    closeness[20.0] = float((embed(out, crops) * base_features).sum(1).mean())
     assert closeness[20.0] > closeness[0.0] + 0.002, closeness
     teacher = load_base("osnet_x0_25_msmt17")
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
@@ -173,7 +191,8 @@ def test_checkpoints_from_before_distillation_resume_as_undistilled(tmp_path):
     check_resumable(saved, TrainConfig(data="crops", out=old.out), "h", tmp_path / "m.resume.pth")
 
 
-def test_domain_gate_gives_tuned_features_on_site_and_base_features_elsewhere(tmp_path, smoke_data, smoke_table):
+def test_domain_gate_gives_tuned_features_on_site_and_base_features_elsewhere(tmp_path, smoke_data, smoke_table,
+                                                                              one_epoch):
     """The gated checkpoint holds the base and the tuned network: crops of the training site (its
     own crops, and unseen Con-ReID people) get the tuned features; cuhk03 crops, another campus,
     get the base's. The ONNX backend runs the same gate."""
@@ -181,8 +200,8 @@ def test_domain_gate_gives_tuned_features_on_site_and_base_features_elsewhere(tm
     from reidx.pipeline.models.domain_gate import DomainGatedOSNet
     from reidx.pipeline.models.registry import load_model
 
-    out = tmp_path / "gated.pth"
-    summary = train(smoke_config(smoke_table, out, epochs=1, domain_gate=True), data=smoke_data)
+    out = copy_run(one_epoch, tmp_path)
+    summary = train(smoke_config(smoke_table, out, epochs=1, domain_gate=True), resume=True, data=smoke_data)
     saved = torch.load(out, weights_only=True)
     gate = saved["domain_gate"]
     assert summary["domain_gate"] and saved["reidx_training"]["domain_gate"]["k"] == gate["k"] == 10
