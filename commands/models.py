@@ -282,7 +282,7 @@ def parse_stages(spec: str) -> list[str] | None:
 @click.option("--domain-gate/--no-domain-gate", default=None,
               help="Keep the base model's features on crops unlike the training site's: the checkpoint holds "
                    "both networks and a label-free gate (from the training crops' base features) that gives "
-                   "each crop the fine-tuned, the base or a mixed feature; embedding then costs 2× "
+                   "each crop the fine-tuned, the base or a mixed feature; embedding then takes ~2× as long "
                    "(docs/training.md). [default: on; off with --init none]")
 @click.option("--resume", is_flag=True, help="Continue exactly from the last finished epoch of this --out.")
 @json_option
