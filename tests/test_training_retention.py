@@ -227,12 +227,21 @@ def test_domain_gate_gives_tuned_features_on_site_and_base_features_elsewhere(tm
         a = weight[name][:, None]
         expected = (1 - a) * base + a * tuned
         assert np.allclose(features, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=2e-5), name
+    off_site = site["cuhk03"][weight["cuhk03"] == 0]  # a batch wholly off the site: the base's features exactly
+    assert np.array_equal(embed(out, off_site), embed("osnet_x0_25_msmt17", off_site))
+    # training on from the gated checkpoint keeps the original base (WiSE-FT, distillation, a new gate)
+    assert all(torch.equal(load_base(str(out)).state_dict()[k], v) for k, v in base_state.items()
+               if not k.startswith("classifier"))
     onnx = build_embedder(str(out), backend="onnx", device="cpu").embed(site["cuhk03"])
     assert np.abs(onnx - embed(out, site["cuhk03"])).max() < 1e-4
 
     from reidx.pipeline.models.weights import WeightsError
 
-    for damage in ({"reference": gate["reference"][:, :100]}, {"low_scores": torch.zeros(0)}, {"k": "ten"}):
+    narrow_base = {**gate["base_state_dict"], "fc.0.weight": gate["base_state_dict"]["fc.0.weight"][:256]}
+    for damage in ({"reference": gate["reference"][:, :100]}, {"low_scores": torch.zeros(0)}, {"k": "ten"},
+                   {"k": True}, {"reference": gate["reference"] * float("nan")},
+                   {"low_scores": torch.tensor([float("-inf")])}, {"base_state_dict": {}},
+                   {"base_state_dict": narrow_base}):
         torch.save({**saved, "domain_gate": {**gate, **damage}}, tmp_path / "damaged.pth")
         with pytest.raises(WeightsError, match="domain_gate entry is damaged"):
             build_embedder(str(tmp_path / "damaged.pth"), backend="torch")

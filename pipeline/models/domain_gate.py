@@ -13,8 +13,8 @@ the base model's own features and no labels, whether the new data says anything 
     f(x) = normalise((1 − a(x))·base(x) + a(x)·tuned(x))
 
 A crop that scores like the training site's own crops (at or above their p-quantile) gets the
-fine-tuned features; one that scores below every training crop gets the base's, bit for bit; in
-between, a mix. The cost: both networks run (measured 1.96× the base's embedding time with
+fine-tuned features; one that scores below every training crop gets the base's (bit for bit when
+its whole batch does, else to float rounding); in between, a mix. The cost: both networks run (measured 1.96× the base's embedding time with
 onnxruntime); only a batch wholly off the site, where every weight is 0, runs the base alone.
 
 Checkpoint layout (written by ``reidx train``): ``state_dict`` holds the tuned weights in
@@ -50,16 +50,19 @@ class DomainGatedOSNet(nn.Module):
         self.register_buffer("low_scores", low_scores.float())
 
     def gate(self, base_unit: torch.Tensor) -> torch.Tensor:
-        """(N,) weight of the tuned features, in [0, 1], from unit base features."""
-        score = (base_unit @ self.reference.T).topk(self.k, dim=1).values.mean(1)
-        below = (self.low_scores.unsqueeze(0) < score.unsqueeze(1)).float().sum(1)
+        """(N,) weight of the tuned features, in [0, 1], from unit base features (in float32 even
+        under bf16 autocast: the calibration's steps are a few thousandths apart)."""
+        with torch.autocast(base_unit.device.type, enabled=False):
+            score = (base_unit.float() @ self.reference.T).topk(self.k, dim=1).values.mean(1)
+            below = (self.low_scores.unsqueeze(0) < score.unsqueeze(1)).float().sum(1)
         return below / self.low_scores.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = F.normalize(self.base(x).float(), dim=1)
+        raw = self.base(x).float()
+        base = F.normalize(raw, dim=1)
         a = self.gate(base).unsqueeze(1)
         if not torch.jit.is_tracing() and not bool(a.any()):
-            return base  # a batch wholly off the site: the tuned network need not run (same result)
+            return raw  # a batch wholly off the site: the base's own output; the tuned network need not run
         tuned = F.normalize(self.tuned(x).float(), dim=1)
         return (1 - a) * base + a * tuned  # the embedder normalises
 
@@ -71,12 +74,25 @@ def calibrate(features: np.ndarray, identities: np.ndarray, k: int = GATE_K, p: 
     ``identities``: an id per crop (≥ 0), or −1 for unlabelled crops (scored against everything
     but themselves). Returns the ``domain_gate`` entries other than the base weights.
     """
-    features = np.asarray(features, np.float32)
+    features, identities = np.asarray(features, np.float32), np.asarray(identities)
     n = len(features)
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(n, max_reference, replace=False)) if n > max_reference else np.arange(n)
     reference, ref_ids = features[keep], identities[keep]
     k = max(1, min(k, len(keep) - 1))
+    scores = _scores(features, identities, keep, reference, ref_ids, k)
+    if not np.isfinite(scores).any():  # one identity only: no crop has another's to compare with
+        scores = _scores(features, np.full(n, -1), keep, reference, np.full(len(keep), -1), k)
+    scores = np.sort(scores[np.isfinite(scores)])  # crops with no other identity in the reference drop out
+    low = scores[: max(1, math.ceil(p * len(scores)))]
+    return {"reference": torch.from_numpy(reference).half(), "low_scores": torch.from_numpy(low.copy()),
+            "k": int(k), "p": float(p), "calibration_median": float(np.median(scores))}
+
+
+def _scores(features, identities, keep, reference, ref_ids, k) -> np.ndarray:
+    """Each crop's mean similarity to its (up to) k nearest reference crops of *other* identities
+    (unlabelled crops, −1: every crop but itself); NaN where the reference holds none."""
+    n = len(features)
     scores = np.empty(n, np.float32)
     for start in range(0, n, 2048):
         stop = min(n, start + 2048)
@@ -86,28 +102,38 @@ def calibrate(features: np.ndarray, identities: np.ndarray, k: int = GATE_K, p: 
         same |= np.arange(start, stop)[:, None] == keep[None, :]  # never a crop's own copy
         sims[same] = -np.inf
         top = np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:]
-        scores[start:stop] = np.where(np.isfinite(top), top, -1.0).mean(1)
-    scores.sort()
-    low = scores[: max(1, math.ceil(p * n))]
-    return {"reference": torch.from_numpy(reference).half(), "low_scores": torch.from_numpy(low.copy()),
-            "k": int(k), "p": float(p), "calibration_median": float(np.median(scores))}
+        finite = np.isfinite(top)
+        with np.errstate(invalid="ignore", divide="ignore"):  # rows with none: NaN, dropped by the caller
+            scores[start:stop] = np.where(finite, top, 0.0).sum(1) / finite.sum(1)
+    return scores
 
 
 def from_checkpoint(tuned: nn.Module, gate, build_base, feature_dim: int, path) -> DomainGatedOSNet:
-    """Wrap a loaded tuned OSNet with the checkpoint's ``domain_gate`` entry.
-    ``build_base(state_dict)`` builds the base network (the registry's own OSNet loader)."""
+    """Wrap a loaded tuned OSNet with the checkpoint's ``domain_gate`` entry, checked first:
+    ``build_base(state_dict)`` builds the base network and its feature size (the registry's loader)."""
     from reidx.pipeline.models.weights import WeightsError
 
-    needed = {"base_state_dict": dict, "reference": torch.Tensor, "low_scores": torch.Tensor, "k": int}
-    wrong = [key for key, kind in needed.items() if not isinstance(gate, dict) or not isinstance(gate.get(key), kind)]
-    if not wrong:
-        reference, low = gate["reference"], gate["low_scores"]
-        if reference.ndim != 2 or reference.shape[1] != feature_dim or not 1 <= gate["k"] <= len(reference):
-            wrong.append("reference")
-        if low.ndim != 1 or low.numel() == 0:
-            wrong.append("low_scores")
-    if wrong:
-        raise WeightsError(f"{path}: the {GATE_KEY} entry is damaged ({', '.join(wrong)} missing or malformed); "
-                           f"re-make it with `reidx train ... --resume` or load the tuned network alone")
-    base = build_base(gate["base_state_dict"]).eval()
-    return DomainGatedOSNet(base, tuned, gate["reference"], gate["low_scores"], gate["k"]).eval()
+    def damaged(what: str) -> WeightsError:
+        return WeightsError(f"{path}: the {GATE_KEY} entry is damaged ({what}); re-make it with "
+                            f"`reidx train ... --resume` or load the tuned network alone")
+
+    if not isinstance(gate, dict):
+        raise damaged("not a dictionary")
+    reference, low, k = gate.get("reference"), gate.get("low_scores"), gate.get("k")
+    if not isinstance(reference, torch.Tensor) or not reference.is_floating_point() or reference.ndim != 2 \
+            or reference.shape[1] != feature_dim or not torch.isfinite(reference).all():
+        raise damaged(f"reference: not a finite float matrix of {feature_dim}-d rows")
+    if not isinstance(low, torch.Tensor) or not low.is_floating_point() or low.ndim != 1 or low.numel() == 0 \
+            or not torch.isfinite(low).all():
+        raise damaged("low_scores: not a non-empty finite float vector")
+    if type(k) is not int or not 1 <= k <= len(reference):
+        raise damaged(f"k: not an integer from 1 to {len(reference)}")
+    if not isinstance(gate.get("base_state_dict"), dict):
+        raise damaged("base_state_dict missing")
+    try:
+        base, base_dim = build_base(gate["base_state_dict"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise damaged(f"base_state_dict: {exc}") from None
+    if base_dim != feature_dim:
+        raise damaged(f"the base gives {base_dim}-d features, the tuned network {feature_dim}-d")
+    return DomainGatedOSNet(base.eval(), tuned, reference, low, k).eval()

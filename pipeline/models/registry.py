@@ -130,7 +130,7 @@ def load_model(weights: str | ResolvedWeights, family: str, fold: bool = False, 
     if gate is not None:
         from reidx.pipeline.models.domain_gate import from_checkpoint
 
-        module = from_checkpoint(module, gate, lambda base_state: spec.from_state(base_state, arch)[0], dim,
+        module = from_checkpoint(module, gate, lambda base_state: spec.from_state(base_state, arch)[::2], dim,
                                  resolved.path)
     module.eval()
     if fold:

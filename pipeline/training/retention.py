@@ -30,8 +30,14 @@ from reidx.pipeline.models.registry import load_model
 
 
 def load_base(init: str) -> nn.Module:
-    """The model fine-tuning starts from, frozen in eval mode (CPU; move it where needed)."""
-    module = load_model(init, "osnet", allow_onnx=False, domain_gate=False).module.eval()
+    """The model to keep (WiSE-FT's and the distillation's base, the gate's base), frozen in eval
+    mode (CPU): ``init`` itself, or, for a gated checkpoint, the base it keeps — training on from a
+    fine-tuned model still falls back to the original model off the site."""
+    from reidx.pipeline.models.domain_gate import DomainGatedOSNet
+
+    module = load_model(init, "osnet", allow_onnx=False).module.eval()
+    if isinstance(module, DomainGatedOSNet):
+        module = module.base
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return module

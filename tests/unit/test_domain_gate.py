@@ -73,3 +73,16 @@ def test_gate_is_the_calibration_quantile_over_p():
     for score, expected in ((0.65, 0.5), (0.45, 0.0), (0.75, 0.75), (0.95, 1.0)):
         x = torch.tensor([[score, (1 - score ** 2) ** 0.5, 0.0, 0.0]])
         assert float(model.gate(x)) == expected, score
+
+
+def test_lopsided_and_single_identity_sets_still_calibrate_on_real_scores():
+    """A crop whose identity fills most of the reference has fewer than k other-identity crops: its
+    score averages the ones there are (no filler values that would let every crop through)."""
+    rng = np.random.default_rng(3)
+    big, _ = site(rng, np.eye(16)[0], identities=1, per_identity=40, spread=0.1)
+    small, _ = site(rng, np.eye(16)[0], identities=1, per_identity=3, spread=0.1)
+    features, ids = np.concatenate([small, big]), [0] * 3 + [1] * 40  # a plain list is fine too
+    gate = calibrate(features, ids, k=10, p=0.05)
+    assert gate["low_scores"].min() > 0.5  # all crops of one site: similar, never a −1 filler
+    single = calibrate(big, np.zeros(40, int), k=10, p=0.05)  # one identity: scored against the rest
+    assert torch.isfinite(single["low_scores"]).all() and single["low_scores"].min() > 0.5
