@@ -250,7 +250,8 @@ def forgetting(args) -> dict:
     work = Path(args.workdir)
     splits = make_splits(work / "splits")
     scores = Scores(work / "scores.json")
-    base_state = load_base(args.init).state_dict()
+    base_model = load_base(args.init)
+    base_state = base_model.state_dict()
     runs = {variant: fine_tune(args, work, RUN_NAMES.get(variant, f"fit.{variant}"), splits["conreid-fit"],
                                VARIANTS[variant]) for variant in args.variants if variant in VARIANTS}
     gates: dict = {}
@@ -270,7 +271,7 @@ def forgetting(args) -> dict:
             checkpoint = {"state_dict": wise_interpolate(base_state, tuned, alpha)}
             if gated:  # the gate `reidx train` writes, from the fine-tuning crops (computed once)
                 if "entry" not in gates:
-                    gates["entry"] = domain_gate_entry(args.init, load_training_set(splits["conreid-fit"]))
+                    gates["entry"] = domain_gate_entry(base_model, load_training_set(splits["conreid-fit"]))
                 checkpoint["domain_gate"] = gates["entry"]
             torch.save(checkpoint, tmp)
             tmp.replace(path)
@@ -368,7 +369,9 @@ def main() -> None:
                    *args.train_options]
         result["command"] = " ".join(["reidx", "train", *options])
         start = time.perf_counter()
-        resume = ["--resume"] if Path(args.out).with_name(Path(args.out).stem + ".resume.pth").is_file() else []
+        from reidx.pipeline.training.checkpoint import resume_path
+
+        resume = ["--resume"] if resume_path(args.out).is_file() else []
         process = subprocess.run(train_command() + options + resume + ["--json"], cwd=REPO, stdout=subprocess.PIPE,
                                  text=True)
         result["train_wall_s"], result["resumed"] = round(time.perf_counter() - start, 1), bool(resume)
@@ -399,7 +402,8 @@ def embedding_cost(base: str, out: str, crops_per_side: int = 512, repeats: int 
                  for backend in backends for name, weights in (("base", base), ("output", out))}
     result = {}
     for side, folder in sides.items():
-        files = sorted(folder.glob("*.jpg"))[:: max(1, len(list(folder.glob("*.jpg"))) // crops_per_side)][:crops_per_side]
+        files = sorted(folder.glob("*.jpg"))
+        files = files[:: max(1, len(files) // crops_per_side)][:crops_per_side]
         crops = [resize_crop(load_image(f)) for f in files]
         seconds: dict[str, list[float]] = {name: [] for name in embedders}
         for _ in range(repeats):
@@ -426,8 +430,7 @@ def gate_weights(weights: str, crops: list) -> dict:
     if not isinstance(model, DomainGatedOSNet):
         return {}
     with torch.inference_mode():
-        a = torch.cat([model.gate(torch.nn.functional.normalize(model.base(to_input_tensor(crops[i:i + 64])), dim=1))
-                       for i in range(0, len(crops), 64)]).numpy()
+        a = torch.cat([model.tuned_share(to_input_tensor(crops[i:i + 64])) for i in range(0, len(crops), 64)]).numpy()
     return {"gate_weight_mean": round(float(a.mean()), 3), "gate_weight_0_share": round(float((a == 0).mean()), 3),
             "gate_weight_1_share": round(float((a == 1).mean()), 3)}
 
@@ -438,9 +441,11 @@ def acceptance(args, scores: "Scores") -> dict:
     with the issue's acceptance test: Con-ReID ≥ 90.0 mAP and cuhk03 ≤ 2.0 below the base."""
     import torch
 
+    from reidx.pipeline.models.weights import load_checkpoint
+
     cuhk = SHARED / "data" / "cuhk03-train"
     weights = {"base": args.init, "output": args.out}
-    checkpoint = torch.load(args.out, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(args.out)
     if "domain_gate" in checkpoint:  # what the output's tuned network gives without the gate
         alone = Path(args.out).with_name(Path(args.out).stem + ".without-gate.pth")
         torch.save({"state_dict": checkpoint["state_dict"]}, alone)

@@ -14,8 +14,9 @@ the base model's own features and no labels, whether the new data says anything 
 
 A crop that scores like the training site's own crops (at or above their p-quantile) gets the
 fine-tuned features; one that scores below every training crop gets the base's (bit for bit when
-its whole batch does, else to float rounding); in between, a mix. The cost: both networks run (measured 1.96× the base's embedding time with
-onnxruntime); only a batch wholly off the site, where every weight is 0, runs the base alone.
+its whole batch does, else to float rounding); in between, a mix. The cost: both networks run
+(measured 1.85–1.96× the base's embedding time with onnxruntime); only a batch wholly off the site,
+where every weight is 0, runs the base alone.
 
 Checkpoint layout (written by ``reidx train``): ``state_dict`` holds the tuned weights in
 torchreid's layout as usual (tools that know nothing of the gate load the tuned model), and
@@ -56,6 +57,10 @@ class DomainGatedOSNet(nn.Module):
             score = (base_unit.float() @ self.reference.T).topk(self.k, dim=1).values.mean(1)
             below = (self.low_scores.unsqueeze(0) < score.unsqueeze(1)).float().sum(1)
         return below / self.low_scores.numel()
+
+    def tuned_share(self, x: torch.Tensor) -> torch.Tensor:
+        """(N,) weight of the tuned features for input crops (what ``forward`` mixes with)."""
+        return self.gate(F.normalize(self.base(x).float(), dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raw = self.base(x).float()

@@ -313,12 +313,13 @@ class _Run:
         config, history, data, out = self.config, self.history, self.data, Path(self.config.out)
         metadata = self.metadata()
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        base = load_base(config.init) if config.wise_alpha < 1.0 or config.domain_gate else None
         if config.wise_alpha < 1.0:
-            state = wise_interpolate(load_base(config.init).state_dict(), state, config.wise_alpha)
+            state = wise_interpolate(base.state_dict(), state, config.wise_alpha)
         final = {"state_dict": state, "reidx_training": {**metadata, "epochs": len(history), "history": history,
                                                          "wise_alpha": config.wise_alpha}}
         if config.domain_gate:
-            gate = domain_gate_entry(config.init, data, config.seed)
+            gate = domain_gate_entry(base, data, config.seed)
             final["domain_gate"] = gate
             final["reidx_training"]["domain_gate"] = {k: gate[k] for k in ("k", "p", "calibration_median")}
             self.log(f"domain gate: {len(gate['reference'])} reference crops, k {gate['k']}, p {gate['p']:g}")

@@ -93,13 +93,13 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 
 @torch.inference_mode()
-def domain_gate_entry(init: str, data, seed: int = 0, batch_size: int = 64) -> dict:
+def domain_gate_entry(base: nn.Module, data, seed: int = 0, batch_size: int = 64) -> dict:
     """The checkpoint's ``domain_gate`` entry (:mod:`reidx.pipeline.models.domain_gate`): the base
-    weights, and the gate's reference and calibration from the base features of every training crop."""
+    weights (``base`` from :func:`load_base`), and the gate's reference and calibration from the
+    base features of every training crop."""
     from reidx.pipeline.embed import to_input_tensor
     from reidx.pipeline.models.domain_gate import calibrate
 
-    base = load_base(init)
     features = torch.cat([F.normalize(base(to_input_tensor(data.crops(range(i, min(i + batch_size, len(data.paths)))))),
                                       dim=1)
                           for i in range(0, len(data.paths), batch_size)])
