@@ -119,8 +119,9 @@ def from_checkpoint(tuned: nn.Module, gate, build_base, feature_dim: int, path) 
     from reidx.pipeline.models.weights import WeightsError
 
     def damaged(what: str) -> WeightsError:
-        return WeightsError(f"{path}: the {GATE_KEY} entry is damaged ({what}); re-make it with "
-                            f"`reidx train ... --resume` or load the tuned network alone")
+        return WeightsError(f"{path}: the {GATE_KEY} entry is damaged ({what}); re-make the file from the "
+                            f"resume checkpoint beside it with the same `reidx train` command plus --resume "
+                            f"(add --no-domain-gate for the tuned network alone)")
 
     if not isinstance(gate, dict):
         raise damaged("not a dictionary")
