@@ -226,9 +226,14 @@ VARIANTS = {
     "photometric5": ["--distill-weight", "5", "--distill-view", "photometric"],
     "stem": ["--distill-weight", "0", "--train-stages", "conv1"],
     "no-conv2": ["--distill-weight", "0", "--train-stages", "conv1,conv3,conv4,conv5,fc"],
+    "oim": ["--distill-weight", "0", "--loss", "oim+triplet"],
+    "lr1e-4": ["--distill-weight", "0", "--lr", "1e-4"],
+    "probe": ["--distill-weight", "0", "--head-init", "probe"],
 }
 RUN_NAMES = {"plain": "fit", "distill1": "fit.distill1"}  # the first grid's file names, kept so they are reused
-GATED = {"gated": "plain"}  # candidates that are another variant's WiSE-FT mix with a domain gate (not trained again)
+# Candidates that are another variant's WiSE-FT mix with a domain gate (not trained again): "gated" is
+# the plain fine-tuning's, "gated-<variant>" that variant's.
+GATED = {"gated": "plain", **{f"gated-{variant}": variant for variant in VARIANTS if variant != "plain"}}
 
 
 def forgetting(args) -> dict:
@@ -247,13 +252,14 @@ def forgetting(args) -> dict:
         raise SystemExit(f"unknown --variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     if "plain" not in args.variants:  # it carries the base (α 0) and the plain WiSE-FT curve
         args.variants = ["plain", *args.variants]
+    trained = dict.fromkeys(GATED.get(variant, variant) for variant in args.variants)  # the fine-tunings to run
     work = Path(args.workdir)
     splits = make_splits(work / "splits")
     scores = Scores(work / "scores.json")
     base_model = load_base(args.init)
     base_state = base_model.state_dict()
     runs = {variant: fine_tune(args, work, RUN_NAMES.get(variant, f"fit.{variant}"), splits["conreid-fit"],
-                               VARIANTS[variant]) for variant in args.variants if variant in VARIANTS}
+                               VARIANTS[variant]) for variant in trained}
     gates: dict = {}
     result: dict = {"benchmark": "train-forgetting", "splits": splits,
                     "training": {variant: {"out": str(out), **info} for variant, (out, info) in runs.items()}}
@@ -336,8 +342,9 @@ def main() -> None:
                         default=[0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0])
     parser.add_argument("--variants", type=lambda v: [name for name in v.split(",") if name],
                         default=["plain", "distill1"],
-                        help=f"--forgetting: the fine-tunings to compare ({', '.join([*VARIANTS, *GATED])}; gated: "
-                             f"plain's mixes with a domain gate); plain is the reference.")
+                        help=f"--forgetting: the fine-tunings to compare ({', '.join(VARIANTS)}; gated: "
+                             f"plain's mixes with a domain gate, gated-<variant> that variant's); plain is the "
+                             f"reference.")
     parser.add_argument("--variant-alphas", type=lambda v: [float(a) for a in v.split(",")],
                         default=[0.3, 0.4, 0.6, 1.0], help="--forgetting: WiSE-FT α of the fine-tunings but plain "
                                                            "(plain takes --alphas).")

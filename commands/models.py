@@ -284,12 +284,15 @@ def parse_stages(spec: str) -> list[str] | None:
                    "both networks and a label-free gate (from the training crops' base features) that gives "
                    "each crop the fine-tuned, the base or a mixed feature; embedding then takes ~2× as long "
                    "(docs/training.md). [default: on; off with --init none]")
+@click.option("--head-init", type=click.Choice(["random", "probe"]), default="random", show_default=True,
+              help="The new classifier's start: random, or probe: first fitted on the base's frozen features "
+                   "of the training crops (LP-FT), so the first steps do not push noise into the features.")
 @click.option("--resume", is_flag=True, help="Continue exactly from the last finished epoch of this --out.")
 @json_option
 def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weight, margin, soft_margin, oim_scale,
           oim_momentum, oim_queue, epochs, p, k, lr, weight_decay, warmup_epochs, schedule, step_epochs, device,
           precision, seed, threads, val_query, val_gallery, val_every, val_other, wise_alpha, distill_weight,
-          distill_view, train_stages, domain_gate, resume, as_json):
+          distill_view, train_stages, domain_gate, head_init, resume, as_json):
     """Fine-tune an OSNet embedder on labelled person crops.
 
     Starts from a published checkpoint (default osnet_x0_25_msmt17) with a new classifier sized
@@ -319,6 +322,7 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
         val_query=val_query, val_gallery=val_gallery, val_every=val_every,
         val_other=list(val_other) if val_other else None, wise_alpha=wise_alpha, distill_weight=distill_weight,
         distill_view=distill_view, train_stages=parse_stages(train_stages), domain_gate=domain_gate,
+        head_init=head_init,
     )
     validate = checkpoint_validator(device, threads) if val_query or val_other else None
     summary = run_training(config, resume=resume, progress=_progress(), log=_log, validate=validate)

@@ -280,3 +280,29 @@ def test_smoke_training_lowers_loss_resumes_exactly_and_loads(tmp_path, smoke_da
 def test_resume_without_checkpoint_is_an_error(tmp_path, smoke_data, smoke_table):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(smoke_config(smoke_table, tmp_path / "model.pth"), resume=True, data=smoke_data)
+
+
+def test_probe_head_init_fits_the_classifier_before_training(tmp_path, smoke_data, smoke_table):
+    """--head-init probe (LP-FT): the new classifier is fitted on the frozen base features first, so
+    it starts near a solution (random: chance level); it needs a base model and the id loss."""
+    from reidx.pipeline.training.head import probe_classifier
+
+    config = smoke_config(smoke_table, tmp_path / "model.pth", head_init="probe")
+    model, _ = build_model(config, smoke_data.num_classes)
+    before = fixed_loss(model, smoke_data)
+    probe = probe_classifier(model, smoke_data, config.label_smoothing, config.weight_decay)
+    assert probe["crops"] == 116 and probe["accuracy"] >= 0.95, probe
+    assert fixed_loss(model, smoke_data) < before - 1.0
+    for bad in ({"init": None}, {"losses": {"triplet": 1.0}}):
+        with pytest.raises(ValueError, match="head-init probe"):
+            smoke_config(smoke_table, tmp_path / "x.pth", head_init="probe", **bad).check()
+    with pytest.raises(ValueError, match="head_init"):
+        smoke_config(smoke_table, tmp_path / "x.pth", head_init="zeros").check()
+    # a run with the probe trains and resumes exactly like any other (the probe is not redone on resume)
+    lines = []
+    first = train(config, data=smoke_data, stop_after=1, log=lines.append)
+    assert any("classifier probed" in line for line in lines)
+    lines.clear()
+    resumed = train(config, resume=True, data=smoke_data, log=lines.append)
+    assert not any("classifier probed" in line for line in lines)
+    assert resumed["epochs"] == 2 and first["epochs"] == 1

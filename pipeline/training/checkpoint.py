@@ -14,7 +14,7 @@ from reidx.pipeline.atomic import save_torch_atomic
 RESUME_MAY_DIFFER = {"out", "device", "threads", "val_query", "val_gallery", "val_every", "val_other", "wise_alpha",
                      "domain_gate"}
 # Options added after the first checkpoints: what their absence from an older checkpoint means.
-ADDED_LATER = {"distill_weight": 0.0, "train_stages": None, "distill_view": "same"}
+ADDED_LATER = {"distill_weight": 0.0, "train_stages": None, "distill_view": "same", "head_init": "random"}
 
 
 def resume_path(out: str | os.PathLike) -> Path:

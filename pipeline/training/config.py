@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from reidx.pipeline.models.osnet import OSNET_CHANNELS
 from reidx.pipeline.training import DISTILL_WEIGHT, DOMAIN_GATE, LOSSES, WISE_ALPHA
+from reidx.pipeline.training.head import HEAD_INITS
 from reidx.pipeline.training.retention import check_stages
 
 
@@ -46,6 +47,7 @@ class TrainConfig:
     distill_view: str = "same"  # distil on the training batch itself, or on a "photometric" copy of it
     train_stages: list[str] | None = None  # OSNet stages that learn (retention.STAGES); None: all
     domain_gate: bool | None = None  # keep the base's features on crops unlike the training site; None: DOMAIN_GATE
+    head_init: str = "random"  # the new classifier: "random", or "probe" (fitted on the frozen features first: LP-FT)
 
     def __post_init__(self) -> None:
         if self.wise_alpha is None:
@@ -78,5 +80,10 @@ class TrainConfig:
         if self.val_other is not None and len(self.val_other) != 2:
             raise ValueError("val_other is [query, gallery]")
         check_stages(self.train_stages)
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"head_init must be one of {', '.join(HEAD_INITS)}, not {self.head_init!r}")
+        if self.head_init == "probe" and (self.init is None or "id" not in self.losses):
+            raise ValueError("--head-init probe fits the id loss's classifier on a base model's features: "
+                             "it needs --init and the id loss")
         if self.distill_view not in ("same", "photometric"):
             raise ValueError(f"distill_view must be same or photometric, not {self.distill_view!r}")

@@ -43,6 +43,7 @@ from reidx.pipeline.runtime import resolve_device
 from reidx.pipeline.training.augment import Augment, Photometric
 from reidx.pipeline.training.checkpoint import check_resumable, plain_config, resume_path, save_checkpoint
 from reidx.pipeline.training.data import TrainingSet, load_training_set
+from reidx.pipeline.training.head import probe_classifier
 from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_logits
 from reidx.pipeline.training.config import TrainConfig
 from reidx.pipeline.training.retention import (distillation_loss, domain_gate_entry, freeze_stages,
@@ -179,6 +180,10 @@ class _Run:
         run = cls(config, data, device, use_bf16, model, origin, oim, optimizer, progress, log, started, parts)
         if resume:
             run.load_resume_checkpoint()
+        elif config.head_init == "probe":
+            probe = probe_classifier(model, data, config.label_smoothing, config.weight_decay)
+            log(f"classifier probed on the frozen features of {probe['crops']} crops: loss {probe['loss']:.3f}, "
+                f"accuracy {probe['accuracy']:.3f}")
         return run
 
     @property

@@ -22,6 +22,7 @@ Three tools, all measured in ``docs/training.md``:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -97,10 +98,8 @@ def domain_gate_entry(base: nn.Module, data, seed: int = 0, batch_size: int = 64
     """The checkpoint's ``domain_gate`` entry (:mod:`reidx.pipeline.models.domain_gate`): the base
     weights (``base`` from :func:`load_base`), and the gate's reference and calibration from the
     base features of every training crop."""
-    from reidx.pipeline.embed import to_input_tensor
     from reidx.pipeline.models.domain_gate import calibrate
+    from reidx.pipeline.training.head import frozen_features
 
-    features = torch.cat([F.normalize(base(to_input_tensor(data.crops(range(i, min(i + batch_size, len(data.paths)))))),
-                                      dim=1)
-                          for i in range(0, len(data.paths), batch_size)])
+    features = F.normalize(frozen_features(base, data, np.arange(len(data.paths)), batch_size), dim=1)
     return {"base_state_dict": base.state_dict(), **calibrate(features.numpy(), data.targets, seed=seed)}
