@@ -24,7 +24,7 @@ import sys
 import click
 
 from reidx.commands.common import DEFAULT_MAX_PIXELS, LOG  # noqa: F401  (checked against the stages by a test)
-from reidx.commands.models import DISTILL_WEIGHT, LOSS_NAMES, WISE_ALPHA  # noqa: F401
+from reidx.commands.models import DISTILL_WEIGHT, HEAD_INIT, LOSS_NAMES, RECOMPUTE_BN, WISE_ALPHA  # noqa: F401
 
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 130
 

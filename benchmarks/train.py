@@ -33,6 +33,7 @@ over repeats with medians, so that a busy neighbour slows every variant alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -197,7 +198,8 @@ def fine_tune(args, work: Path, name: str, data: str, extra: list[str]) -> tuple
 
     out, summary_path = work / f"{name}.pth", work / f"{name}.train.json"
     options = ["--data", data, "--init", args.init, "--out", str(out), "--epochs", str(args.epochs),
-               "--wise-alpha", "1", "--no-domain-gate", *extra, *args.train_options]
+               "--wise-alpha", "1", "--no-domain-gate", "--no-recompute-bn", "--head-init", "random",  # the variants
+               *extra, *args.train_options]  # were defined before the probe became the default (a later option wins)
     if not out.is_file():
         resume = ["--resume"] if resume_path(out).is_file() else []
         start = time.perf_counter()
@@ -232,8 +234,10 @@ VARIANTS = {
 }
 RUN_NAMES = {"plain": "fit", "distill1": "fit.distill1"}  # the first grid's file names, kept so they are reused
 # Candidates that are another variant's WiSE-FT mix with a domain gate (not trained again): "gated" is
-# the plain fine-tuning's, "gated-<variant>" that variant's.
-GATED = {"gated": "plain", **{f"gated-{variant}": variant for variant in VARIANTS if variant != "plain"}}
+# the plain fine-tuning's, "gated-<variant>" that variant's; a "-bn" suffix also recomputes the mix's
+# BatchNorm statistics on the fit split's crops (`reidx train --recompute-bn`).
+GATED = {f"gated{'' if variant == 'plain' else '-' + variant}{bn}": variant
+         for variant in VARIANTS for bn in ("", "-bn")}
 
 
 def forgetting(args) -> dict:
@@ -243,7 +247,8 @@ def forgetting(args) -> dict:
 
     from reidx.pipeline.models.weights import resolve_weights
     from reidx.pipeline.training.data import load_training_set
-    from reidx.pipeline.training.retention import domain_gate_entry, load_base, wise_interpolate
+    from reidx.pipeline.training.retention import (domain_gate_entry, load_base, recompute_batchnorm,
+                                                   wise_interpolate)
 
     if 0.0 not in args.alphas:  # the base is the reference (and always a candidate)
         args.alphas = [0.0, *args.alphas]
@@ -270,14 +275,23 @@ def forgetting(args) -> dict:
             return args.init
         out = runs[GATED.get(variant, variant)][0]
         gated = ".gated" if variant in GATED else ""
-        path = work / f"{out.stem}.{resolve_weights(str(out), '.pth').sha256[:12]}.alpha{alpha:g}{gated}.pth"
+        bn = ".bn" if variant.endswith("-bn") else ""
+        path = work / f"{out.stem}.{resolve_weights(str(out), '.pth').sha256[:12]}.alpha{alpha:g}{gated}{bn}.pth"
         if not path.is_file():  # atomically: a second process sweeping the other way may read it
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tuned = torch.load(out, weights_only=True)["state_dict"]
             checkpoint = {"state_dict": wise_interpolate(base_state, tuned, alpha)}
+            if (gated or bn) and "fit" not in gates:  # the fine-tuning crops, loaded once
+                gates["fit"] = load_training_set(splits["conreid-fit"])
+            if bn:  # as `reidx train --recompute-bn` does, on the fit crops
+                model = copy.deepcopy(base_model)
+                model.load_state_dict({k: v for k, v in checkpoint["state_dict"].items()
+                                       if not k.startswith("classifier.")})
+                recompute_batchnorm(model, gates["fit"])
+                checkpoint["state_dict"] = {**checkpoint["state_dict"], **model.state_dict()}
             if gated:  # the gate `reidx train` writes, from the fine-tuning crops (computed once)
                 if "entry" not in gates:
-                    gates["entry"] = domain_gate_entry(base_model, load_training_set(splits["conreid-fit"]))
+                    gates["entry"] = domain_gate_entry(base_model, gates["fit"])
                 checkpoint["domain_gate"] = gates["entry"]
             torch.save(checkpoint, tmp)
             tmp.replace(path)
@@ -343,8 +357,8 @@ def main() -> None:
     parser.add_argument("--variants", type=lambda v: [name for name in v.split(",") if name],
                         default=["plain", "distill1"],
                         help=f"--forgetting: the fine-tunings to compare ({', '.join(VARIANTS)}; gated: "
-                             f"plain's mixes with a domain gate, gated-<variant> that variant's); plain is the "
-                             f"reference.")
+                             f"plain's mixes with a domain gate, gated-<variant> that variant's, a -bn suffix with "
+                             f"the BatchNorm statistics recomputed); plain is the reference.")
     parser.add_argument("--variant-alphas", type=lambda v: [float(a) for a in v.split(",")],
                         default=[0.3, 0.4, 0.6, 1.0], help="--forgetting: WiSE-FT α of the fine-tunings but plain "
                                                            "(plain takes --alphas).")

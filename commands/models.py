@@ -198,7 +198,8 @@ def evaluate_detections_command(ground_truth, detections, images, split, iou_thr
 # --- fine-tuning ---------------------------------------------------------------------------------
 
 LOSS_NAMES = ("id", "triplet", "oim")  # = reidx.pipeline.training.LOSSES (checked by a test; no import here)
-WISE_ALPHA, DISTILL_WEIGHT = 0.4, 0.0  # = reidx.pipeline.training.WISE_ALPHA, DISTILL_WEIGHT (likewise)
+# = reidx.pipeline.training.WISE_ALPHA, DISTILL_WEIGHT, HEAD_INIT, RECOMPUTE_BN (likewise)
+WISE_ALPHA, DISTILL_WEIGHT, HEAD_INIT, RECOMPUTE_BN = 0.6, 0.0, "probe", False
 
 
 def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
@@ -284,15 +285,21 @@ def parse_stages(spec: str) -> list[str] | None:
                    "both networks and a label-free gate (from the training crops' base features) that gives "
                    "each crop the fine-tuned, the base or a mixed feature; embedding then takes ~2× as long "
                    "(docs/training.md). [default: on; off with --init none]")
-@click.option("--head-init", type=click.Choice(["random", "probe"]), default="random", show_default=True,
+@click.option("--head-init", type=click.Choice(["random", "probe"]),
               help="The new classifier's start: random, or probe: first fitted on the base's frozen features "
-                   "of the training crops (LP-FT), so the first steps do not push noise into the features.")
+                   "of the training crops (LP-FT), so the first steps do not push noise into the features. "
+                   f"[default: {HEAD_INIT}; random with --init none or without the id loss]")
+@click.option("--recompute-bn/--no-recompute-bn", default=None,
+              help="Recompute the output's BatchNorm statistics on the un-augmented training crops after the "
+                   "WiSE-FT mix (whose interpolated statistics fit the mixed network only roughly; training "
+                   "saw augmented crops only); about a minute. A finished run re-made with --resume and the "
+                   f"other setting is not trained again. [default: {'on' if RECOMPUTE_BN else 'off'}]")
 @click.option("--resume", is_flag=True, help="Continue exactly from the last finished epoch of this --out.")
 @json_option
 def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weight, margin, soft_margin, oim_scale,
           oim_momentum, oim_queue, epochs, p, k, lr, weight_decay, warmup_epochs, schedule, step_epochs, device,
           precision, seed, threads, val_query, val_gallery, val_every, val_other, wise_alpha, distill_weight,
-          distill_view, train_stages, domain_gate, head_init, resume, as_json):
+          distill_view, train_stages, domain_gate, head_init, recompute_bn, resume, as_json):
     """Fine-tune an OSNet embedder on labelled person crops.
 
     Starts from a published checkpoint (default osnet_x0_25_msmt17) with a new classifier sized
@@ -322,7 +329,7 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
         val_query=val_query, val_gallery=val_gallery, val_every=val_every,
         val_other=list(val_other) if val_other else None, wise_alpha=wise_alpha, distill_weight=distill_weight,
         distill_view=distill_view, train_stages=parse_stages(train_stages), domain_gate=domain_gate,
-        head_init=head_init,
+        head_init=head_init, recompute_bn=recompute_bn,
     )
     validate = checkpoint_validator(device, threads) if val_query or val_other else None
     summary = run_training(config, resume=resume, progress=_progress(), log=_log, validate=validate)

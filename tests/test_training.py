@@ -293,6 +293,10 @@ def test_probe_head_init_fits_the_classifier_before_training(tmp_path, smoke_dat
     probe = probe_classifier(model, smoke_data, config.label_smoothing, config.weight_decay)
     assert probe["crops"] == 116 and probe["accuracy"] >= 0.95, probe
     assert fixed_loss(model, smoke_data) < before - 1.0
+    # the default: a probe where there is a base and a classifier, random otherwise
+    assert TrainConfig(data=str(smoke_table), out=str(tmp_path / "x.pth")).head_init == "probe"
+    for other in ({"init": None}, {"losses": {"triplet": 1.0}}):
+        assert TrainConfig(data=str(smoke_table), out=str(tmp_path / "x.pth"), **other).head_init == "random"
     for bad in ({"init": None}, {"losses": {"triplet": 1.0}}):
         with pytest.raises(ValueError, match="head-init probe"):
             smoke_config(smoke_table, tmp_path / "x.pth", head_init="probe", **bad).check()

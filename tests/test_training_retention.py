@@ -84,17 +84,75 @@ def test_wise_alpha_mixes_base_and_fine_tuned_weights(tmp_path, smoke_data, smok
         wise_interpolate(base_state, tuned_state, 1.5)
 
 
-def test_distillation_keeps_features_near_the_base(tmp_path, smoke_data, smoke_table, one_epoch):
+def test_recompute_bn_refits_only_the_statistics_to_the_mixed_network(tmp_path, smoke_data, smoke_table, one_epoch):
+    """--recompute-bn: after the WiSE-FT mix every BatchNorm's running statistics are the mean over
+    the clean training crops of the mixed network's own activations; weights are untouched."""
+    from reidx.pipeline.embed import to_input_tensor
+    from reidx.pipeline.models.osnet import build_osnet, load_osnet_state
+
+    out = copy_run(one_epoch, tmp_path)
+    train(smoke_config(smoke_table, out, epochs=1, wise_alpha=0.5), resume=True, data=smoke_data)
+    mixed = torch.load(out, weights_only=True)["state_dict"]
+    lines = []
+    summary = train(smoke_config(smoke_table, out, epochs=1, wise_alpha=0.5, recompute_bn=True), resume=True,
+                    data=smoke_data, log=lines.append)
+    assert summary["recompute_bn"] is True and summary["history"] == one_epoch[1]["history"]  # not trained again
+    assert any("BatchNorm statistics recomputed on 116" in line for line in lines)
+    saved = torch.load(out, weights_only=True)
+    repaired = saved["state_dict"]
+    assert saved["reidx_training"]["recompute_bn"] is True
+    statistics = [k for k in mixed if k.endswith(("running_mean", "running_var"))]
+    for key in mixed:
+        if key in statistics:
+            assert not torch.allclose(repaired[key], mixed[key], rtol=1e-3, atol=0), key
+        elif not key.endswith("num_batches_tracked"):
+            assert torch.equal(repaired[key], mixed[key]), key
+    # the stem's statistics by hand: its convolution's output over all 116 crops, in the seeded order, in
+    # batches of 64, each batch's mean weighted alike (BatchNorm's cumulative average). BatchNorm's own
+    # float32 sums over 64×128×64 values per channel land up to ~0.006 from an exact mean (measured),
+    # far closer than the mixed statistics were
+    model = build_osnet("osnet_x0_25")
+    load_osnet_state(model, mixed)
+    order = np.random.default_rng(0).permutation(116)
+    with torch.no_grad():
+        expected = torch.stack([model.conv1.conv(to_input_tensor(smoke_data.crops(order[i:i + 64]))).mean((0, 2, 3))
+                                for i in range(0, 116, 64)]).mean(0)
+    error = (repaired["conv1.bn.running_mean"] - expected).abs().max()
+    assert error < 0.02 and error < (mixed["conv1.bn.running_mean"] - expected).abs().max() / 10, error
+    # the features change, and the repair is undone by re-making the output without it
+    crops = smoke_data.crops(np.arange(0, 116, 9))
+    repaired_features = embed(out, crops)
+    train(smoke_config(smoke_table, out, epochs=1, wise_alpha=0.5), resume=True, data=smoke_data)
+    assert torch.equal(torch.load(out, weights_only=True)["state_dict"]["conv1.bn.running_mean"],
+                       mixed["conv1.bn.running_mean"])
+    assert not np.allclose(embed(out, crops), repaired_features, atol=1e-3)
+
+
+def train_mode_features(weights, crops) -> np.ndarray:
+    """Features as the distillation term sees the student: BatchNorm on the batch's own statistics."""
+    from reidx.pipeline.embed import l2_normalise, to_input_tensor
+    from reidx.pipeline.models.registry import load_model
+
+    with torch.no_grad():
+        module = load_model(str(weights), "osnet", domain_gate=False).module.train()
+        return l2_normalise(module(to_input_tensor(crops)).numpy())
+
+
+def test_distillation_pulls_the_student_towards_the_base(tmp_path, smoke_data, smoke_table):
+    """The term pulls the student's training-mode features (batch statistics) towards the base's.
+    Its eval-mode effect on these 16-crop batches is not monotone in λ (0.77 / 0.81 / 0.77 at λ 0 /
+    5 / 20 with a random classifier, 0.85 / 0.85 / 0.77 with the probe): the term compares batch-
+    statistics features with the base's running-statistics ones (docs/training.md, "Forgetting")."""
     crops = smoke_data.crops(np.arange(0, 116, 5))
     base_features = embed("osnet_x0_25_msmt17", crops)
-    closeness = {0.0: float((embed(one_epoch[0], crops) * base_features).sum(1).mean())}  # the same run at λ = 0
-    assert one_epoch[1]["distill_weight"] == 0.0
-    out = tmp_path / "distill20.pth"
-    summary = train(smoke_config(smoke_table, out, epochs=1, distill_weight=20.0), data=smoke_data)
+    closeness = {}
+    for weight in (0.0, 20.0):
+        out = tmp_path / f"distill{weight:g}.pth"
+        summary = train(smoke_config(smoke_table, out, epochs=1, distill_weight=weight), data=smoke_data)
+        closeness[weight] = float((train_mode_features(out, crops) * base_features).sum(1).mean())
     assert summary["distill_weight"] == 20.0
     assert torch.load(out, weights_only=True)["reidx_training"]["config"]["distill_weight"] == 20.0
-    closeness[20.0] = float((embed(out, crops) * base_features).sum(1).mean())
-    assert closeness[20.0] > closeness[0.0] + 0.002, closeness
+    assert closeness[20.0] > closeness[0.0] + 0.02, closeness  # measured 0.539 vs 0.506
     teacher = load_base("osnet_x0_25_msmt17")
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
 

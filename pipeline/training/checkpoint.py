@@ -10,11 +10,13 @@ from pathlib import Path
 from reidx.pipeline.atomic import save_torch_atomic
 
 # Options that may change between a run and its resumption (device and threads change float rounding only).
-# wise_alpha and domain_gate only shape the output at the end: a finished run resumed with others re-makes it.
+# wise_alpha, domain_gate and recompute_bn only shape the output at the end: a finished run resumed with others
+# re-makes it.
 RESUME_MAY_DIFFER = {"out", "device", "threads", "val_query", "val_gallery", "val_every", "val_other", "wise_alpha",
-                     "domain_gate"}
+                     "domain_gate", "recompute_bn"}
 # Options added after the first checkpoints: what their absence from an older checkpoint means.
-ADDED_LATER = {"distill_weight": 0.0, "train_stages": None, "distill_view": "same", "head_init": "random"}
+ADDED_LATER = {"distill_weight": 0.0, "train_stages": None, "distill_view": "same", "head_init": "random",
+               "recompute_bn": False}
 
 
 def resume_path(out: str | os.PathLike) -> Path:

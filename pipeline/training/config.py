@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reidx.pipeline.models.osnet import OSNET_CHANNELS
-from reidx.pipeline.training import DISTILL_WEIGHT, DOMAIN_GATE, LOSSES, WISE_ALPHA
+from reidx.pipeline.training import DISTILL_WEIGHT, DOMAIN_GATE, HEAD_INIT, LOSSES, RECOMPUTE_BN, WISE_ALPHA
 from reidx.pipeline.training.head import HEAD_INITS
 from reidx.pipeline.training.retention import check_stages
 
@@ -47,7 +47,10 @@ class TrainConfig:
     distill_view: str = "same"  # distil on the training batch itself, or on a "photometric" copy of it
     train_stages: list[str] | None = None  # OSNet stages that learn (retention.STAGES); None: all
     domain_gate: bool | None = None  # keep the base's features on crops unlike the training site; None: DOMAIN_GATE
-    head_init: str = "random"  # the new classifier: "random", or "probe" (fitted on the frozen features first: LP-FT)
+    recompute_bn: bool | None = None  # BatchNorm statistics of the output recomputed on the clean training
+    #                                   crops after the WiSE-FT mix; None: RECOMPUTE_BN
+    head_init: str | None = None  # the new classifier: "random", or "probe" (fitted on the frozen features
+    #                               first: LP-FT); None: HEAD_INIT with a base model and the id loss, else random
 
     def __post_init__(self) -> None:
         if self.wise_alpha is None:
@@ -56,6 +59,10 @@ class TrainConfig:
             self.distill_weight = DISTILL_WEIGHT if self.init else 0.0
         if self.domain_gate is None:
             self.domain_gate = DOMAIN_GATE and bool(self.init)
+        if self.recompute_bn is None:
+            self.recompute_bn = RECOMPUTE_BN
+        if self.head_init is None:
+            self.head_init = HEAD_INIT if self.init and "id" in self.losses else "random"
 
     def check(self) -> None:
         unknown = set(self.losses) - set(LOSSES)

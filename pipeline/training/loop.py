@@ -17,8 +17,10 @@ One function, :func:`train`, that the CLI and the tests call. What it does, and 
   so what fine-tuning costs elsewhere is in the summary.
 - Forgetting (:mod:`.retention`): ``wise_alpha`` < 1 writes ``(1 − α)·base + α·fine-tuned``
   weights (WiSE-FT); ``distill_weight`` > 0 adds a cosine feature-distillation loss towards the
-  frozen base model. A finished run given ``resume=True`` with another ``wise_alpha`` only
-  re-mixes and re-scores its output (the resume checkpoint keeps the unmixed weights).
+  frozen base model; ``recompute_bn`` refits the output's BatchNorm statistics to the mixed
+  network on the clean training crops. A finished run given ``resume=True`` with another
+  ``wise_alpha`` only re-mixes and re-scores its output (the resume checkpoint keeps the unmixed
+  weights).
 - The final checkpoint is torchreid's layout under ``state_dict`` (features + the new
   classifier, which inference ignores) plus plain metadata under ``reidx_training`` (base model
   and its sha256, training data hash, losses, epochs, history), so ``reidx evaluate``,
@@ -47,7 +49,8 @@ from reidx.pipeline.training.head import probe_classifier
 from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_logits
 from reidx.pipeline.training.config import TrainConfig
 from reidx.pipeline.training.retention import (distillation_loss, domain_gate_entry, freeze_stages,
-                                               hold_frozen_statistics, load_base, wise_interpolate)
+                                               hold_frozen_statistics, load_base, recompute_batchnorm,
+                                               wise_interpolate)
 from reidx.pipeline.training.sampler import PKSampler
 
 from reidx.pipeline.training import LOSSES
@@ -321,8 +324,14 @@ class _Run:
         base = load_base(config.init) if config.wise_alpha < 1.0 or config.domain_gate else None
         if config.wise_alpha < 1.0:
             state = wise_interpolate(base.state_dict(), state, config.wise_alpha)
+        if config.recompute_bn:  # on the mixed network: its own activations' statistics
+            self.model.load_state_dict(state)
+            crops = recompute_batchnorm(self.model, data, config.train_stages)
+            state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            self.log(f"BatchNorm statistics recomputed on {crops} un-augmented training crops")
         final = {"state_dict": state, "reidx_training": {**metadata, "epochs": len(history), "history": history,
-                                                         "wise_alpha": config.wise_alpha}}
+                                                         "wise_alpha": config.wise_alpha,
+                                                         "recompute_bn": config.recompute_bn}}
         if config.domain_gate:
             gate = domain_gate_entry(base, data, config.seed)
             final["domain_gate"] = gate
@@ -335,7 +344,8 @@ class _Run:
             save_checkpoint(final, out)
         return {"out": str(out), "resume_checkpoint": str(self.state_path), "epochs": len(history),
                 "validation": evaluation["target"]["fine_tuned"] if "target" in evaluation else None,
-                "evaluation": evaluation, "wise_alpha": config.wise_alpha, "distill_weight": config.distill_weight,
+                "evaluation": evaluation, "wise_alpha": config.wise_alpha, "recompute_bn": config.recompute_bn,
+                "distill_weight": config.distill_weight,
                 "domain_gate": config.domain_gate,
                 "base_model": self.origin["base_model"], "data_hash": data.data_hash, "num_images": len(data.paths),
                 "num_identities": data.num_classes, "losses": dict(self.config.losses),

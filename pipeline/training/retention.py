@@ -1,6 +1,6 @@
 """Keeping the base model's behaviour where the new data says nothing (fine-tuning without forgetting).
 
-Three tools, all measured in ``docs/training.md``:
+Three tools and a repair, all measured in ``docs/training.md``:
 
 - **WiSE-FT** (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): the output
   weights are ``(1 − α)·base + α·fine-tuned``, element-wise over every floating-point tensor the
@@ -10,6 +10,9 @@ Three tools, all measured in ``docs/training.md``:
   share (the new classifier) and integer counters are the fine-tuned model's. α = 0 gives the
   base's weights and α = 1 the fine-tuned ones bit for bit (``torch.lerp`` is exact at both ends).
   It costs nothing during training and α can be changed afterwards from the fine-tuned weights.
+- **BatchNorm statistics recomputed** on the un-augmented training crops after the mix (REPAIR,
+  Jordan et al. 2023, "Repairing the variance collapse of interpolated networks"; training itself
+  only ever saw augmented crops).
 - **Feature distillation from the frozen base model**: the base (eval mode, no gradient) embeds
   each training batch too, and ``λ · mean(1 − cos(f_student, f_base))`` joins the loss — the
   cosine distance that retrieval ranks by, so the student is held near the base's geometry on the
@@ -103,3 +106,29 @@ def domain_gate_entry(base: nn.Module, data, seed: int = 0, batch_size: int = 64
 
     features = F.normalize(frozen_features(base, data, np.arange(len(data.paths)), batch_size), dim=1)
     return {"base_state_dict": base.state_dict(), **calibrate(features.numpy(), data.targets, seed=seed)}
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, data, trainable: list[str] | None = None, batch_size: int = 64) -> int:
+    """Replace the BatchNorm running statistics of ``model`` (in place) by their cumulative mean
+    over every training crop, un-augmented, in a seeded order; the frozen stages of surgical
+    fine-tuning keep theirs (the base's). Returns the number of crops."""
+    from reidx.pipeline.embed import to_input_tensor
+
+    device = next(model.parameters()).device
+    model.train()
+    hold_frozen_statistics(model, trainable)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over all batches, not an exponential one
+    order = np.random.default_rng(0).permutation(len(data.paths))
+    try:
+        for i in range(0, len(order), batch_size):
+            model(to_input_tensor(data.crops(order[i:i + batch_size])).to(device))
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.eval()
+    return len(order)
