@@ -33,7 +33,6 @@ over repeats with medians, so that a busy neighbour slows every variant alike.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -191,15 +190,29 @@ def pick(rows: list[dict], max_drop: float, variants: list[str]) -> dict:
     return max(ok, key=lambda r: (r["conreid_val_mAP"], -r["alpha"], -variants.index(r["variant"])))
 
 
+def with_recomputed_batchnorm(state: dict, data) -> dict:
+    """``state`` with its BatchNorm statistics recomputed on ``data``'s crops as `reidx train
+    --recompute-bn` does; every other tensor (a classifier too) as it is."""
+    from reidx.pipeline.models.osnet import build_osnet, infer_osnet_arch, load_osnet_state
+    from reidx.pipeline.training.retention import recompute_batchnorm
+
+    model = build_osnet(infer_osnet_arch(state))
+    load_osnet_state(model, state)
+    recompute_batchnorm(model, data)
+    return {**state, **model.state_dict()}
+
+
 def fine_tune(args, work: Path, name: str, data: str, extra: list[str]) -> tuple[Path, dict]:
     """`reidx train` into ``work/name.pth`` (a finished run is reused, an interrupted one resumed);
     its --json summary and wall time are kept in ``work/name.train.json``."""
     from reidx.pipeline.training.loop import resume_path
 
     out, summary_path = work / f"{name}.pth", work / f"{name}.train.json"
+    # --head-init random: the variants were defined before the probe became the default (a variant's own
+    # --head-init comes later and wins)
     options = ["--data", data, "--init", args.init, "--out", str(out), "--epochs", str(args.epochs),
-               "--wise-alpha", "1", "--no-domain-gate", "--no-recompute-bn", "--head-init", "random",  # the variants
-               *extra, *args.train_options]  # were defined before the probe became the default (a later option wins)
+               "--wise-alpha", "1", "--no-domain-gate", "--no-recompute-bn", "--head-init", "random",
+               *extra, *args.train_options]
     if not out.is_file():
         resume = ["--resume"] if resume_path(out).is_file() else []
         start = time.perf_counter()
@@ -247,8 +260,7 @@ def forgetting(args) -> dict:
 
     from reidx.pipeline.models.weights import resolve_weights
     from reidx.pipeline.training.data import load_training_set
-    from reidx.pipeline.training.retention import (domain_gate_entry, load_base, recompute_batchnorm,
-                                                   wise_interpolate)
+    from reidx.pipeline.training.retention import domain_gate_entry, load_base, wise_interpolate
 
     if 0.0 not in args.alphas:  # the base is the reference (and always a candidate)
         args.alphas = [0.0, *args.alphas]
@@ -283,12 +295,8 @@ def forgetting(args) -> dict:
             checkpoint = {"state_dict": wise_interpolate(base_state, tuned, alpha)}
             if (gated or bn) and "fit" not in gates:  # the fine-tuning crops, loaded once
                 gates["fit"] = load_training_set(splits["conreid-fit"])
-            if bn:  # as `reidx train --recompute-bn` does, on the fit crops
-                model = copy.deepcopy(base_model)
-                model.load_state_dict({k: v for k, v in checkpoint["state_dict"].items()
-                                       if not k.startswith("classifier.")})
-                recompute_batchnorm(model, gates["fit"])
-                checkpoint["state_dict"] = {**checkpoint["state_dict"], **model.state_dict()}
+            if bn:
+                checkpoint["state_dict"] = with_recomputed_batchnorm(checkpoint["state_dict"], gates["fit"])
             if gated:  # the gate `reidx train` writes, from the fine-tuning crops (computed once)
                 if "entry" not in gates:
                     gates["entry"] = domain_gate_entry(base_model, gates["fit"])

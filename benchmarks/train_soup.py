@@ -27,11 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from train import SHARED, Scores  # noqa: E402
+from train import SHARED, Scores, with_recomputed_batchnorm  # noqa: E402
 
-from reidx.pipeline.models.osnet import build_osnet, infer_osnet_arch, load_osnet_state  # noqa: E402
 from reidx.pipeline.training.data import load_training_set  # noqa: E402
-from reidx.pipeline.training.retention import load_base, recompute_batchnorm, wise_interpolate  # noqa: E402
+from reidx.pipeline.training.retention import load_base, wise_interpolate  # noqa: E402
 
 
 def tuned_state(path: str) -> dict[str, torch.Tensor]:
@@ -43,14 +42,6 @@ def soup(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """The mean of the runs' float tensors (BN step counters: the first run's)."""
     return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
             for k, v in states[0].items()}
-
-
-def reestimate_batchnorm(state: dict[str, torch.Tensor], data) -> dict[str, torch.Tensor]:
-    """``state`` with its BatchNorm statistics recomputed as `reidx train --recompute-bn` does."""
-    model = build_osnet(infer_osnet_arch(state))
-    load_osnet_state(model, state)
-    recompute_batchnorm(model, data)
-    return model.state_dict()
 
 
 def main() -> None:
@@ -79,7 +70,7 @@ def main() -> None:
             for statistics in ("trained", "re-estimated"):
                 path = work / f"{name}.alpha{alpha:g}.{statistics}.pth"
                 if not path.is_file():
-                    weights = mixed if statistics == "trained" else reestimate_batchnorm(mixed, data)
+                    weights = mixed if statistics == "trained" else with_recomputed_batchnorm(mixed, data)
                     torch.save({"state_dict": weights}, path.with_suffix(".tmp"))
                     path.with_suffix(".tmp").replace(path)
                 conreid = scores(str(path), "conreid-test", str(con / "query"), str(con / "bounding_box_test"))
