@@ -35,15 +35,15 @@ def _user_error_types() -> tuple[type, ...]:
     from reidx.pipeline.lock import GalleryLockedError
     from reidx.pipeline.models.weights import WeightsError
 
-    return WeightsError, DatasetError, ValueError, ImportError, FileNotFoundError, GalleryLockedError
+    return WeightsError, DatasetError, ValueError, ImportError, FileNotFoundError, FileExistsError, GalleryLockedError
 
 
 class Interrupted(Exception):
     """Ctrl-C or SIGTERM during a command; ``summary`` is what a job had committed, when it says."""
 
-    def __init__(self, summary: dict | None = None):
+    def __init__(self, summary: dict | None = None, rerun: str | None = None):
         super().__init__("interrupted")
-        self.summary = summary
+        self.summary, self.rerun = summary, rerun  # rerun: how to go on, when it is not the same command
 
 
 class ReidxGroup(click.Group):
@@ -56,7 +56,7 @@ class ReidxGroup(click.Group):
         except click.ClickException:
             raise
         except KeyboardInterrupt as exc:  # before click turns it into Abort and prints a blank line
-            raise Interrupted(getattr(exc, "summary", None)) from None
+            raise Interrupted(getattr(exc, "summary", None), getattr(exc, "rerun", None)) from None
         except Exception as exc:
             if os.environ.get("REIDX_DEBUG") or not isinstance(exc, _user_error_types()):
                 raise
@@ -78,7 +78,8 @@ class ReidxGroup(click.Group):
             done = getattr(exc, "summary", None)
             committed = (f"{done['images_new']} images ({done['persons']} persons) were committed; "
                          if done else "everything committed so far is kept; ")
-            click.echo(f"Interrupted: {committed}rerun the same command to resume.", err=True)
+            rerun = getattr(exc, "rerun", None) or "rerun the same command to resume"
+            click.echo(f"Interrupted: {committed}{rerun}.", err=True)
             sys.exit(EXIT_INTERRUPTED)
         finally:
             signal.signal(signal.SIGTERM, previous)

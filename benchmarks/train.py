@@ -98,21 +98,26 @@ def step_speed(data: str, init: str, repeats: int = 3, steps: int = 4) -> dict:
     return {f"{p}_{t}_threads": round(statistics.median(r), 1) for (p, t), r in rates.items()}
 
 
-def make_splits(root: Path) -> dict[str, str]:
+def make_splits(root: Path, fold: int = 3) -> dict[str, str]:
     """Con-ReID's training identities split for choosing, as folders of symbolic links (Market
     naming kept; deterministic):
 
     - ``conreid-fit``: bounding_box_train without every 4th identity in sorted person-id order
-      (54 of 71), to fine-tune on;
-    - ``conreid-val-query`` / ``conreid-val-gallery``: the 17 held-out identities, the first image
-      of each (person, camera) as a query, the rest as the gallery.
+      (54 of 71; those from the ``fold``-th on, so folds 0–3 hold out each identity once), to
+      fine-tune on;
+    - ``conreid-val-query`` / ``conreid-val-gallery``: the 17–18 held-out identities, the first
+      image of each (person, camera) as a query, the rest as the gallery.
+
+    Fold 3 is the split every earlier choice used; other folds' folder names end in ``-fold<k>``
+    (:mod:`train_cv` uses all four).
 
     cuhk03-train is halved by person-id parity where it is scored (:class:`Scores`). No image of
     Con-ReID's query/bounding_box_test is used for any choice."""
     train_dir = SHARED / "data" / "con-reid" / "bounding_box_train"
     files = sorted(train_dir.glob("*.jpg"))
     pids = sorted({f.name.split("_")[0] for f in files})
-    held_out = set(pids[3::4])
+    held_out = set(pids[fold::4])
+    suffix = "" if fold == 3 else f"-fold{fold}"
     seen: set = set()
     split: dict[str, list[Path]] = {"conreid-fit": [], "conreid-val-query": [], "conreid-val-gallery": []}
     for f in files:
@@ -126,9 +131,9 @@ def make_splits(root: Path) -> dict[str, str]:
             split["conreid-val-gallery"].append(f)
     folders = {}
     for name, members in split.items():
-        folder = root / name
+        folder = root / f"{name}{suffix}"
         if not folder.is_dir():
-            tmp = root / f".{name}.tmp"
+            tmp = root / f".{name}{suffix}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             for f in members:

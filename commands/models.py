@@ -199,7 +199,7 @@ def evaluate_detections_command(ground_truth, detections, images, split, iou_thr
 
 LOSS_NAMES = ("id", "triplet", "oim")  # = reidx.pipeline.training.LOSSES (checked by a test; no import here)
 # = reidx.pipeline.training.WISE_ALPHA, DISTILL_WEIGHT, HEAD_INIT, RECOMPUTE_BN (likewise)
-WISE_ALPHA, DISTILL_WEIGHT, HEAD_INIT, RECOMPUTE_BN = 0.6, 0.0, "probe", False
+WISE_ALPHA, DISTILL_WEIGHT, HEAD_INIT, RECOMPUTE_BN = 0.8, 0.0, "probe", False
 
 
 def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
@@ -332,7 +332,15 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
         head_init=head_init, recompute_bn=recompute_bn,
     )
     validate = checkpoint_validator(device, threads) if val_query or val_other else None
-    summary = run_training(config, resume=resume, progress=_progress(), log=_log, validate=validate)
+    try:
+        summary = run_training(config, resume=resume, progress=_progress(), log=_log, validate=validate)
+    except KeyboardInterrupt as exc:
+        from reidx.pipeline.training.loop import resume_path
+
+        kept = resume_path(out)
+        exc.rerun = (f"rerun the same command with --resume to go on from the last epoch kept in {kept}"
+                     if kept.is_file() else "no epoch had finished; rerun the same command to start again")
+        raise
 
     def text(r):
         speed = f"{r['train_images_per_s']} images/s" if r["train_images_per_s"] else "no epoch left: re-mixed only"

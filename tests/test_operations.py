@@ -13,6 +13,7 @@ import time
 import pyarrow.parquet as pq
 
 from conftest import CON_REID, MODELS, REPO
+from test_training import smoke_table  # noqa: F401 (fixture)
 
 QUERY = sorted((CON_REID / "query").iterdir())
 
@@ -242,3 +243,28 @@ def test_a_failed_image_is_retried_when_its_bytes_change(tmp_path):
     _index(night, gallery)
     forced = _index(night, gallery, "--retry-failed")
     assert forced["images_new"] == 1 and forced["images_failed"] == 1  # retried on request, still broken
+
+
+def test_sigterm_during_training_keeps_the_epochs_and_the_rerun_needs_resume(tmp_path, smoke_table):
+    """A training stopped by SIGTERM ends in one line naming --resume; the same command without it is
+    refused (it would start afresh over the kept epochs); with it, the run finishes."""
+    out = tmp_path / "model.pth"
+    args = ["train", "--data", str(smoke_table), "--out", str(out), "--epochs", "4", "--p", "4", "--k", "4",
+            "--threads", "1", "--device", "cpu", "--no-domain-gate", "--head-init", "random", "--wise-alpha", "1"]
+    job = reidx(*args, wait=False)
+    kept = out.with_name("model.resume.pth")
+    deadline = time.time() + 240
+    while not kept.is_file():  # written after each epoch
+        assert job.poll() is None and time.time() < deadline, job.communicate()
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == 130 and "Traceback" not in err, err
+    assert "rerun the same command with --resume" in err.strip().splitlines()[-1], err
+    epochs_kept = kept.read_bytes()
+    again = reidx(*args)
+    assert again.returncode == 1 and "add --resume to continue it" in again.stderr, again.stderr
+    assert kept.read_bytes() == epochs_kept and not out.exists()
+    resumed = reidx(*args, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(resumed.stdout)["epochs"] == 4 and out.is_file()

@@ -266,6 +266,11 @@ def test_smoke_training_lowers_loss_resumes_exactly_and_loads(tmp_path, smoke_da
     # one epoch, then --resume for the second: the same weights as the uninterrupted run
     split = smoke_config(smoke_table, tmp_path / "split" / "model.pth")
     assert train(split, data=smoke_data, stop_after=1)["epochs"] == 1
+    # the same call without resume (a rerun after a kill, say) must not start afresh over the kept epoch
+    kept = resume_path(split.out).read_bytes()
+    with pytest.raises(FileExistsError, match="add --resume to continue it"):
+        train(split, data=smoke_data)
+    assert resume_path(split.out).read_bytes() == kept
     with pytest.raises(ValueError, match="lr"):
         train(smoke_config(smoke_table, split.out, lr=1e-3), resume=True, data=smoke_data)
     resumed = train(smoke_config(smoke_table, split.out), resume=True, data=smoke_data)

@@ -230,7 +230,11 @@ def test_cli_train_reports_base_and_output_on_target_and_other_domain(tmp_path):
         assert figures["delta_mAP"] == round(figures["fine_tuned"]["mAP"] - figures["base"]["mAP"], 2)
     assert report["validation"] == report["evaluation"]["target"]["fine_tuned"]
     assert "other (" in CliRunner().invoke(main, args[:-1] + ["--resume"]).output  # text form, re-mixed only
-    bad = CliRunner().invoke(main, ["train", "--data", str(folder), "--out", str(out), "--p", "5"])
+    finished = out.read_bytes()
+    again = CliRunner().invoke(main, args)  # without --resume: refused, the finished run is kept
+    assert again.exit_code == 1 and "cli.resume.pth holds the finished epochs" in again.output, again.output
+    assert "add --resume" in again.output and out.read_bytes() == finished
+    bad = CliRunner().invoke(main, ["train", "--data", str(folder), "--out", str(tmp_path / "bad.pth"), "--p", "5"])
     assert bad.exit_code == 1 and "only 4 labelled identities" in bad.output
 
 

@@ -112,6 +112,10 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False,
     during the call only (torch's thread count is per process).
     """
     config.check()
+    if not resume and resume_path(config.out).is_file():  # a fresh start would overwrite an earlier run's epochs
+        raise FileExistsError(f"{resume_path(config.out)} holds the finished epochs of an earlier run into "
+                              f"{config.out}; add --resume to continue it (or to re-make a finished run's output "
+                              f"with other output options), or delete it, or choose another --out, to start afresh")
     if (config.val_query or config.val_other) and validate is None:
         raise ValueError("validation was asked for (val_query/val_other) but no validate function was given")
     threads = torch.get_num_threads()
