@@ -34,8 +34,9 @@ def _user_error_types() -> tuple[type, ...]:
     from reidx.pipeline.datasets import DatasetError
     from reidx.pipeline.lock import GalleryLockedError
     from reidx.pipeline.models.weights import WeightsError
+    from reidx.pipeline.training.checkpoint import RunExistsError
 
-    return WeightsError, DatasetError, ValueError, ImportError, FileNotFoundError, FileExistsError, GalleryLockedError
+    return WeightsError, DatasetError, ValueError, ImportError, FileNotFoundError, RunExistsError, GalleryLockedError
 
 
 class Interrupted(Exception):

@@ -103,8 +103,8 @@ def make_splits(root: Path, fold: int = 3) -> dict[str, str]:
     naming kept; deterministic):
 
     - ``conreid-fit``: bounding_box_train without every 4th identity in sorted person-id order
-      (54 of 71; those from the ``fold``-th on, so folds 0–3 hold out each identity once), to
-      fine-tune on;
+      (those from the ``fold``-th on, so folds 0–3 hold out each identity once; 53 or 54 of 71
+      are left), to fine-tune on;
     - ``conreid-val-query`` / ``conreid-val-gallery``: the 17–18 held-out identities, the first
       image of each (person, camera) as a query, the rest as the gallery.
 

@@ -21,8 +21,8 @@ embedding. Scores: mAP on the fold's held-out identities and on cuhk03-train's e
 The rule, fixed before the first run: among the candidates (α × BatchNorm × the gate's p, 0.05
 as shipped or 0.02) whose cuhk03 even-id mAP, averaged over the folds, is at most ``--max-drop``
 (2.0) below the base's, the best validation mAP averaged over the folds (ties to the smaller α,
-then BatchNorm as trained, then p 0.05). A pick that differs from today's defaults (α 0.6,
-BatchNorm as trained, p 0.05) replaces them only if it also beats them on at least 3 of the 4
+then BatchNorm as trained, then p 0.05). A pick that differs from session 14's defaults (α 0.6,
+BatchNorm as trained, p 0.05; ``DEFAULT``) replaces them only if it also beats them on at least 3 of the 4
 folds. Rows without the gate (the tuned network alone) are printed to show what the gate
 prevents; they are not candidates.
 
@@ -68,7 +68,8 @@ def embedded(weights: str, side: str, folder: str, cache: Path) -> EmbeddedSplit
     arrays, table = Path(f"{stem}.npz"), Path(f"{stem}.parquet")
     if not arrays.is_file():
         split = embed_side([folder], build_embedder(weights, threads=1))
-        pq.write_table(split.table.select(["person_id", "camera"]), table)
+        pq.write_table(split.table.select(["person_id", "camera"]), f"{stem}.{os.getpid()}.tmp.parquet")
+        Path(f"{stem}.{os.getpid()}.tmp.parquet").replace(table)  # atomically: two processes may embed one side
         tmp = Path(f"{stem}.{os.getpid()}.tmp.npz")
         np.savez(tmp, features=split.features, num_failed=split.num_failed)
         tmp.replace(arrays)  # last: its presence says both files are whole
@@ -174,9 +175,13 @@ def decide(rows: list[dict], max_drop: float) -> dict:
                     "val_mAP_mean": round(float(np.mean([b["val_mAP"] for b in base.values()])), 2),
                     "val_mAP_per_fold": [base[f]["val_mAP"] for f in sorted(base)], "cuhk03_even_drop_mean": 0.0})
     candidates = [s for s in summary if s["gate"] not in ("base", "no gate") and s["cuhk03_even_drop_mean"] <= max_drop]
+    default = [s for s in candidates if all(s[k] == v for k, v in DEFAULT.items())]
+    if not default:
+        raise SystemExit(f"the defaults {DEFAULT} are not among the candidates within --max-drop {max_drop} "
+                         f"(is α {DEFAULT['alpha']} in --alphas?): nothing to compare a pick with")
+    default = default[0]
     best = max(candidates, key=lambda s: (s["val_mAP_mean"], -s["alpha"], s["batchnorm"] == "trained",
                                           s["gate"] == DEFAULT["gate"]))
-    default = next(s for s in candidates if all(s[k] == v for k, v in DEFAULT.items()))
     wins = sum(b > d for b, d in zip(best["val_mAP_per_fold"], default["val_mAP_per_fold"]))
     adopt = best is default or wins >= 3
     chosen = best if adopt else default

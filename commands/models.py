@@ -294,7 +294,9 @@ def parse_stages(spec: str) -> list[str] | None:
                    "WiSE-FT mix (whose interpolated statistics fit the mixed network only roughly; training "
                    "saw augmented crops only); about a minute. A finished run re-made with --resume and the "
                    f"other setting is not trained again. [default: {'on' if RECOMPUTE_BN else 'off'}]")
-@click.option("--resume", is_flag=True, help="Continue exactly from the last finished epoch of this --out.")
+@click.option("--resume", is_flag=True, help="Continue exactly from the last finished epoch of this --out (or re-make "
+                                             "a finished run's output). Without it, an --out whose resume checkpoint "
+                                             "exists is refused rather than trained over.")
 @json_option
 def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weight, margin, soft_margin, oim_scale,
           oim_momentum, oim_queue, epochs, p, k, lr, weight_decay, warmup_epochs, schedule, step_epochs, device,

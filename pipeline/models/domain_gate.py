@@ -15,7 +15,7 @@ the base model's own features and no labels, whether the new data says anything 
 A crop that scores like the training site's own crops (at or above their p-quantile) gets the
 fine-tuned features; one that scores below every training crop gets the base's (bit for bit when
 its whole batch does, else to float rounding); in between, a mix. The cost: both networks run
-(measured 1.85–1.96× the base's embedding time with onnxruntime); only a batch wholly off the site,
+(measured 1.81–2.18× the base's embedding time with onnxruntime); only a batch wholly off the site,
 where every weight is 0, runs the base alone.
 
 Checkpoint layout (written by ``reidx train``): ``state_dict`` holds the tuned weights in

@@ -19,6 +19,10 @@ ADDED_LATER = {"distill_weight": 0.0, "train_stages": None, "distill_view": "sam
                "recompute_bn": False}
 
 
+class RunExistsError(FileExistsError):
+    """A fresh start asked for where an earlier run's resume checkpoint is kept (it would be trained over)."""
+
+
 def resume_path(out: str | os.PathLike) -> Path:
     """Where the per-epoch checkpoint of a run writing ``out`` lives: ``model.pth`` → ``model.resume.pth``."""
     out = Path(out)

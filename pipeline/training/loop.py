@@ -43,7 +43,8 @@ from reidx.pipeline.models.osnet import build_osnet
 from reidx.pipeline.models.registry import load_model
 from reidx.pipeline.runtime import resolve_device
 from reidx.pipeline.training.augment import Augment, Photometric
-from reidx.pipeline.training.checkpoint import check_resumable, plain_config, resume_path, save_checkpoint
+from reidx.pipeline.training.checkpoint import (RunExistsError, check_resumable, plain_config, resume_path,
+                                                save_checkpoint)
 from reidx.pipeline.training.data import TrainingSet, load_training_set
 from reidx.pipeline.training.head import probe_classifier
 from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_logits
@@ -113,7 +114,7 @@ def train(config: TrainConfig, resume: bool = False, progress: bool = False,
     """
     config.check()
     if not resume and resume_path(config.out).is_file():  # a fresh start would overwrite an earlier run's epochs
-        raise FileExistsError(f"{resume_path(config.out)} holds the finished epochs of an earlier run into "
+        raise RunExistsError(f"{resume_path(config.out)} holds the finished epochs of an earlier run into "
                               f"{config.out}; add --resume to continue it (or to re-make a finished run's output "
                               f"with other output options), or delete it, or choose another --out, to start afresh")
     if (config.val_query or config.val_other) and validate is None:
