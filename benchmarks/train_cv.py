@@ -32,6 +32,7 @@ Prints one JSON object. Nothing of Con-ReID's query / bounding_box_test is read.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -43,13 +44,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 from train import SHARED, VARIANTS, fine_tune, make_splits, subset, with_recomputed_batchnorm  # noqa: E402
 
 from reidx.indexers.evaluation import evaluate_split  # noqa: E402
 from reidx.pipeline.embed import build_embedder  # noqa: E402
 from reidx.pipeline.labelled_split import EmbeddedSplit, embed_side  # noqa: E402
-from reidx.pipeline.models.domain_gate import GATE_P, calibrate  # noqa: E402
+from reidx.pipeline.models.domain_gate import GATE_P, DomainGatedOSNet, calibrate  # noqa: E402
 from reidx.pipeline.models.weights import resolve_weights  # noqa: E402
 from reidx.pipeline.training.data import load_training_set  # noqa: E402
 from reidx.pipeline.training.head import frozen_features  # noqa: E402
@@ -84,25 +86,11 @@ def gated(base: EmbeddedSplit, tuned: EmbeddedSplit, gate: dict | None) -> Embed
     assert np.array_equal(base.table["person_id"].to_numpy(), tuned.table["person_id"].to_numpy())
     if gate is None:
         return tuned
-    reference, low = gate["reference"].float().numpy(), gate["low_scores"].float().numpy()
     unit = base.features / np.linalg.norm(base.features, axis=1, keepdims=True)
-    sims = unit @ reference.T
-    score = np.partition(sims, sims.shape[1] - gate["k"], axis=1)[:, -gate["k"]:].mean(1)
-    share = ((low[None, :] < score[:, None]).sum(1) / len(low))[:, None].astype(np.float32)
+    weigh = DomainGatedOSNet(nn.Identity(), nn.Identity(), gate["reference"], gate["low_scores"], gate["k"])
+    share = weigh.gate(torch.from_numpy(unit)).numpy()[:, None]  # the product's own gate
     mixed = (1 - share) * unit + share * tuned.features / np.linalg.norm(tuned.features, axis=1, keepdims=True)
     return EmbeddedSplit(tuned.table, mixed / np.linalg.norm(mixed, axis=1, keepdims=True), tuned.num_failed)
-
-
-class Lazy:
-    """A value made on first call, then kept."""
-
-    def __init__(self, make):
-        self.make, self.value = make, None
-
-    def __call__(self):
-        if self.value is None:
-            self.value = self.make()
-        return self.value
 
 
 def mean_ap(query: EmbeddedSplit, gallery: EmbeddedSplit) -> float:
@@ -118,19 +106,24 @@ def run_fold(args, fold: int, base_model, base_state: dict, cache: Path) -> list
     splits = make_splits(work / "splits", fold)
     name = "fit.probe" if fold == 3 else f"fit.probe.fold{fold}"
     out, training = fine_tune(args, work, name, splits["conreid-fit"], VARIANTS["probe"])
-    data = Lazy(lambda: load_training_set(splits["conreid-fit"]))  # decoded only when something needs it
+    data = functools.cache(lambda: load_training_set(splits["conreid-fit"]))  # decoded only when needed
     fit = cache / f"{resolve_weights(args.init, '.pth').sha256[:16]}.fit.fold{fold}.npz"
     if not fit.is_file():
         features = F.normalize(frozen_features(base_model, data(), np.arange(len(data().paths))), dim=1).numpy()
         np.savez(fit.with_suffix(".tmp.npz"), features=features, targets=data().targets)
         fit.with_suffix(".tmp.npz").replace(fit)
-    fit_features, fit_targets = np.load(fit)["features"], np.load(fit)["targets"]
-    gates = {label: None if p is None else calibrate(fit_features, fit_targets, p=p) for label, p in GATES.items()}
+    fit_arrays = np.load(fit)
+    gates = {label: None if p is None else calibrate(fit_arrays["features"], fit_arrays["targets"], p=p)
+             for label, p in GATES.items()}
     cuhk = SHARED / "data" / "cuhk03-train"
     sides = {"val-query": splits["conreid-val-query"], "val-gallery": splits["conreid-val-gallery"],
              "cuhk03-query": str(cuhk / "query"), "cuhk03-gallery": str(cuhk / "gallery")}
-    base = {side: embedded(args.init, f"{side}.fold{fold}" if side.startswith("val") else side, folder, cache)
-            for side, folder in sides.items()}
+    cached_as = {side: f"{side}.fold{fold}" if side.startswith("val") else side for side in sides}  # cuhk03: every fold's
+
+    def embed_sides(weights: str) -> dict[str, EmbeddedSplit]:
+        return {side: embedded(weights, cached_as[side], folder, cache) for side, folder in sides.items()}
+
+    base = embed_sides(args.init)
     rows = [{"fold": fold, "alpha": 0.0, "batchnorm": "trained", "gate": "base",
              "val_mAP": mean_ap(base["val-query"], base["val-gallery"]),
              "cuhk03_even_mAP": mean_ap(even(base["cuhk03-query"]), even(base["cuhk03-gallery"])),
@@ -146,8 +139,7 @@ def run_fold(args, fold: int, base_model, base_state: dict, cache: Path) -> list
                     state = with_recomputed_batchnorm(state, data())
                 torch.save({"state_dict": state}, path.with_suffix(".tmp"))
                 path.with_suffix(".tmp").replace(path)
-            tuned = {side: embedded(str(path), f"{side}.fold{fold}" if side.startswith("val") else side, folder, cache)
-                     for side, folder in sides.items()}
+            tuned = embed_sides(str(path))
             for label, gate in gates.items():
                 mix = {side: gated(base[side], tuned[side], gate) for side in sides}
                 rows.append({"fold": fold, "alpha": alpha, "batchnorm": batchnorm, "gate": label,
