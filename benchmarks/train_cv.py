@@ -15,8 +15,8 @@ Per fold: the default recipe (the probe-started classifier, no distillation; ``t
 finished run is reused: fold 3's is ``fit.probe.pth``). For each α and each BatchNorm treatment,
 the tuned network alone is embedded once (the code behind `reidx evaluate`, cached on disk); the
 base's features too; the domain gate that `reidx train` writes (calibrated on the fold's fit crops
-by :func:`domain_gate.calibrate`) is then applied to the two in NumPy, so gate settings cost no
-embedding. Scores: mAP on the fold's held-out identities and on cuhk03-train's even person ids.
+by :func:`domain_gate.calibrate`) then mixes the two cached features with the product's own
+``DomainGatedOSNet.gate``, so gate settings cost no embedding. Scores: mAP on the fold's held-out identities and on cuhk03-train's even person ids.
 
 The rule, fixed before the first run: among the candidates (α × BatchNorm × the gate's p, 0.05
 as shipped or 0.02) whose cuhk03 even-id mAP, averaged over the folds, is at most ``--max-drop``
