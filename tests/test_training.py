@@ -17,7 +17,7 @@ from reidx.pipeline.datasets import list_images
 from reidx.pipeline.labels import parse_market_name
 from reidx.pipeline.embed import build_embedder, resize_crop, to_input_tensor
 from reidx.pipeline.imaging import load_image
-from reidx.pipeline.models.weights import load_state_dict
+from reidx.pipeline.models.weights import WeightsError, load_state_dict
 from reidx.pipeline.training.augment import Augment
 from reidx.pipeline.training.data import load_training_set
 from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_loss
@@ -284,6 +284,9 @@ def test_smoke_training_lowers_loss_resumes_exactly_and_loads(tmp_path, smoke_da
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, smoke_data, smoke_table):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(smoke_config(smoke_table, tmp_path / "model.pth"), resume=True, data=smoke_data)
+    resume_path(tmp_path / "model.pth").write_bytes(b"not a checkpoint")  # damaged: one clear error, no traceback
+    with pytest.raises(WeightsError, match="not a readable torch checkpoint.*resume checkpoint: delete it"):
         train(smoke_config(smoke_table, tmp_path / "model.pth"), resume=True, data=smoke_data)
 
 
