@@ -1,8 +1,9 @@
-"""Cross-validated choice of what `reidx train` does to its output after training: the WiSE-FT α
-and whether BatchNorm statistics are recomputed (``--recompute-bn``), judged on all 71 of
-Con-ReID's training identities, each held out once.
+"""Cross-validated choice of `reidx train`'s recipe and of what it does to its output after
+training — the WiSE-FT α and whether BatchNorm statistics are recomputed (``--recompute-bn``) —
+judged on all 71 of Con-ReID's training identities, each held out once.
 
     python benchmarks/train_cv.py [--workdir /tmp/reidx-train] [--alphas 0.4,0.6,0.8,1] -- --threads 2
+    python benchmarks/train_cv.py --recipes probe,probe-lr7e-4 --alphas 0.8 --batchnorm trained -- --threads 2
 
 Why: every earlier choice (``train.py --forgetting``) was made on one split of 17 held-out
 identities (fold 3 here), where rank-1 is 100 % for every candidate and mAP ~97; on it,
@@ -10,20 +11,22 @@ recomputing BatchNorm *lowered* mAP by 0.9–1.7 while it raised the reported sp
 Four folds (:func:`train.make_splits`: fold k holds out every 4th identity from the k-th, 17–18
 identities) give four times the validation queries and show whether a difference keeps its sign.
 
-Per fold: the default recipe (the probe-started classifier, no distillation; ``train.VARIANTS
-["probe"]``) fine-tuned on the other 53–54 identities for 6 epochs, as ``--forgetting`` does (a
-finished run is reused: fold 3's is ``fit.probe.pth``). For each α and each BatchNorm treatment,
+Per fold: each of ``--recipes`` (``train.VARIANTS``; the default recipe is ``probe``: the
+probe-started classifier, no distillation) fine-tuned on the other 53–54 identities for 6 epochs,
+as ``--forgetting`` does (a finished run is reused: fold 3's is ``fit.<recipe>.pth``, fold k's
+``fit.<recipe>.fold<k>.pth``). For each α and each BatchNorm treatment,
 the tuned network alone is embedded once (the code behind `reidx evaluate`, cached on disk); the
 base's features too; the domain gate that `reidx train` writes (calibrated on the fold's fit crops
 by :func:`domain_gate.calibrate`) then mixes the two cached features with the product's own
 ``DomainGatedOSNet.gate``, so gate settings cost no embedding. Scores: mAP on the fold's held-out identities and on cuhk03-train's even person ids.
 
-The rule, fixed before the first run: among the candidates (α × BatchNorm × the gate's p, 0.05
-as shipped or 0.02) whose cuhk03 even-id mAP, averaged over the folds, is at most ``--max-drop``
-(2.0) below the base's, the best validation mAP averaged over the folds (ties to the smaller α,
-then BatchNorm as trained, then p 0.05). A pick that differs from session 14's defaults (α 0.6,
-BatchNorm as trained, p 0.05; ``DEFAULT``) replaces them only if it also beats them on at least 3 of the 4
-folds. Rows without the gate (the tuned network alone) are printed to show what the gate
+The rule, fixed before the first run: among the candidates (recipe × α × BatchNorm × the gate's
+p, 0.05 as shipped or 0.02) whose cuhk03 even-id mAP, averaged over the folds, is at most
+``--max-drop`` (2.0) below the base's, the best validation mAP averaged over the folds (ties to
+the default recipe, then the smaller α, then BatchNorm as trained, then p 0.05). A pick that
+differs from the defaults (``DEFAULT``: recipe probe, α 0.8, BatchNorm as trained, p 0.05 since
+session 15; session 14's α 0.6 when the rule was first run) replaces them only if it also beats
+them on at least 3 of the 4 folds. Rows without the gate (the tuned network alone) are printed to show what the gate
 prevents; they are not candidates.
 
 Prints one JSON object. Nothing of Con-ReID's query / bounding_box_test is read.
@@ -58,7 +61,7 @@ from reidx.pipeline.training.head import frozen_features  # noqa: E402
 from reidx.pipeline.training.retention import load_base, wise_interpolate  # noqa: E402
 
 FOLDS = 4
-DEFAULT = {"gate": "p0.05", "alpha": 0.6, "batchnorm": "trained"}  # the defaults the rule was first run against (session 14)
+DEFAULT = {"recipe": "probe", "gate": "p0.05", "alpha": 0.8, "batchnorm": "trained"}  # `reidx train`'s (α 0.6 in session 14)
 GATES = {"p0.05": GATE_P, "p0.02": 0.02, "no gate": None}  # the last is shown, not a candidate
 
 
@@ -104,8 +107,6 @@ def even(side: EmbeddedSplit) -> EmbeddedSplit:
 def run_fold(args, fold: int, base_model, base_state: dict, cache: Path) -> list[dict]:
     work = Path(args.workdir)
     splits = make_splits(work / "splits", fold)
-    name = "fit.probe" if fold == 3 else f"fit.probe.fold{fold}"
-    out, training = fine_tune(args, work, name, splits["conreid-fit"], VARIANTS["probe"])
     data = functools.cache(lambda: load_training_set(splits["conreid-fit"]))  # decoded only when needed
     fit = cache / f"{resolve_weights(args.init, '.pth').sha256[:16]}.fit.fold{fold}.npz"
     if not fit.is_file():
@@ -124,14 +125,25 @@ def run_fold(args, fold: int, base_model, base_state: dict, cache: Path) -> list
         return {side: embedded(weights, cached_as[side], folder, cache) for side, folder in sides.items()}
 
     base = embed_sides(args.init)
-    rows = [{"fold": fold, "alpha": 0.0, "batchnorm": "trained", "gate": "base",
+    rows = [{"fold": fold, "recipe": None, "alpha": 0.0, "batchnorm": "trained", "gate": "base",
              "val_mAP": mean_ap(base["val-query"], base["val-gallery"]),
-             "cuhk03_even_mAP": mean_ap(even(base["cuhk03-query"]), even(base["cuhk03-gallery"])),
-             "training": training}]
+             "cuhk03_even_mAP": mean_ap(even(base["cuhk03-query"]), even(base["cuhk03-gallery"]))}]
+    for recipe in args.recipes:
+        name = f"fit.{recipe}" if fold == 3 else f"fit.{recipe}.fold{fold}"
+        out, training = fine_tune(args, work, name, splits["conreid-fit"], VARIANTS[recipe])
+        rows.extend(recipe_rows(args, fold, recipe, name, out, training, base_state, base, data, gates, embed_sides))
+    return rows
+
+
+def recipe_rows(args, fold: int, recipe: str, name: str, out: Path, training: dict, base_state: dict, base: dict,
+                data, gates: dict, embed_sides) -> list[dict]:
+    """One fine-tuning's rows: every α × BatchNorm treatment × gate, scored from cached features."""
+    work = Path(args.workdir)
+    rows = []
     tuned_state = torch.load(out, weights_only=True)["state_dict"]
     run_hash = resolve_weights(str(out), ".pth").sha256[:12]  # in the mixes' names: a new run is mixed anew
     for alpha in args.alphas:
-        for batchnorm in ("trained", "recomputed"):
+        for batchnorm in args.batchnorm:
             path = work / "cv" / f"{name}.{run_hash}.alpha{alpha:g}.{batchnorm}.pth"
             if not path.is_file():
                 state = wise_interpolate(base_state, tuned_state, alpha)
@@ -141,10 +153,11 @@ def run_fold(args, fold: int, base_model, base_state: dict, cache: Path) -> list
                 path.with_suffix(".tmp").replace(path)
             tuned = embed_sides(str(path))
             for label, gate in gates.items():
-                mix = {side: gated(base[side], tuned[side], gate) for side in sides}
-                rows.append({"fold": fold, "alpha": alpha, "batchnorm": batchnorm, "gate": label,
+                mix = {side: gated(base[side], tuned[side], gate) for side in base}
+                rows.append({"fold": fold, "recipe": recipe, "alpha": alpha, "batchnorm": batchnorm, "gate": label,
                              "val_mAP": mean_ap(mix["val-query"], mix["val-gallery"]),
-                             "cuhk03_even_mAP": mean_ap(even(mix["cuhk03-query"]), even(mix["cuhk03-gallery"]))})
+                             "cuhk03_even_mAP": mean_ap(even(mix["cuhk03-query"]), even(mix["cuhk03-gallery"])),
+                             "training": training})
     return rows
 
 
@@ -155,25 +168,26 @@ def decide(rows: list[dict], max_drop: float) -> dict:
     for r in rows:
         if r["gate"] == "base":
             continue
-        entry = table.setdefault((r["gate"], r["alpha"], r["batchnorm"]), {"val": {}, "drop": {}})
+        entry = table.setdefault((r["recipe"], r["gate"], r["alpha"], r["batchnorm"]), {"val": {}, "drop": {}})
         entry["val"][r["fold"]] = r["val_mAP"]
         entry["drop"][r["fold"]] = base[r["fold"]]["cuhk03_even_mAP"] - r["cuhk03_even_mAP"]
-    summary = [{"gate": gate, "alpha": alpha, "batchnorm": bn, "folds": len(e["val"]),
+    summary = [{"recipe": recipe, "gate": gate, "alpha": alpha, "batchnorm": bn, "folds": len(e["val"]),
                 "val_mAP_mean": round(float(np.mean(list(e["val"].values()))), 2),
                 "val_mAP_per_fold": [e["val"][f] for f in sorted(e["val"])],
                 "cuhk03_even_drop_mean": round(float(np.mean(list(e["drop"].values()))), 2)}
-               for (gate, alpha, bn), e in table.items()]
-    summary.append({"gate": "base", "alpha": 0.0, "batchnorm": "trained", "folds": len(base),
+               for (recipe, gate, alpha, bn), e in table.items()]
+    summary.append({"recipe": None, "gate": "base", "alpha": 0.0, "batchnorm": "trained", "folds": len(base),
                     "val_mAP_mean": round(float(np.mean([b["val_mAP"] for b in base.values()])), 2),
                     "val_mAP_per_fold": [base[f]["val_mAP"] for f in sorted(base)], "cuhk03_even_drop_mean": 0.0})
     candidates = [s for s in summary if s["gate"] not in ("base", "no gate") and s["cuhk03_even_drop_mean"] <= max_drop]
     default = [s for s in candidates if all(s[k] == v for k, v in DEFAULT.items())]
     if not default:
         raise SystemExit(f"the defaults {DEFAULT} are not among the candidates within --max-drop {max_drop} "
-                         f"(is α {DEFAULT['alpha']} in --alphas?): nothing to compare a pick with")
+                         f"(are recipe {DEFAULT['recipe']} in --recipes, α {DEFAULT['alpha']} in --alphas and "
+                         f"BatchNorm {DEFAULT['batchnorm']} in --batchnorm?): nothing to compare a pick with")
     default = default[0]
-    best = max(candidates, key=lambda s: (s["val_mAP_mean"], -s["alpha"], s["batchnorm"] == "trained",
-                                          s["gate"] == DEFAULT["gate"]))
+    best = max(candidates, key=lambda s: (s["val_mAP_mean"], s["recipe"] == DEFAULT["recipe"], -s["alpha"],
+                                          s["batchnorm"] == "trained", s["gate"] == DEFAULT["gate"]))
     wins = sum(b > d for b, d in zip(best["val_mAP_per_fold"], default["val_mAP_per_fold"]))
     adopt = best is default or wins >= 3
     chosen = best if adopt else default
@@ -189,9 +203,16 @@ def main() -> None:
     parser.add_argument("--folds", type=lambda v: [int(f) for f in v.split(",")], default=list(range(FOLDS)),
                         help="The folds to run (a subset for a partial look; the rule needs all four).")
     parser.add_argument("--alphas", type=lambda v: [float(a) for a in v.split(",")], default=[0.4, 0.6, 0.8, 1.0])
+    parser.add_argument("--recipes", type=lambda v: v.split(","), default=[DEFAULT["recipe"]],
+                        help=f"Fine-tuning recipes to compare (train.VARIANTS: {', '.join(VARIANTS)}).")
+    parser.add_argument("--batchnorm", type=lambda v: v.split(","), default=["trained", "recomputed"],
+                        help="BatchNorm treatments of each mix: trained, recomputed or both.")
     parser.add_argument("--max-drop", type=float, default=2.0)
     parser.add_argument("train_options", nargs="*", help="Further `reidx train` options, after --.")
     args = parser.parse_args()
+    unknown = sorted(set(args.recipes) - set(VARIANTS)) + sorted(set(args.batchnorm) - {"trained", "recomputed"})
+    if unknown:
+        parser.error(f"unknown --recipes / --batchnorm {unknown}")
     started = time.perf_counter()
     cache = Path(args.workdir) / "cv" / "features"
     cache.mkdir(parents=True, exist_ok=True)

@@ -285,9 +285,11 @@ def test_smoke_training_lowers_loss_resumes_exactly_and_loads(tmp_path, smoke_da
 def test_resume_without_checkpoint_is_an_error(tmp_path, smoke_data, smoke_table):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(smoke_config(smoke_table, tmp_path / "model.pth"), resume=True, data=smoke_data)
-    resume_path(tmp_path / "model.pth").write_bytes(b"not a checkpoint")  # damaged: one clear error, no traceback
-    with pytest.raises(WeightsError, match="not a readable torch checkpoint.*resume checkpoint: delete it"):
-        train(smoke_config(smoke_table, tmp_path / "model.pth"), resume=True, data=smoke_data)
+    for damaged in (b"not a checkpoint", b"PK\x03\x04" + bytes(60)):  # foreign bytes; a truncated zip
+        resume_path(tmp_path / "model.pth").write_bytes(damaged)  # one clear error, no traceback
+        with pytest.raises(WeightsError, match="not a readable torch checkpoint.*resume checkpoint: delete it") as error:
+            train(smoke_config(smoke_table, tmp_path / "model.pth"), resume=True, data=smoke_data)
+        assert "state_dict" not in str(error.value)  # not the advice for published weights
 
 
 def test_probe_head_init_fits_the_classifier_before_training(tmp_path, smoke_data, smoke_table):

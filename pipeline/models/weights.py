@@ -172,7 +172,10 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
-def _check_torch_format(path: str | os.PathLike) -> None:
+RESAVE_STATE_DICT = "give a file saved with torch.save(model.state_dict(), path)"
+
+
+def _check_torch_format(path: str | os.PathLike, remedy: str = RESAVE_STATE_DICT) -> None:
     """Refuse a file that is neither of torch.save's formats before torch.load sees it.
 
     torch.load on text or random bytes fails with KeyError: 101, IndexError or a misleading
@@ -187,7 +190,7 @@ def _check_torch_format(path: str | os.PathLike) -> None:
     if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
         return
     raise WeightsError(f"{path} is not a readable torch checkpoint (neither torch.save's zip format nor a "
-                       f"pickle); give a file saved with torch.save(model.state_dict(), path)")
+                       f"pickle); {remedy}")
 
 
 def load_onnx_model(path: str | os.PathLike, load_external_data: bool = True):
@@ -229,11 +232,12 @@ def check_weights_format(path: str | os.PathLike) -> None:
         _check_torch_format(path)
 
 
-def load_checkpoint(path: str | os.PathLike):
-    """``torch.load`` of a checkpoint without executing pickled code: tensors and plain containers."""
+def load_checkpoint(path: str | os.PathLike, remedy: str = RESAVE_STATE_DICT):
+    """``torch.load`` of a checkpoint without executing pickled code: tensors and plain containers.
+    ``remedy`` ends the error for a file that is not a torch checkpoint (what the user should do)."""
     import torch  # here, not at the top: commands that only resolve weights start fast
 
-    _check_torch_format(path)
+    _check_torch_format(path, remedy)
     try:
         return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -241,8 +245,7 @@ def load_checkpoint(path: str | os.PathLike):
         # a damaged or foreign file, and calling it "pickled objects" would send the user astray.
         lines = [line.strip() for line in str(exc).splitlines() if "Unsupported global" in line]
         if not lines:
-            raise WeightsError(f"{path} is not a readable torch checkpoint ({_first_line(exc)}); "
-                               f"give a file saved with torch.save(model.state_dict(), path)") from None
+            raise WeightsError(f"{path} is not a readable torch checkpoint ({_first_line(exc)}); {remedy}") from None
         raise WeightsError(
             f"{path} holds pickled Python objects (for example a whole model saved with "
             f"torch.save(model)), which reidx refuses to load because unpickling can run "
@@ -250,8 +253,7 @@ def load_checkpoint(path: str | os.PathLike):
             f"({lines[0][:200]})"
         ) from None
     except Exception as exc:  # noqa: BLE001 - torch.load on foreign bytes raises KeyError, IndexError, ...
-        raise WeightsError(f"{path} is not a readable torch checkpoint ({_first_line(exc)}); "
-                           f"give a file saved with torch.save(model.state_dict(), path)") from None
+        raise WeightsError(f"{path} is not a readable torch checkpoint ({_first_line(exc)}); {remedy}") from None
 
 
 def state_dict_of(checkpoint, path: str | os.PathLike) -> dict:

@@ -41,7 +41,7 @@ from torch import nn
 
 from reidx.pipeline.models.osnet import build_osnet
 from reidx.pipeline.models.registry import load_model
-from reidx.pipeline.models.weights import WeightsError, load_checkpoint
+from reidx.pipeline.models.weights import load_checkpoint
 from reidx.pipeline.runtime import resolve_device
 from reidx.pipeline.training.augment import Augment, Photometric
 from reidx.pipeline.training.checkpoint import (RunExistsError, check_resumable, plain_config, resume_path,
@@ -210,11 +210,9 @@ class _Run:
         path = self.state_path
         if not path.is_file():
             raise FileNotFoundError(f"nothing to resume: {path} does not exist (it is written after each epoch)")
-        try:  # the project's safe loader (tensors only); load_state_dict below moves them to the device
-            saved = load_checkpoint(path)
-        except WeightsError as exc:
-            raise WeightsError(f"{exc}. It is this run's resume checkpoint: delete it, or choose another --out, "
-                               f"to train afresh") from None
+        # the project's safe loader (tensors only); load_state_dict below moves them to the device
+        saved = load_checkpoint(path, remedy="it is this run's resume checkpoint: delete it, or choose another "
+                                             "--out, to train afresh")
         check_resumable(saved, self.config, self.data.data_hash, path)
         self.model.load_state_dict(saved["state_dict"])
         self.optimizer.load_state_dict(saved["optimizer"])
