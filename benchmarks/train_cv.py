@@ -18,7 +18,8 @@ as ``--forgetting`` does (a finished run is reused: fold 3's is ``fit.<recipe>.p
 the tuned network alone is embedded once (the code behind `reidx evaluate`, cached on disk); the
 base's features too; the domain gate that `reidx train` writes (calibrated on the fold's fit crops
 by :func:`domain_gate.calibrate`) then mixes the two cached features with the product's own
-``DomainGatedOSNet.gate``, so gate settings cost no embedding. Scores: mAP on the fold's held-out identities and on cuhk03-train's even person ids.
+``DomainGatedOSNet.gate``, so gate settings cost no embedding. Scores: mAP on the fold's
+held-out identities and on cuhk03-train's even person ids.
 
 The rule, fixed before the first run: among the candidates (recipe × α × BatchNorm × the gate's
 p, 0.05 as shipped or 0.02) whose cuhk03 even-id mAP, averaged over the folds, is at most
@@ -26,8 +27,8 @@ p, 0.05 as shipped or 0.02) whose cuhk03 even-id mAP, averaged over the folds, i
 the default recipe, then the smaller α, then BatchNorm as trained, then p 0.05). A pick that
 differs from the defaults (``DEFAULT``: recipe probe, α 0.8, BatchNorm as trained, p 0.05 since
 session 15; session 14's α 0.6 when the rule was first run) replaces them only if it also beats
-them on at least 3 of the 4 folds. Rows without the gate (the tuned network alone) are printed to show what the gate
-prevents; they are not candidates.
+them on at least 3 of the 4 folds. Rows without the gate (the tuned network alone) are printed
+to show what the gate prevents; they are not candidates.
 
 Prints one JSON object. Nothing of Con-ReID's query / bounding_box_test is read.
 """
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import sys
@@ -104,7 +106,27 @@ def even(side: EmbeddedSplit) -> EmbeddedSplit:
     return subset(side, lambda pid: pid % 2 == 0)
 
 
+def scores(base: dict[str, EmbeddedSplit], tuned: dict[str, EmbeddedSplit], gate: dict | None) -> dict:
+    """mAP on the fold's held-out identities and on cuhk03's even ids of the gate's mix of two
+    networks' features (``gate`` None: the tuned network alone)."""
+    mix = {side: gated(base[side], tuned[side], gate) for side in base}
+    return {"val_mAP": mean_ap(mix["val-query"], mix["val-gallery"]),
+            "cuhk03_even_mAP": mean_ap(even(mix["cuhk03-query"]), even(mix["cuhk03-gallery"]))}
+
+
+def write_mix(path: Path, base_state: dict, tuned_state: dict, alpha: float, batchnorm: str, data) -> None:
+    """The WiSE-FT mix at ``alpha`` (BatchNorm recomputed on ``data()`` if asked), saved once."""
+    if path.is_file():
+        return
+    state = wise_interpolate(base_state, tuned_state, alpha)
+    if batchnorm == "recomputed":
+        state = with_recomputed_batchnorm(state, data())
+    torch.save({"state_dict": state}, path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
 def run_fold(args, fold: int, base_model, base_state: dict, cache: Path) -> list[dict]:
+    """The base's row and, per recipe, one row per α × BatchNorm treatment × gate."""
     work = Path(args.workdir)
     splits = make_splits(work / "splits", fold)
     data = functools.cache(lambda: load_training_set(splits["conreid-fit"]))  # decoded only when needed
@@ -126,38 +148,18 @@ def run_fold(args, fold: int, base_model, base_state: dict, cache: Path) -> list
 
     base = embed_sides(args.init)
     rows = [{"fold": fold, "recipe": None, "alpha": 0.0, "batchnorm": "trained", "gate": "base",
-             "val_mAP": mean_ap(base["val-query"], base["val-gallery"]),
-             "cuhk03_even_mAP": mean_ap(even(base["cuhk03-query"]), even(base["cuhk03-gallery"]))}]
+             **scores(base, base, None)}]
     for recipe in args.recipes:
         name = f"fit.{recipe}" if fold == 3 else f"fit.{recipe}.fold{fold}"
         out, training = fine_tune(args, work, name, splits["conreid-fit"], VARIANTS[recipe])
-        rows.extend(recipe_rows(args, fold, recipe, name, out, training, base_state, base, data, gates, embed_sides))
-    return rows
-
-
-def recipe_rows(args, fold: int, recipe: str, name: str, out: Path, training: dict, base_state: dict, base: dict,
-                data, gates: dict, embed_sides) -> list[dict]:
-    """One fine-tuning's rows: every α × BatchNorm treatment × gate, scored from cached features."""
-    work = Path(args.workdir)
-    rows = []
-    tuned_state = torch.load(out, weights_only=True)["state_dict"]
-    run_hash = resolve_weights(str(out), ".pth").sha256[:12]  # in the mixes' names: a new run is mixed anew
-    for alpha in args.alphas:
-        for batchnorm in args.batchnorm:
+        tuned_state = torch.load(out, weights_only=True)["state_dict"]
+        run_hash = resolve_weights(str(out), ".pth").sha256[:12]  # in the mixes' names: a new run is mixed anew
+        for alpha, batchnorm in itertools.product(args.alphas, args.batchnorm):
             path = work / "cv" / f"{name}.{run_hash}.alpha{alpha:g}.{batchnorm}.pth"
-            if not path.is_file():
-                state = wise_interpolate(base_state, tuned_state, alpha)
-                if batchnorm == "recomputed":
-                    state = with_recomputed_batchnorm(state, data())
-                torch.save({"state_dict": state}, path.with_suffix(".tmp"))
-                path.with_suffix(".tmp").replace(path)
+            write_mix(path, base_state, tuned_state, alpha, batchnorm, data)
             tuned = embed_sides(str(path))
-            for label, gate in gates.items():
-                mix = {side: gated(base[side], tuned[side], gate) for side in base}
-                rows.append({"fold": fold, "recipe": recipe, "alpha": alpha, "batchnorm": batchnorm, "gate": label,
-                             "val_mAP": mean_ap(mix["val-query"], mix["val-gallery"]),
-                             "cuhk03_even_mAP": mean_ap(even(mix["cuhk03-query"]), even(mix["cuhk03-gallery"])),
-                             "training": training})
+            rows.extend({"fold": fold, "recipe": recipe, "alpha": alpha, "batchnorm": batchnorm, "gate": label,
+                         **scores(base, tuned, gate), "training": training} for label, gate in gates.items())
     return rows
 
 
