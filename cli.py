@@ -24,7 +24,8 @@ import sys
 import click
 
 from reidx.commands.common import DEFAULT_MAX_PIXELS, LOG  # noqa: F401  (checked against the stages by a test)
-from reidx.commands.models import DISTILL_WEIGHT, HEAD_INIT, LOSS_NAMES, RECOMPUTE_BN, WISE_ALPHA  # noqa: F401
+from reidx.commands.models import (BASE_SHARE, DISTILL_WEIGHT, HEAD_INIT, LOSS_NAMES, RECOMPUTE_BN,  # noqa: F401
+                                   WISE_ALPHA)
 
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 1, 130
 

@@ -98,7 +98,7 @@ def step_speed(data: str, init: str, repeats: int = 3, steps: int = 4) -> dict:
     return {f"{p}_{t}_threads": round(statistics.median(r), 1) for (p, t), r in rates.items()}
 
 
-def make_splits(root: Path, fold: int = 3) -> dict[str, str]:
+def make_splits(root: Path, fold: int = 3, of: int = 4) -> dict[str, str]:
     """Con-ReID's training identities split for choosing, as folders of symbolic links (Market
     naming kept; deterministic):
 
@@ -109,15 +109,16 @@ def make_splits(root: Path, fold: int = 3) -> dict[str, str]:
       image of each (person, camera) as a query, the rest as the gallery.
 
     Fold 3 is the split every earlier choice used; other folds' folder names end in ``-fold<k>``
-    (:mod:`train_cv` uses all four).
+    (:mod:`train_cv` uses all four). ``of`` = N holds out every N-th identity instead (N folds,
+    folders ``-of<N>-fold<k>``): fewer, larger held-out sets, whose galleries hold more people.
 
     cuhk03-train is halved by person-id parity where it is scored (:class:`Scores`). No image of
     Con-ReID's query/bounding_box_test is used for any choice."""
     train_dir = SHARED / "data" / "con-reid" / "bounding_box_train"
     files = sorted(train_dir.glob("*.jpg"))
     pids = sorted({f.name.split("_")[0] for f in files})
-    held_out = set(pids[fold::4])
-    suffix = "" if fold == 3 else f"-fold{fold}"
+    held_out = set(pids[fold::of])
+    suffix = "" if (of, fold) == (4, 3) else f"-fold{fold}" if of == 4 else f"-of{of}-fold{fold}"
     seen: set = set()
     split: dict[str, list[Path]] = {"conreid-fit": [], "conreid-val-query": [], "conreid-val-gallery": []}
     for f in files:
@@ -253,7 +254,8 @@ VARIANTS = {
 # session 16's recipe candidates, each the default recipe (probe) with one change (train_cv.py --recipes)
 VARIANTS.update({f"probe-{label}": [*VARIANTS["probe"], *change] for label, change in {
     "lr7e-4": ["--lr", "7e-4"], "p8k8": ["--p", "8", "--k", "8"], "wd5e-5": ["--weight-decay", "5e-5"],
-    "warmup0": ["--warmup-epochs", "0"]}.items()})
+    "warmup0": ["--warmup-epochs", "0"], "cosface": ["--id-margin", "0.35"],
+    "unit-triplet": ["--triplet-normalise"]}.items()})
 RUN_NAMES = {"plain": "fit", "distill1": "fit.distill1"}  # the first grid's file names, kept so they are reused
 # Candidates that are another variant's WiSE-FT mix with a domain gate (not trained again): "gated" is
 # the plain fine-tuning's, "gated-<variant>" that variant's; a "-bn" suffix also recomputes the mix's

@@ -198,8 +198,8 @@ def evaluate_detections_command(ground_truth, detections, images, split, iou_thr
 # --- fine-tuning ---------------------------------------------------------------------------------
 
 LOSS_NAMES = ("id", "triplet", "oim")  # = reidx.pipeline.training.LOSSES (checked by a test; no import here)
-# = reidx.pipeline.training.WISE_ALPHA, DISTILL_WEIGHT, HEAD_INIT, RECOMPUTE_BN (likewise)
-WISE_ALPHA, DISTILL_WEIGHT, HEAD_INIT, RECOMPUTE_BN = 0.8, 0.0, "probe", False
+# = reidx.pipeline.training.WISE_ALPHA, BASE_SHARE, DISTILL_WEIGHT, HEAD_INIT, RECOMPUTE_BN (likewise)
+WISE_ALPHA, BASE_SHARE, DISTILL_WEIGHT, HEAD_INIT, RECOMPUTE_BN = 0.8, 0.0, 0.0, "probe", False
 
 
 def parse_losses(spec: str, weights: dict[str, float]) -> dict[str, float]:
@@ -236,6 +236,13 @@ def parse_stages(spec: str) -> list[str] | None:
 @click.option("--margin", type=click.FloatRange(0), default=0.3, show_default=True,
               help="Triplet margin (ignored with --soft-margin).")
 @click.option("--soft-margin", is_flag=True, help="Triplet soft margin: log(1 + exp(d_ap − d_an)).")
+@click.option("--triplet-normalise", is_flag=True,
+              help="Triplet distances between L2-normalised features (the cosine geometry retrieval ranks by; "
+                   "the margin is then on the unit sphere, distances 0–2).")
+@click.option("--id-margin", type=click.FloatRange(0, 1, max_open=True),
+              help="The id loss on a cosine classifier with this additive margin (CosFace: "
+                   "30·(cos θ − margin) on the true class) instead of the linear softmax classifier. "
+                   "[default: unset, the linear classifier]")
 @click.option("--oim-scale", type=click.FloatRange(0, min_open=True), default=30.0, show_default=True,
               help="OIM 1/τ: similarities are multiplied by this before the softmax.")
 @click.option("--oim-momentum", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
@@ -285,6 +292,12 @@ def parse_stages(spec: str) -> list[str] | None:
                    "both networks and a label-free gate (from the training crops' base features) that gives "
                    "each crop the fine-tuned, the base or a mixed feature; embedding then takes ~2× as long "
                    "(docs/training.md). [default: on; off with --init none]")
+@click.option("--base-share", type=click.FloatRange(0, 1, max_open=True),
+              help="With the domain gate: crops of the training site get the tuned network's features mixed "
+                   "with this share of the base's (an ensemble of the two networks, which both run anyway; "
+                   "docs/training.md says where it helped and where it hurt); 0: the tuned network's alone. "
+                   "A finished run re-made with --resume and another share is not trained again. "
+                   f"[default: {BASE_SHARE:g}]")
 @click.option("--head-init", type=click.Choice(["random", "probe"]),
               help="The new classifier's start: random, or probe: first fitted on the base's frozen features "
                    "of the training crops (LP-FT), so the first steps do not push noise into the features. "
@@ -298,10 +311,11 @@ def parse_stages(spec: str) -> list[str] | None:
                                              "a finished run's output). Without it, an --out whose resume checkpoint "
                                              "exists is refused rather than trained over.")
 @json_option
-def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weight, margin, soft_margin, oim_scale,
-          oim_momentum, oim_queue, epochs, p, k, lr, weight_decay, warmup_epochs, schedule, step_epochs, device,
-          precision, seed, threads, val_query, val_gallery, val_every, val_other, wise_alpha, distill_weight,
-          distill_view, train_stages, domain_gate, head_init, recompute_bn, resume, as_json):
+def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weight, margin, soft_margin,
+          triplet_normalise, id_margin, oim_scale, oim_momentum, oim_queue, epochs, p, k, lr, weight_decay,
+          warmup_epochs, schedule, step_epochs, device, precision, seed, threads, val_query, val_gallery, val_every,
+          val_other, wise_alpha, distill_weight, distill_view, train_stages, domain_gate, base_share, head_init,
+          recompute_bn, resume, as_json):
     """Fine-tune an OSNet embedder on labelled person crops.
 
     Starts from a published checkpoint (default osnet_x0_25_msmt17) with a new classifier sized
@@ -326,12 +340,13 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
     config = TrainConfig(
         data=str(data), out=str(out), init=None if init.lower() == "none" else init, arch=arch, losses=losses,
         epochs=epochs, p=p, k=k, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, schedule=schedule,
-        step_epochs=steps, margin=margin, soft_margin=soft_margin, oim_scale=oim_scale, oim_momentum=oim_momentum,
+        step_epochs=steps, margin=margin, soft_margin=soft_margin, triplet_normalise=triplet_normalise,
+        id_margin=id_margin, oim_scale=oim_scale, oim_momentum=oim_momentum,
         oim_queue=oim_queue, device=device, precision=precision, seed=seed, threads=threads,
         val_query=val_query, val_gallery=val_gallery, val_every=val_every,
         val_other=list(val_other) if val_other else None, wise_alpha=wise_alpha, distill_weight=distill_weight,
         distill_view=distill_view, train_stages=parse_stages(train_stages), domain_gate=domain_gate,
-        head_init=head_init, recompute_bn=recompute_bn,
+        base_share=base_share, head_init=head_init, recompute_bn=recompute_bn,
     )
     validate = checkpoint_validator(device, threads) if val_query or val_other else None
     try:

@@ -20,7 +20,8 @@ from reidx.pipeline.imaging import load_image
 from reidx.pipeline.models.weights import WeightsError, load_state_dict
 from reidx.pipeline.training.augment import Augment
 from reidx.pipeline.training.data import load_training_set
-from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_loss
+from reidx.pipeline.training.losses import (COSINE_SCALE, BatchHardTripletLoss, IdentityLoss, OIMLoss, identity_logits,
+                                            oim_loss)
 from reidx.pipeline.training.loop import TrainConfig, build_model, learning_rate, resume_path, train
 from reidx.pipeline.training.sampler import PKSampler
 from conftest import CON_REID
@@ -65,6 +66,40 @@ def test_batch_hard_triplet_picks_farthest_positive_and_nearest_negative():
     lone = BatchHardTripletLoss(margin=0.3)(torch.tensor([[0.0], [1.0], [1.5], [3.0], [5.0], [9.0]]),
                                             torch.tensor([0, 0, 0, 1, 1, 2]))
     assert lone.item() == pytest.approx(sum(max(0.0, g + 0.3) for g in gaps) / 5, rel=1e-5)
+
+
+def test_cosine_margin_logits_by_hand():
+    """--id-margin m: logits 30·(cos θ_j − m on the true class); the bias is not used; rows without a
+    target (−1) and calls without targets get no margin (the logits accuracy is read from)."""
+    classifier = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        classifier.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]]))
+        classifier.bias.fill_(5.0)
+    features = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    r = 1 / math.sqrt(2)
+    cosines = torch.tensor([[1.0, 0.0, -1.0], [r, r, -r], [0.0, 1.0, 0.0]])
+    with_margin = cosines - torch.tensor([[0.35, 0, 0], [0, 0.35, 0], [0, 0, 0]])
+    targets = torch.tensor([0, 1, -1])
+    assert torch.allclose(identity_logits(classifier, features, targets, 0.35), COSINE_SCALE * with_margin, atol=1e-5)
+    assert torch.allclose(identity_logits(classifier, features, None, 0.35), COSINE_SCALE * cosines, atol=1e-5)
+    # unset: the linear classifier, bias included
+    assert torch.allclose(identity_logits(classifier, features, targets, None), features @ classifier.weight.t() + 5.0)
+    with pytest.raises(ValueError, match="id_margin"):
+        TrainConfig(data="x", out="y.pth", id_margin=1.5).check()
+    with pytest.raises(ValueError, match="needs the id loss"):
+        TrainConfig(data="x", out="y.pth", id_margin=0.3, losses={"triplet": 1.0}).check()
+
+
+def test_triplet_on_normalised_features_by_hand():
+    """--triplet-normalise: distances between unit features, so the length of a feature is ignored."""
+    features = torch.tensor([[1.0, 0.0], [5.0, 0.0], [0.0, 1.0], [3.0, 3.0]])
+    targets = torch.tensor([0, 0, 1, 1])
+    # unit: (1,0), (1,0), (0,1), (r,r); same-direction positives are at distance 0
+    d_diag, d_perp = math.sqrt(2 - math.sqrt(2)), math.sqrt(2)  # (1,0)–(r,r), (1,0)–(0,1)
+    gaps = [0 - d_diag, 0 - d_diag, d_diag - d_perp, d_diag - d_diag]
+    loss = BatchHardTripletLoss(margin=0.3, normalise=True)(features, targets)
+    assert loss.item() == pytest.approx(sum(max(0.0, g + 0.3) for g in gaps) / 4, rel=1e-5)
+    assert BatchHardTripletLoss(margin=0.3)(features, targets).item() > 1.0  # raw: the lengths dominate
 
 
 def test_oim_loss_by_hand():
@@ -320,3 +355,23 @@ def test_probe_head_init_fits_the_classifier_before_training(tmp_path, smoke_dat
     resumed = train(config, resume=True, data=smoke_data, log=lines.append)
     assert not any("classifier probed" in line for line in lines)
     assert resumed["epochs"] == 2 and first["epochs"] == 1
+
+
+def test_cosine_classifier_and_unit_triplet_train_and_resume(tmp_path, smoke_data, smoke_table):
+    """--id-margin and --triplet-normalise: the probe fits the cosine classifier, a run trains with both,
+    and both are part of what a resume must repeat (an older checkpoint means: unset)."""
+    from reidx.pipeline.training.head import probe_classifier
+
+    config = smoke_config(smoke_table, tmp_path / "model.pth", head_init="probe", id_margin=0.35,
+                          triplet_normalise=True)
+    model, _ = build_model(config, smoke_data.num_classes)
+    probe = probe_classifier(model, smoke_data, config.label_smoothing, config.weight_decay, config.id_margin)
+    assert probe["crops"] == 116 and probe["accuracy"] >= 0.95, probe
+    first = train(config, data=smoke_data, stop_after=1)
+    assert first["epochs"] == 1 and math.isfinite(first["history"][-1]["loss"])
+    for changed, message in (({"triplet_normalise": True}, "id_margin: 0.35 → None"),
+                             ({"id_margin": 0.35}, "triplet_normalise: True → False")):
+        with pytest.raises(ValueError, match=message):
+            train(smoke_config(smoke_table, tmp_path / "model.pth", head_init="probe", **changed), resume=True,
+                  data=smoke_data)
+    assert train(config, resume=True, data=smoke_data)["epochs"] == 2

@@ -263,7 +263,8 @@ def test_domain_gate_gives_tuned_features_on_site_and_base_features_elsewhere(tm
     from reidx.pipeline.models.registry import load_model
 
     out = copy_run(one_epoch, tmp_path)
-    summary = train(smoke_config(smoke_table, out, epochs=1, domain_gate=True), resume=True, data=smoke_data)
+    summary = train(smoke_config(smoke_table, out, epochs=1, domain_gate=True, base_share=0.4), resume=True,
+                    data=smoke_data)
     saved = torch.load(out, weights_only=True)
     gate = saved["domain_gate"]
     assert summary["domain_gate"] and saved["reidx_training"]["domain_gate"]["k"] == gate["k"] == 10
@@ -279,8 +280,9 @@ def test_domain_gate_gives_tuned_features_on_site_and_base_features_elsewhere(tm
             "cuhk03": np.stack([resize(p) for p in sorted((CUHK03 / "query").glob("*.jpg"))[::45][:32]])}
     with torch.no_grad():
         weight = {name: gated.tuned_share(to_input_tensor(crops)).numpy() for name, crops in site.items()}
-    assert weight["training crops"].min() == 1.0
-    assert weight["unseen Con-ReID people"].mean() > 0.8, weight
+    # on the site the base keeps its share (--base-share 0.4): the tuned network gets at most 0.6
+    assert gate["base_share"] == 0.4 and weight["training crops"].min() == pytest.approx(0.6)
+    assert weight["unseen Con-ReID people"].mean() > 0.8 * 0.6, weight
     # six identities make a coarse gate (measured 0.18 mean, 78 % exactly 0); 71 give 0.0x (docs/training.md)
     assert weight["cuhk03"].mean() < 0.3 and (weight["cuhk03"] == 0).mean() > 0.7, weight
     for name, crops in site.items():
@@ -288,6 +290,13 @@ def test_domain_gate_gives_tuned_features_on_site_and_base_features_elsewhere(tm
         a = weight[name][:, None]
         expected = (1 - a) * base + a * tuned
         assert np.allclose(features, expected / np.linalg.norm(expected, axis=1, keepdims=True), atol=2e-5), name
+    train(smoke_config(smoke_table, out, epochs=1, domain_gate=True), resume=True, data=smoke_data)
+    assert torch.load(out, weights_only=True)["domain_gate"]["base_share"] == 0.0  # the default; re-made, not retrained
+    with torch.no_grad():
+        alone = load_model(str(out), "osnet").module.tuned_share(to_input_tensor(site["training crops"]))
+    assert alone.min() == 1.0  # share 0: the site's own crops get the tuned features alone
+    with pytest.raises(ValueError, match="needs the domain gate"):
+        smoke_config(smoke_table, out, epochs=1, base_share=0.2).check()  # smoke_config: no gate
     off_site = site["cuhk03"][weight["cuhk03"] == 0]  # a batch wholly off the site: the base's features exactly
     assert np.array_equal(embed(out, off_site), embed("osnet_x0_25_msmt17", off_site))
     # training on from the gated checkpoint keeps the original base (WiSE-FT, distillation, a new gate)
@@ -302,7 +311,8 @@ def test_domain_gate_gives_tuned_features_on_site_and_base_features_elsewhere(tm
     for damage in ({"reference": gate["reference"][:, :100]}, {"low_scores": torch.zeros(0)}, {"k": "ten"},
                    {"k": True}, {"reference": gate["reference"] * float("nan")},
                    {"low_scores": torch.tensor([float("-inf")])}, {"base_state_dict": {}},
-                   {"base_state_dict": narrow_base}):
+                   {"base_state_dict": narrow_base}, {"base_share": 1.0}, {"base_share": "0.4"},
+                   {"base_share": True}, {"base_share": -0.1}):
         torch.save({**saved, "domain_gate": {**gate, **damage}}, tmp_path / "damaged.pth")
         with pytest.raises(WeightsError, match="domain_gate entry is damaged"):
             build_embedder(str(tmp_path / "damaged.pth"), backend="torch")

@@ -7,21 +7,25 @@ the base model's own features and no labels, whether the new data says anything 
 
     s(x) = mean of the k largest cosine similarities between base(x) and the base features of
            the training crops ("reference")
-    a(x) = min(1, F(s(x)) / p), with F the empirical distribution of s over the training crops
-           themselves, each scored against the *other* identities' crops (as a new person of the
-           same site would score)
+    a(x) = (1 − β)·min(1, F(s(x)) / p), with F the empirical distribution of s over the training
+           crops themselves, each scored against the *other* identities' crops (as a new person of
+           the same site would score)
     f(x) = normalise((1 − a(x))·base(x) + a(x)·tuned(x))
 
 A crop that scores like the training site's own crops (at or above their p-quantile) gets the
-fine-tuned features; one that scores below every training crop gets the base's (bit for bit when
-its whole batch does, else to float rounding); in between, a mix. The cost: both networks run
+fine-tuned features, mixed with a share β of the base's (``base_share``, default 0: on the site
+the output is then an ensemble of the two networks' features; better on held-out people of the
+training site, worse on the reported split — docs/training.md, session 17); one that
+scores below every training crop gets the base's (bit for bit when its whole batch does, else to
+float rounding); in between, a mix. The cost: both networks run
 (measured 1.81–2.18× the base's embedding time with onnxruntime); only a batch wholly off the site,
 where every weight is 0, runs the base alone.
 
 Checkpoint layout (written by ``reidx train``): ``state_dict`` holds the tuned weights in
 torchreid's layout as usual (tools that know nothing of the gate load the tuned model), and
 ``domain_gate`` holds ``base_state_dict``, ``reference`` (M × D unit rows, float16),
-``low_scores`` (the sorted calibration scores up to the p-quantile), ``k`` and ``p``.
+``low_scores`` (the sorted calibration scores up to the p-quantile), ``k``, ``p`` and
+``base_share`` (β; absent in checkpoints written before it existed: 0).
 """
 
 from __future__ import annotations
@@ -44,19 +48,19 @@ class DomainGatedOSNet(nn.Module):
     """``forward(x)`` → (N, D) features: the base's, the tuned model's, or a mix, per crop (above)."""
 
     def __init__(self, base: nn.Module, tuned: nn.Module, reference: torch.Tensor, low_scores: torch.Tensor,
-                 k: int) -> None:
+                 k: int, base_share: float = 0.0) -> None:
         super().__init__()
-        self.base, self.tuned, self.k = base, tuned, int(k)
+        self.base, self.tuned, self.k, self.base_share = base, tuned, int(k), float(base_share)
         self.register_buffer("reference", reference.float())
         self.register_buffer("low_scores", low_scores.float())
 
     def gate(self, base_unit: torch.Tensor) -> torch.Tensor:
-        """(N,) weight of the tuned features, in [0, 1], from unit base features (in float32 even
-        under bf16 autocast: the calibration's steps are a few thousandths apart)."""
+        """(N,) weight of the tuned features, in [0, 1 − base_share], from unit base features (in
+        float32 even under bf16 autocast: the calibration's steps are a few thousandths apart)."""
         with torch.autocast(base_unit.device.type, enabled=False):
             score = (base_unit.float() @ self.reference.T).topk(self.k, dim=1).values.mean(1)
             below = (self.low_scores.unsqueeze(0) < score.unsqueeze(1)).float().sum(1)
-        return below / self.low_scores.numel()
+        return below / self.low_scores.numel() * (1.0 - self.base_share)
 
     def tuned_share(self, x: torch.Tensor) -> torch.Tensor:
         """(N,) weight of the tuned features for input crops (what ``forward`` mixes with)."""
@@ -134,6 +138,9 @@ def from_checkpoint(tuned: nn.Module, gate, build_base, feature_dim: int, path) 
         raise damaged("low_scores: not a non-empty finite float vector")
     if type(k) is not int or not 1 <= k <= len(reference):
         raise damaged(f"k: not an integer from 1 to {len(reference)}")
+    base_share = gate.get("base_share", 0.0)
+    if isinstance(base_share, bool) or not isinstance(base_share, (int, float)) or not 0.0 <= base_share < 1.0:
+        raise damaged("base_share: not a number in [0, 1)")
     if not isinstance(gate.get("base_state_dict"), dict):
         raise damaged("base_state_dict missing")
     try:
@@ -142,4 +149,4 @@ def from_checkpoint(tuned: nn.Module, gate, build_base, feature_dim: int, path) 
         raise damaged(f"base_state_dict: {exc}") from None
     if base_dim != feature_dim:
         raise damaged(f"the base gives {base_dim}-d features, the tuned network {feature_dim}-d")
-    return DomainGatedOSNet(base.eval(), tuned, reference, low, k).eval()
+    return DomainGatedOSNet(base.eval(), tuned, reference, low, k, base_share).eval()

@@ -10,13 +10,13 @@ from pathlib import Path
 from reidx.pipeline.atomic import save_torch_atomic
 
 # Options that may change between a run and its resumption (device and threads change float rounding only).
-# wise_alpha, domain_gate and recompute_bn only shape the output at the end: a finished run resumed with others
-# re-makes it.
+# wise_alpha, domain_gate, base_share and recompute_bn only shape the output at the end: a finished run resumed
+# with others re-makes it.
 RESUME_MAY_DIFFER = {"out", "device", "threads", "val_query", "val_gallery", "val_every", "val_other", "wise_alpha",
-                     "domain_gate", "recompute_bn"}
+                     "domain_gate", "base_share", "recompute_bn"}
 # Options added after the first checkpoints: what their absence from an older checkpoint means.
 ADDED_LATER = {"distill_weight": 0.0, "train_stages": None, "distill_view": "same", "head_init": "random",
-               "recompute_bn": False}
+               "recompute_bn": False, "triplet_normalise": False, "id_margin": None}
 
 
 class RunExistsError(FileExistsError):

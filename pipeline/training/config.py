@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from reidx.pipeline.models.osnet import OSNET_CHANNELS
-from reidx.pipeline.training import DISTILL_WEIGHT, DOMAIN_GATE, HEAD_INIT, LOSSES, RECOMPUTE_BN, WISE_ALPHA
+from reidx.pipeline.training import (BASE_SHARE, DISTILL_WEIGHT, DOMAIN_GATE, HEAD_INIT, LOSSES, RECOMPUTE_BN,
+                                     WISE_ALPHA)
 from reidx.pipeline.training.head import HEAD_INITS
 from reidx.pipeline.training.retention import check_stages
 
@@ -31,6 +32,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     margin: float = 0.3
     soft_margin: bool = False
+    triplet_normalise: bool = False  # triplet distances between L2-normalised features
+    id_margin: float | None = None  # None: linear softmax classifier; m: cosine classifier, additive margin m
     oim_scale: float = 30.0  # 1/τ
     oim_momentum: float = 0.5  # γ
     oim_queue: int = 5000
@@ -47,6 +50,8 @@ class TrainConfig:
     distill_view: str = "same"  # distil on the training batch itself, or on a "photometric" copy of it
     train_stages: list[str] | None = None  # OSNet stages that learn (retention.STAGES); None: all
     domain_gate: bool | None = None  # keep the base's features on crops unlike the training site; None: DOMAIN_GATE
+    base_share: float | None = None  # the base's share of the features on the site (needs the gate); None:
+    #                                  BASE_SHARE with the gate, else 0
     recompute_bn: bool | None = None  # BatchNorm statistics of the output recomputed on the clean training
     #                                   crops after the WiSE-FT mix; None: RECOMPUTE_BN
     head_init: str | None = None  # the new classifier: "random", or "probe" (fitted on the frozen features
@@ -59,6 +64,8 @@ class TrainConfig:
             self.distill_weight = DISTILL_WEIGHT if self.init else 0.0
         if self.domain_gate is None:
             self.domain_gate = DOMAIN_GATE and bool(self.init)
+        if self.base_share is None:
+            self.base_share = BASE_SHARE if self.domain_gate else 0.0
         if self.recompute_bn is None:
             self.recompute_bn = RECOMPUTE_BN
         if self.head_init is None:
@@ -84,6 +91,11 @@ class TrainConfig:
             raise ValueError("wise_alpha must lie in [0, 1] and distill_weight be ≥ 0")
         if self.init is None and (self.wise_alpha < 1.0 or self.distill_weight > 0 or self.domain_gate):
             raise ValueError("--wise-alpha < 1, --distill-weight and --domain-gate need a base model to keep (--init)")
+        if not 0.0 <= self.base_share < 1.0:
+            raise ValueError(f"base_share must lie in [0, 1), not {self.base_share!r}")
+        if self.base_share > 0 and not self.domain_gate:
+            raise ValueError("--base-share keeps the base's features beside the tuned network's on the site: "
+                             "it needs the domain gate (the checkpoint then holds both networks)")
         if self.val_other is not None and len(self.val_other) != 2:
             raise ValueError("val_other is [query, gallery]")
         check_stages(self.train_stages)
@@ -92,5 +104,9 @@ class TrainConfig:
         if self.head_init == "probe" and (self.init is None or "id" not in self.losses):
             raise ValueError("--head-init probe fits the id loss's classifier on a base model's features: "
                              "it needs --init and the id loss")
+        if self.id_margin is not None and not 0.0 <= self.id_margin < 1.0:
+            raise ValueError(f"id_margin is a cosine margin in [0, 1), not {self.id_margin!r}")
+        if self.id_margin is not None and "id" not in self.losses:
+            raise ValueError("--id-margin shapes the id loss's classifier: it needs the id loss (--loss id+…)")
         if self.distill_view not in ("same", "photometric"):
             raise ValueError(f"distill_view must be same or photometric, not {self.distill_view!r}")

@@ -48,7 +48,7 @@ from reidx.pipeline.training.checkpoint import (RunExistsError, check_resumable,
                                                 save_checkpoint)
 from reidx.pipeline.training.data import TrainingSet, load_training_set
 from reidx.pipeline.training.head import probe_classifier
-from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, oim_logits
+from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, identity_logits, oim_logits
 from reidx.pipeline.training.config import TrainConfig
 from reidx.pipeline.training.retention import (distillation_loss, domain_gate_entry, freeze_stages,
                                                hold_frozen_statistics, load_base, recompute_batchnorm,
@@ -182,7 +182,7 @@ class _Run:
             teacher.to(memory_format=torch.channels_last)
         parts = {"teacher": teacher,
                  "id": IdentityLoss(config.label_smoothing),
-                 "triplet": BatchHardTripletLoss(config.margin, config.soft_margin),
+                 "triplet": BatchHardTripletLoss(config.margin, config.soft_margin, config.triplet_normalise),
                  "sampler": PKSampler(data.targets, config.p, config.k, config.seed,
                                       unlabelled=config.k if "oim" in config.losses else 0),
                  "augment": Augment(), "photometric": Photometric()}
@@ -190,7 +190,7 @@ class _Run:
         if resume:
             run.load_resume_checkpoint()
         elif config.head_init == "probe":
-            probe = probe_classifier(model, data, config.label_smoothing, config.weight_decay)
+            probe = probe_classifier(model, data, config.label_smoothing, config.weight_decay, config.id_margin)
             log(f"classifier probed on the frozen features of {probe['crops']} crops: loss {probe['loss']:.3f}, "
                 f"accuracy {probe['accuracy']:.3f}")
         return run
@@ -231,11 +231,14 @@ class _Run:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             features = self.model(x if x_distill is None else torch.cat([x, x_distill]))
             features, student_distill = (features, features) if x_distill is None else features.split(len(x))
-            logits = self.model.classifier(features) if "id" in config.losses else None
+            logits = identity_logits(self.model.classifier, features, None, config.id_margin) \
+                if "id" in config.losses else None
         features = features.float()
         terms = {}
         if "id" in config.losses:
-            terms["id"] = losses["id"](logits.float(), y)
+            margin_logits = logits if not config.id_margin else identity_logits(
+                self.model.classifier, features, y, config.id_margin)
+            terms["id"] = losses["id"](margin_logits.float(), y)
         if "triplet" in config.losses:
             terms["triplet"] = losses["triplet"](features, y)
         if self.parts["teacher"] is not None:
@@ -341,10 +344,12 @@ class _Run:
                                                          "wise_alpha": config.wise_alpha,
                                                          "recompute_bn": config.recompute_bn}}
         if config.domain_gate:
-            gate = domain_gate_entry(base, data, config.seed)
+            gate = {**domain_gate_entry(base, data, config.seed), "base_share": float(config.base_share)}
             final["domain_gate"] = gate
-            final["reidx_training"]["domain_gate"] = {k: gate[k] for k in ("k", "p", "calibration_median")}
-            self.log(f"domain gate: {len(gate['reference'])} reference crops, k {gate['k']}, p {gate['p']:g}")
+            final["reidx_training"]["domain_gate"] = {k: gate[k] for k in ("k", "p", "calibration_median",
+                                                                           "base_share")}
+            self.log(f"domain gate: {len(gate['reference'])} reference crops, k {gate['k']}, p {gate['p']:g}, "
+                     f"base share on the site {gate['base_share']:g}")
         save_checkpoint(final, out)
         evaluation = self.compare(validate)
         if evaluation:
@@ -354,7 +359,7 @@ class _Run:
                 "validation": evaluation["target"]["fine_tuned"] if "target" in evaluation else None,
                 "evaluation": evaluation, "wise_alpha": config.wise_alpha, "recompute_bn": config.recompute_bn,
                 "distill_weight": config.distill_weight,
-                "domain_gate": config.domain_gate,
+                "domain_gate": config.domain_gate, "base_share": config.base_share,
                 "base_model": self.origin["base_model"], "data_hash": data.data_hash, "num_images": len(data.paths),
                 "num_identities": data.num_classes, "losses": dict(self.config.losses),
                 "precision": metadata["precision"], "device": self.device.type,

@@ -38,6 +38,29 @@ class IdentityLoss(nn.Module):
         return -(smooth * log_p).sum(dim=1).mean()
 
 
+COSINE_SCALE = 30.0  # s of the cosine classifier: the OIM default, logits in [-30, 30]
+
+
+def identity_logits(classifier: nn.Linear, features: torch.Tensor, targets: torch.Tensor | None = None,
+                    cosine_margin: float | None = None) -> torch.Tensor:
+    """The id loss's logits. ``cosine_margin`` None: the linear classifier, W·x + b (torchreid's).
+    A number m: a cosine classifier with an additive margin (CosFace, Wang et al. 2018),
+    s·(cos θ_j − m·[j = target]), where θ_j is the angle between the feature and row j of W (the
+    bias is not used). Why: retrieval ranks by cosine, and the margin asks every training crop to
+    be nearer its own person's direction than any other's by m, which a softmax stops asking once
+    a crop is classified. Without ``targets`` (or for rows whose target is negative) no margin is taken
+    off, which gives the logits to compute accuracy from."""
+    if cosine_margin is None:
+        return classifier(features)
+    cos = F.normalize(features.float(), dim=1) @ F.normalize(classifier.weight.float(), dim=1).t()
+    if targets is not None and cosine_margin:
+        labelled = targets >= 0
+        margin = torch.zeros_like(cos)
+        margin[labelled] = margin[labelled].scatter(1, targets[labelled][:, None], cosine_margin)
+        cos = cos - margin
+    return COSINE_SCALE * cos
+
+
 def pairwise_euclidean(x: torch.Tensor) -> torch.Tensor:
     """(N, D) → (N, N) Euclidean distances, clamped before the square root so the gradient of
     the zero diagonal stays finite."""
@@ -53,17 +76,22 @@ class BatchHardTripletLoss(nn.Module):
     loss = mean over anchors of max(0, d(a,p) - d(a,n) + margin), or with ``soft_margin``
     log(1 + exp(d(a,p) - d(a,n))). Distances are Euclidean on the features before the classifier
     (the embedding that retrieval ranks), which the identity loss alone does not shape directly.
-    Anchors with no positive or no negative in the batch are left out.
+    Anchors with no positive or no negative in the batch are left out. With ``normalise`` the
+    features are L2-normalised first, so the distances are those retrieval ranks by (cosine) and
+    the margin is measured on the unit sphere (distances 0…2) rather than on the features' own scale.
     """
 
-    def __init__(self, margin: float = 0.3, soft_margin: bool = False):
+    def __init__(self, margin: float = 0.3, soft_margin: bool = False, normalise: bool = False):
         super().__init__()
         self.margin = margin
         self.soft_margin = soft_margin
+        self.normalise = normalise
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         labelled = targets >= 0
         features, targets = features[labelled].float(), targets[labelled]
+        if self.normalise:
+            features = F.normalize(features, dim=1)
         dist = pairwise_euclidean(features)
         same = targets[:, None] == targets[None, :]
         eye = torch.eye(len(targets), dtype=torch.bool, device=targets.device)

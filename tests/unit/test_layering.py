@@ -92,11 +92,11 @@ def test_cli_constants_match_the_stages_they_mirror():
     """The CLI spells a few defaults itself (to stay light); they must equal the stages' own."""
     import reidx.cli as cli
     from reidx.pipeline.imaging import DEFAULT_MAX_PIXELS
-    from reidx.pipeline.training import DISTILL_WEIGHT, HEAD_INIT, LOSSES, RECOMPUTE_BN, WISE_ALPHA
+    from reidx.pipeline.training import BASE_SHARE, DISTILL_WEIGHT, HEAD_INIT, LOSSES, RECOMPUTE_BN, WISE_ALPHA
 
     assert cli.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS and cli.LOSS_NAMES == LOSSES
-    assert (cli.WISE_ALPHA, cli.DISTILL_WEIGHT, cli.HEAD_INIT, cli.RECOMPUTE_BN) == (WISE_ALPHA, DISTILL_WEIGHT,
-                                                                                   HEAD_INIT, RECOMPUTE_BN)
+    assert (cli.WISE_ALPHA, cli.BASE_SHARE, cli.DISTILL_WEIGHT, cli.HEAD_INIT, cli.RECOMPUTE_BN) == (
+        WISE_ALPHA, BASE_SHARE, DISTILL_WEIGHT, HEAD_INIT, RECOMPUTE_BN)
 
 
 @pytest.mark.parametrize("args, message", [
