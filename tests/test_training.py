@@ -21,7 +21,7 @@ from reidx.pipeline.models.weights import WeightsError, load_state_dict
 from reidx.pipeline.training.augment import Augment
 from reidx.pipeline.training.data import load_training_set
 from reidx.pipeline.training.losses import (COSINE_SCALE, BatchHardTripletLoss, IdentityLoss, OIMLoss, identity_logits,
-                                            oim_loss)
+                                            oim_loss, with_margin)
 from reidx.pipeline.training.loop import TrainConfig, build_model, learning_rate, resume_path, train
 from reidx.pipeline.training.sampler import PKSampler
 from conftest import CON_REID
@@ -69,8 +69,8 @@ def test_batch_hard_triplet_picks_farthest_positive_and_nearest_negative():
 
 
 def test_cosine_margin_logits_by_hand():
-    """--id-margin m: logits 30·(cos θ_j − m on the true class); the bias is not used; rows without a
-    target (−1) and calls without targets get no margin (the logits accuracy is read from)."""
+    """--id-margin m: logits 30·cos θ_j (the bias is not used; accuracy is read from these), and the
+    loss's 30·(cos θ_j − m on the true class); rows without a target (−1) get no margin."""
     classifier = torch.nn.Linear(2, 3)
     with torch.no_grad():
         classifier.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0]]))
@@ -78,12 +78,15 @@ def test_cosine_margin_logits_by_hand():
     features = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     r = 1 / math.sqrt(2)
     cosines = torch.tensor([[1.0, 0.0, -1.0], [r, r, -r], [0.0, 1.0, 0.0]])
-    with_margin = cosines - torch.tensor([[0.35, 0, 0], [0, 0.35, 0], [0, 0, 0]])
+    margined = cosines - torch.tensor([[0.35, 0, 0], [0, 0.35, 0], [0, 0, 0]])
     targets = torch.tensor([0, 1, -1])
-    assert torch.allclose(identity_logits(classifier, features, targets, 0.35), COSINE_SCALE * with_margin, atol=1e-5)
-    assert torch.allclose(identity_logits(classifier, features, None, 0.35), COSINE_SCALE * cosines, atol=1e-5)
-    # unset: the linear classifier, bias included
-    assert torch.allclose(identity_logits(classifier, features, targets, None), features @ classifier.weight.t() + 5.0)
+    logits = identity_logits(classifier, features, 0.35)
+    assert torch.allclose(with_margin(logits, targets, 0.35), COSINE_SCALE * margined, atol=1e-5)
+    assert torch.allclose(logits, COSINE_SCALE * cosines, atol=1e-5)
+    # unset: the linear classifier, bias included, and no margin
+    linear = identity_logits(classifier, features, None)
+    assert torch.allclose(linear, features @ classifier.weight.t() + 5.0)
+    assert torch.equal(with_margin(linear, targets, None), linear)
     with pytest.raises(ValueError, match="id_margin"):
         TrainConfig(data="x", out="y.pth", id_margin=1.5).check()
     with pytest.raises(ValueError, match="needs the id loss"):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reidx.pipeline.training.losses import identity_logits
+from reidx.pipeline.training.losses import identity_logits, with_margin
 
 HEAD_INITS = ("random", "probe")
 PROBE_STEPS = 300  # full-batch Adam steps on the cached features (seconds even on a CPU)
@@ -40,21 +40,22 @@ def probe_classifier(model: nn.Module, data, label_smoothing: float, weight_deca
                      cosine_margin: float | None = None, steps: int = PROBE_STEPS, lr: float = PROBE_LR) -> dict:
     """Fit ``model.classifier`` (already sized and seeded) on the frozen features of the labelled
     training crops with the ID loss fine-tuning uses (``cosine_margin``: see
-    :func:`~reidx.pipeline.training.losses.identity_logits`); returns the probe's final loss and accuracy."""
+    :func:`~reidx.pipeline.training.losses.with_margin`); returns the probe's final loss and accuracy."""
     labelled = np.flatnonzero(data.targets >= 0)
     features = frozen_features(model, data, labelled)
     targets = torch.from_numpy(data.targets[labelled]).to(features.device)
     head = model.classifier
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    def loss_of(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(with_margin(logits, targets, cosine_margin), targets, label_smoothing=label_smoothing)
+
     for _ in range(steps):
-        logits = identity_logits(head, features, targets, cosine_margin)
-        loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        loss = loss_of(identity_logits(head, features, cosine_margin))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        loss = F.cross_entropy(identity_logits(head, features, targets, cosine_margin), targets,
-                               label_smoothing=label_smoothing)
-        logits = identity_logits(head, features, None, cosine_margin)
+        logits = identity_logits(head, features, cosine_margin)
+        loss = loss_of(logits)
         accuracy = (logits.argmax(1) == targets).float().mean()
     return {"crops": len(labelled), "loss": round(float(loss), 5), "accuracy": round(float(accuracy), 5)}

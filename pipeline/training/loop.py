@@ -48,7 +48,8 @@ from reidx.pipeline.training.checkpoint import (RunExistsError, check_resumable,
                                                 save_checkpoint)
 from reidx.pipeline.training.data import TrainingSet, load_training_set
 from reidx.pipeline.training.head import probe_classifier
-from reidx.pipeline.training.losses import BatchHardTripletLoss, IdentityLoss, OIMLoss, identity_logits, oim_logits
+from reidx.pipeline.training.losses import (BatchHardTripletLoss, IdentityLoss, OIMLoss, identity_logits, oim_logits,
+                                            with_margin)
 from reidx.pipeline.training.config import TrainConfig
 from reidx.pipeline.training.retention import (distillation_loss, domain_gate_entry, freeze_stages,
                                                hold_frozen_statistics, load_base, recompute_batchnorm,
@@ -231,14 +232,12 @@ class _Run:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
             features = self.model(x if x_distill is None else torch.cat([x, x_distill]))
             features, student_distill = (features, features) if x_distill is None else features.split(len(x))
-            logits = identity_logits(self.model.classifier, features, None, config.id_margin) \
+            logits = identity_logits(self.model.classifier, features, config.id_margin) \
                 if "id" in config.losses else None
         features = features.float()
         terms = {}
         if "id" in config.losses:
-            margin_logits = logits if not config.id_margin else identity_logits(
-                self.model.classifier, features, y, config.id_margin)
-            terms["id"] = losses["id"](margin_logits.float(), y)
+            terms["id"] = losses["id"](with_margin(logits.float(), y, config.id_margin), y)
         if "triplet" in config.losses:
             terms["triplet"] = losses["triplet"](features, y)
         if self.parts["teacher"] is not None:

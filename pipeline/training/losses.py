@@ -41,24 +41,28 @@ class IdentityLoss(nn.Module):
 COSINE_SCALE = 30.0  # s of the cosine classifier: the OIM default, logits in [-30, 30]
 
 
-def identity_logits(classifier: nn.Linear, features: torch.Tensor, targets: torch.Tensor | None = None,
-                    cosine_margin: float | None = None) -> torch.Tensor:
-    """The id loss's logits. ``cosine_margin`` None: the linear classifier, W·x + b (torchreid's).
-    A number m: a cosine classifier with an additive margin (CosFace, Wang et al. 2018),
-    s·(cos θ_j − m·[j = target]), where θ_j is the angle between the feature and row j of W (the
-    bias is not used). Why: retrieval ranks by cosine, and the margin asks every training crop to
-    be nearer its own person's direction than any other's by m, which a softmax stops asking once
-    a crop is classified. Without ``targets`` (or for rows whose target is negative) no margin is taken
-    off, which gives the logits to compute accuracy from."""
+def identity_logits(classifier: nn.Linear, features: torch.Tensor, cosine_margin: float | None = None) -> torch.Tensor:
+    """The id loss's logits before any margin. ``cosine_margin`` None: the linear classifier, W·x + b
+    (torchreid's). A number: a cosine classifier, s·cos θ_j, where θ_j is the angle between the
+    feature and row j of W (the bias is not used), in float32 even under autocast; its margin is
+    taken off by :func:`with_margin`. These are the logits accuracy is read from."""
     if cosine_margin is None:
         return classifier(features)
-    cos = F.normalize(features.float(), dim=1) @ F.normalize(classifier.weight.float(), dim=1).t()
-    if targets is not None and cosine_margin:
-        labelled = targets >= 0
-        margin = torch.zeros_like(cos)
-        margin[labelled] = margin[labelled].scatter(1, targets[labelled][:, None], cosine_margin)
-        cos = cos - margin
-    return COSINE_SCALE * cos
+    with torch.autocast(features.device.type, enabled=False):
+        return COSINE_SCALE * (F.normalize(features.float(), dim=1) @ F.normalize(classifier.weight.float(), dim=1).t())
+
+
+def with_margin(logits: torch.Tensor, targets: torch.Tensor, cosine_margin: float | None) -> torch.Tensor:
+    """CosFace's additive margin (Wang et al. 2018): s·m off each labelled row's true-class logit, so
+    the loss sees s·(cos θ_j − m·[j = target]); unchanged without a margin. Why: retrieval ranks by
+    cosine, and the margin asks every training crop to be nearer its own person's direction than
+    any other's by m, which a softmax stops asking once a crop is classified."""
+    if not cosine_margin:
+        return logits
+    labelled = targets >= 0
+    margin = torch.zeros_like(logits)
+    margin[labelled] = margin[labelled].scatter(1, targets[labelled][:, None], COSINE_SCALE * cosine_margin)
+    return logits - margin
 
 
 def pairwise_euclidean(x: torch.Tensor) -> torch.Tensor:
