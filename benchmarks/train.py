@@ -251,11 +251,12 @@ VARIANTS = {
     "lr1e-4": ["--distill-weight", "0", "--lr", "1e-4"],
     "probe": ["--distill-weight", "0", "--head-init", "probe"],
 }
-# session 16's recipe candidates, each the default recipe (probe) with one change (train_cv.py --recipes)
+# session 16's recipe candidates, each the default recipe (probe) with one change (train_cv.py --recipes);
+# probe-seed<N>: the default recipe with another seed (session 18: soups of seeds)
 VARIANTS.update({f"probe-{label}": [*VARIANTS["probe"], *change] for label, change in {
     "lr7e-4": ["--lr", "7e-4"], "p8k8": ["--p", "8", "--k", "8"], "wd5e-5": ["--weight-decay", "5e-5"],
     "warmup0": ["--warmup-epochs", "0"], "cosface": ["--id-margin", "0.35"],
-    "unit-triplet": ["--triplet-normalise"]}.items()})
+    "unit-triplet": ["--triplet-normalise"], **{f"seed{seed}": ["--seed", str(seed)] for seed in (1, 2, 3)}}.items()})
 RUN_NAMES = {"plain": "fit", "distill1": "fit.distill1"}  # the first grid's file names, kept so they are reused
 # Candidates that are another variant's WiSE-FT mix with a domain gate (not trained again): "gated" is
 # the plain fine-tuning's, "gated-<variant>" that variant's; a "-bn" suffix also recomputes the mix's

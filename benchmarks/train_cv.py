@@ -10,6 +10,8 @@ identities (fold 3 here), where rank-1 is 100 % for every candidate and mAP ~97;
 recomputing BatchNorm *lowered* mAP by 0.9–1.7 while it raised the reported split's by 0.4–1.3.
 Four folds (:func:`train.make_splits`: fold k holds out every 4th identity from the k-th, 17–18
 identities) give four times the validation queries and show whether a difference keeps its sign.
+``--soups probe+probe-seed1+probe-seed2`` adds, as one more recipe, the weight soup (the
+element-wise mean) of those fine-tunings of each fold, mixed with the base like any run.
 ``--folds-of 2`` cuts two folds of 35–36 held-out identities instead (larger galleries; fine-tunings
 on the other half, files ``fit.<recipe>.of2.fold<k>.pth``).
 
@@ -65,11 +67,12 @@ from reidx.pipeline.models.domain_gate import GATE_P, DomainGatedOSNet, calibrat
 from reidx.pipeline.models.weights import resolve_weights  # noqa: E402
 from reidx.pipeline.training.data import load_training_set  # noqa: E402
 from reidx.pipeline.training.head import frozen_features  # noqa: E402
-from reidx.pipeline.training.retention import load_base, wise_interpolate  # noqa: E402
+from reidx.pipeline.training.retention import load_base, soup, wise_interpolate  # noqa: E402
 
 FOLDS = 4
 # `reidx train`'s defaults (α 0.6 in session 14)
 DEFAULT = {"recipe": "probe", "gate": "p0.05", "alpha": 0.8, "batchnorm": "trained", "base_share": 0.0}
+SOUP = "soup:"  # a --soups candidate's recipe name: soup:<recipe>+<recipe>…
 GATES = {"p0.05": GATE_P, "p0.02": 0.02, "no gate": None}  # the last is shown, not a candidate
 
 
@@ -133,18 +136,24 @@ def write_mix(path: Path, base_state: dict, tuned_state: dict, alpha: float, bat
     path.with_suffix(".tmp").replace(path)
 
 
+def fit_features(base_model, data, path: Path):
+    """The base's unit features of a fold's fit crops (``data()``, decoded only if not cached) and their
+    targets: what the fold's domain gate is calibrated on; cached in ``path``."""
+    if not path.is_file():
+        features = F.normalize(frozen_features(base_model, data(), np.arange(len(data().paths))), dim=1).numpy()
+        np.savez(path.with_suffix(".tmp.npz"), features=features, targets=data().targets)
+        path.with_suffix(".tmp.npz").replace(path)
+    return np.load(path)
+
+
 def run_fold(args, fold: int, base_model, base_state: dict, cache: Path) -> list[dict]:
     """The base's row and, per recipe, one row per α × BatchNorm treatment × gate."""
     work = Path(args.workdir)
     splits = make_splits(work / "splits", fold, args.folds_of)
     fold_id = f"fold{fold}" if args.folds_of == FOLDS else f"of{args.folds_of}.fold{fold}"  # in cached names
     data = functools.cache(lambda: load_training_set(splits["conreid-fit"]))  # decoded only when needed
-    fit = cache / f"{resolve_weights(args.init, '.pth').sha256[:16]}.fit.{fold_id}.npz"
-    if not fit.is_file():
-        features = F.normalize(frozen_features(base_model, data(), np.arange(len(data().paths))), dim=1).numpy()
-        np.savez(fit.with_suffix(".tmp.npz"), features=features, targets=data().targets)
-        fit.with_suffix(".tmp.npz").replace(fit)
-    fit_arrays = np.load(fit)
+    fit_arrays = fit_features(base_model, data,
+                              cache / f"{resolve_weights(args.init, '.pth').sha256[:16]}.fit.{fold_id}.npz")
     gates = {label: None if p is None else calibrate(fit_arrays["features"], fit_arrays["targets"], p=p)
              for label, p in GATES.items()}
     cuhk = SHARED / "data" / "cuhk03-train"
@@ -161,11 +170,23 @@ def run_fold(args, fold: int, base_model, base_state: dict, cache: Path) -> list
              **scores(base, base, None)}]
     mixes = [(label, gate, share) for label, gate in gates.items()
              for share in (args.base_shares if gate is not None else [0.0])]  # a share needs the gate
-    for recipe in args.recipes:
+
+    def fine_tuned(recipe: str) -> tuple[dict, str, dict]:
+        """A recipe's tuned state (a soup: the mean of its recipes' states), a hash of the run(s) and
+        the training record(s)."""
+        if recipe.startswith(SOUP):
+            runs = [fine_tuned(part) for part in recipe[len(SOUP):].split("+")]
+            return (soup([state for state, _, _ in runs]), "-".join(h[:4] for _, h, _ in runs),
+                    {"soup_of": [training for _, _, training in runs]})
         name = f"fit.{recipe}" if (args.folds_of, fold) == (FOLDS, 3) else f"fit.{recipe}.{fold_id}"
         out, training = fine_tune(args, work, name, splits["conreid-fit"], VARIANTS[recipe])
-        tuned_state = torch.load(out, weights_only=True)["state_dict"]
-        run_hash = resolve_weights(str(out), ".pth").sha256[:12]  # in the mixes' names: a new run is mixed anew
+        # the run's hash goes into the mixes' names: a new run is mixed anew
+        return torch.load(out, weights_only=True)["state_dict"], resolve_weights(str(out), ".pth").sha256[:12], training
+
+    for recipe in [*args.recipes, *(SOUP + s for s in args.soups)]:
+        tuned_state, run_hash, training = fine_tuned(recipe)
+        name = f"fit.{recipe.replace(':', '.').replace('+', '.')}" + ("" if (args.folds_of, fold) == (FOLDS, 3)
+                                                                        else f".{fold_id}")
         for alpha, batchnorm in itertools.product(args.alphas, args.batchnorm):
             path = work / "cv" / f"{name}.{run_hash}.alpha{alpha:g}.{batchnorm}.pth"
             write_mix(path, base_state, tuned_state, alpha, batchnorm, data)
@@ -227,6 +248,10 @@ def main() -> None:
     parser.add_argument("--alphas", type=lambda v: [float(a) for a in v.split(",")], default=[0.4, 0.6, 0.8, 1.0])
     parser.add_argument("--recipes", type=lambda v: v.split(","), default=[DEFAULT["recipe"]],
                         help=f"Fine-tuning recipes to compare (train.VARIANTS: {', '.join(VARIANTS)}).")
+    parser.add_argument("--soups", type=lambda v: [spec for spec in v.split(",") if spec], default=[],
+                        help="Weight soups to compare as recipes, each recipes joined by + (probe+probe-seed1: the "
+                             "element-wise mean of the two fine-tunings' weights, Wortsman et al. 2022), then mixed "
+                             "with the base like any recipe's run.")
     parser.add_argument("--batchnorm", type=lambda v: v.split(","), default=["trained", "recomputed"],
                         help="BatchNorm treatments of each mix: trained, recomputed or both.")
     parser.add_argument("--base-shares", type=lambda v: [float(b) for b in v.split(",")],
@@ -236,7 +261,8 @@ def main() -> None:
     parser.add_argument("train_options", nargs="*", help="Further `reidx train` options, after --.")
     args = parser.parse_args()
     args.folds = list(range(args.folds_of)) if args.folds is None else args.folds
-    unknown = sorted(set(args.recipes) - set(VARIANTS)) + sorted(set(args.batchnorm) - {"trained", "recomputed"})
+    recipes = set(args.recipes) | {recipe for spec in args.soups for recipe in spec.split("+")}
+    unknown = sorted(recipes - set(VARIANTS)) + sorted(set(args.batchnorm) - {"trained", "recomputed"})
     if unknown:
         parser.error(f"unknown --recipes / --batchnorm {unknown}")
     started = time.perf_counter()

@@ -30,18 +30,12 @@ import torch  # noqa: E402
 from train import SHARED, Scores, with_recomputed_batchnorm  # noqa: E402
 
 from reidx.pipeline.training.data import load_training_set  # noqa: E402
-from reidx.pipeline.training.retention import load_base, wise_interpolate  # noqa: E402
+from reidx.pipeline.training.retention import load_base, soup, wise_interpolate  # noqa: E402
 
 
 def tuned_state(path: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in torch.load(path, weights_only=True)["state_dict"].items()
             if not k.startswith("classifier.")}
-
-
-def soup(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The mean of the runs' float tensors (BN step counters: the first run's)."""
-    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
-            for k, v in states[0].items()}
 
 
 def main() -> None:

@@ -307,6 +307,11 @@ def parse_stages(spec: str) -> list[str] | None:
                    "WiSE-FT mix (whose interpolated statistics fit the mixed network only roughly; training "
                    "saw augmented crops only); about a minute. A finished run re-made with --resume and the "
                    f"other setting is not trained again. [default: {'on' if RECOMPUTE_BN else 'off'}]")
+@click.option("--soup-with", "soup_with", multiple=True, type=click.Path(exists=True, dir_okay=False), metavar="RUN",
+              help="Repeatable: the resume checkpoint (MODEL.resume.pth) of a finished run that differs from this "
+                   "one only in --seed. The tuned network is then the element-wise mean of theirs and this run's "
+                   "(a model soup), before the WiSE-FT mix: one network, embedding costs what one run's does. "
+                   "A finished run re-made with --resume and other --soup-with runs is not trained again.")
 @click.option("--resume", is_flag=True, help="Continue exactly from the last finished epoch of this --out (or re-make "
                                              "a finished run's output). Without it, an --out whose resume checkpoint "
                                              "exists is refused rather than trained over.")
@@ -315,7 +320,7 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
           triplet_normalise, id_margin, oim_scale, oim_momentum, oim_queue, epochs, p, k, lr, weight_decay,
           warmup_epochs, schedule, step_epochs, device, precision, seed, threads, val_query, val_gallery, val_every,
           val_other, wise_alpha, distill_weight, distill_view, train_stages, domain_gate, base_share, head_init,
-          recompute_bn, resume, as_json):
+          recompute_bn, soup_with, resume, as_json):
     """Fine-tune an OSNet embedder on labelled person crops.
 
     Starts from a published checkpoint (default osnet_x0_25_msmt17) with a new classifier sized
@@ -347,6 +352,7 @@ def train(data, init, arch, out, loss_spec, id_weight, triplet_weight, oim_weigh
         val_other=list(val_other) if val_other else None, wise_alpha=wise_alpha, distill_weight=distill_weight,
         distill_view=distill_view, train_stages=parse_stages(train_stages), domain_gate=domain_gate,
         base_share=base_share, head_init=head_init, recompute_bn=recompute_bn,
+        soup_with=[str(path) for path in soup_with] or None,
     )
     validate = checkpoint_validator(device, threads) if val_query or val_other else None
     try:

@@ -238,6 +238,67 @@ def test_cli_train_reports_base_and_output_on_target_and_other_domain(tmp_path):
     assert bad.exit_code == 1 and "only 4 labelled identities" in bad.output
 
 
+def test_soup_with_averages_other_seeds_and_refuses_runs_that_differ(tmp_path, smoke_data, smoke_table, one_epoch):
+    """--soup-with: a finished run re-made with another seed's resume checkpoint gets the element-wise
+    mean of the two tuned networks (then the WiSE-FT mix as usual), not trained again; a run that is
+    not another seed of it — other data, other options, unfinished, its output or itself — is refused."""
+    from click.testing import CliRunner
+
+    from reidx.cli import main
+    from reidx.pipeline.training.checkpoint import resume_path
+
+    out = copy_run(one_epoch, tmp_path)
+    other = tmp_path / "seed1" / "model.pth"
+    other.parent.mkdir()
+    train(smoke_config(smoke_table, other, epochs=1, seed=1), data=smoke_data)
+    mine, theirs = (torch.load(resume_path(p), weights_only=True)["state_dict"] for p in (out, other))
+    assert not torch.equal(mine["conv1.conv.weight"], theirs["conv1.conv.weight"])  # the seeds differ
+
+    summary = train(smoke_config(smoke_table, out, epochs=1, soup_with=[str(resume_path(other))]), resume=True,
+                    data=smoke_data)
+    assert summary["history"] == one_epoch[1]["history"] and summary["soup_with"] == [str(resume_path(other))]
+    souped = torch.load(out, weights_only=True)["state_dict"]
+    for key in ("conv1.conv.weight", "conv2.0.conv1.bn.running_mean", "fc.0.weight", "classifier.weight"):
+        assert torch.allclose(souped[key], (mine[key] + theirs[key]) / 2, atol=1e-7), key
+    assert torch.equal(souped["conv1.bn.num_batches_tracked"], mine["conv1.bn.num_batches_tracked"])
+    half = train(smoke_config(smoke_table, out, epochs=1, soup_with=[str(resume_path(other))], wise_alpha=0.5),
+                 resume=True, data=smoke_data)
+    assert half["wise_alpha"] == 0.5
+    base_state = load_state_dict(MODELS / "osnet_x0_25_msmt17.pth")
+    mixed = torch.load(out, weights_only=True)["state_dict"]
+    assert torch.allclose(mixed["fc.0.weight"], (base_state["fc.0.weight"] + souped["fc.0.weight"]) / 2, atol=1e-6)
+
+    def refused(member, match, **overrides):
+        with pytest.raises(ValueError, match=match):
+            train(smoke_config(smoke_table, out, epochs=1, soup_with=[str(member)], **overrides), resume=True,
+                  data=smoke_data)
+
+    refused(resume_path(out), "this run's own checkpoint")
+    refused(other, "not a resume checkpoint")  # the other run's output: already mixed
+    saved = torch.load(resume_path(other), weights_only=True)
+    saved["reidx_training"]["epochs"] = 0  # as if interrupted before its last epoch
+    torch.save(saved, tmp_path / "unfinished.pth")
+    refused(tmp_path / "unfinished.pth", "finished 0 of 1 epochs")
+    saved["reidx_training"].update(epochs=1, data_hash="0" * 64)
+    torch.save(saved, tmp_path / "elsewhere.pth")
+    refused(tmp_path / "elsewhere.pth", "other data")
+    saved = torch.load(resume_path(other), weights_only=True)
+    saved["reidx_training"]["config"]["lr"] = 1e-3
+    torch.save(saved, tmp_path / "other_lr.pth")
+    refused(tmp_path / "other_lr.pth", r"more than the seed \(lr: 0.001 → 0.0005\)")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    refused(tmp_path / "garbage.pth", "not a readable checkpoint")
+    fresh = tmp_path / "fresh" / "model.pth"  # a new run is refused before it trains, not after
+    with pytest.raises(ValueError, match="other data"):
+        train(smoke_config(smoke_table, fresh, epochs=1, soup_with=[str(tmp_path / "elsewhere.pth")]), data=smoke_data)
+    assert not resume_path(fresh).exists()
+    with pytest.raises(ValueError, match="twice"):
+        smoke_config(smoke_table, out, epochs=1, soup_with=["a.pth", "a.pth"]).check()
+    missing = CliRunner().invoke(main, ["train", "--data", str(smoke_table), "--out", str(out), "--soup-with",
+                                        str(tmp_path / "absent.resume.pth")])
+    assert missing.exit_code == 1 and "absent.resume.pth' does not exist" in missing.output
+
+
 def test_checkpoints_from_before_distillation_resume_as_undistilled(tmp_path):
     """A resume checkpoint written before --distill-weight existed was trained without it: resuming
     it with λ = 1 would change the run, so it is refused; λ = 0 (today's default) continues."""

@@ -54,6 +54,8 @@ class TrainConfig:
     #                                  BASE_SHARE with the gate, else 0
     recompute_bn: bool | None = None  # BatchNorm statistics of the output recomputed on the clean training
     #                                   crops after the WiSE-FT mix; None: RECOMPUTE_BN
+    soup_with: list[str] | None = None  # resume checkpoints of other seeds of this run: the tuned network is the
+    #                                     soup (mean) of theirs and this run's, before the WiSE-FT mix
     head_init: str | None = None  # the new classifier: "random", or "probe" (fitted on the frozen features
     #                               first: LP-FT); None: HEAD_INIT with a base model and the id loss, else random
 
@@ -108,5 +110,7 @@ class TrainConfig:
             raise ValueError(f"id_margin is a cosine margin in [0, 1), not {self.id_margin!r}")
         if self.id_margin is not None and "id" not in self.losses:
             raise ValueError("--id-margin shapes the id loss's classifier: it needs the id loss (--loss id+…)")
+        if self.soup_with is not None and len({str(p) for p in self.soup_with}) != len(self.soup_with):
+            raise ValueError("--soup-with names a run twice")
         if self.distill_view not in ("same", "photometric"):
             raise ValueError(f"distill_view must be same or photometric, not {self.distill_view!r}")

@@ -52,8 +52,8 @@ from reidx.pipeline.training.losses import (BatchHardTripletLoss, IdentityLoss, 
                                             with_margin)
 from reidx.pipeline.training.config import TrainConfig
 from reidx.pipeline.training.retention import (distillation_loss, domain_gate_entry, freeze_stages,
-                                               hold_frozen_statistics, load_base, recompute_batchnorm,
-                                               wise_interpolate)
+                                               hold_frozen_statistics, load_base, recompute_batchnorm, soup,
+                                               soup_members, wise_interpolate)
 from reidx.pipeline.training.sampler import PKSampler
 
 from reidx.pipeline.training import LOSSES
@@ -168,6 +168,7 @@ class _Run:
         num_unlabelled = int((data.targets < 0).sum())
         log(f"training data: {len(data.paths)} crops, {data.num_classes} identities, {num_unlabelled} unlabelled"
             + "".join(f"; skipped {n}: {reason}" for reason, n in data.skipped.items()))
+        soup_members(config.soup_with or [], config, data.data_hash)  # refused now, not after the training
         model, origin = build_model(config, data.num_classes)
         freeze_stages(model, config.train_stages)
         oim = None
@@ -331,6 +332,9 @@ class _Run:
         config, history, data, out = self.config, self.history, self.data, Path(self.config.out)
         metadata = self.metadata()
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        if config.soup_with:
+            state = soup([state, *soup_members(config.soup_with, config, data.data_hash)])
+            self.log(f"tuned network: the soup of this run and {len(config.soup_with)} other seed(s)")
         base = load_base(config.init) if config.wise_alpha < 1.0 or config.domain_gate else None
         if config.wise_alpha < 1.0:
             state = wise_interpolate(base.state_dict(), state, config.wise_alpha)
@@ -358,7 +362,7 @@ class _Run:
                 "validation": evaluation["target"]["fine_tuned"] if "target" in evaluation else None,
                 "evaluation": evaluation, "wise_alpha": config.wise_alpha, "recompute_bn": config.recompute_bn,
                 "distill_weight": config.distill_weight,
-                "domain_gate": config.domain_gate, "base_share": config.base_share,
+                "domain_gate": config.domain_gate, "base_share": config.base_share, "soup_with": config.soup_with,
                 "base_model": self.origin["base_model"], "data_hash": data.data_hash, "num_images": len(data.paths),
                 "num_identities": data.num_classes, "losses": dict(self.config.losses),
                 "precision": metadata["precision"], "device": self.device.type,

@@ -1,6 +1,6 @@
 """Keeping the base model's behaviour where the new data says nothing (fine-tuning without forgetting).
 
-Three tools and a repair, all measured in ``docs/training.md``:
+Three tools, a repair and a soup, all measured in ``docs/training.md``:
 
 - **WiSE-FT** (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): the output
   weights are ``(1 − α)·base + α·fine-tuned``, element-wise over every floating-point tensor the
@@ -17,6 +17,9 @@ Three tools and a repair, all measured in ``docs/training.md``:
   each training batch too, and ``λ · mean(1 − cos(f_student, f_base))`` joins the loss — the
   cosine distance that retrieval ranks by, so the student is held near the base's geometry on the
   training images while the ReID losses move it where the labels say so.
+- **A model soup** (Wortsman et al. 2022): the tuned network is the element-wise mean of this
+  run's and other finished runs' that differ only in their seed (``--soup-with``), before the
+  WiSE-FT mix; one network, so embedding costs what one run's does.
 - **Surgical fine-tuning** (Lee et al. 2023, "Surgical fine-tuning improves adaptation to
   distribution shifts"): only the named OSNet stages learn; the others keep the base's weights
   *and* BatchNorm statistics (they run in eval mode during training), so whatever the new data
@@ -24,6 +27,9 @@ Three tools and a repair, all measured in ``docs/training.md``:
 """
 
 from __future__ import annotations
+
+import pickle
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -89,6 +95,34 @@ def wise_interpolate(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tenso
         else:
             mixed[key] = value
     return mixed
+
+
+def soup(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A uniform model soup (Wortsman et al. 2022, "Model soups"): the element-wise mean of the
+    floating tensors of runs fine-tuned from the same base (integer counters: the first run's)."""
+    first = states[0]
+    for state in states[1:]:
+        if state.keys() != first.keys() or any(state[k].shape != v.shape for k, v in first.items()):
+            raise ValueError("a soup needs runs of one architecture with the same tensors")
+    return {k: (sum(s[k].double() for s in states) / len(states)).to(v.dtype) if v.is_floating_point() else v
+            for k, v in first.items()}
+
+
+def soup_members(paths: list[str], config, data_hash: str) -> list[dict[str, torch.Tensor]]:
+    """The tuned networks of ``--soup-with``'s runs, each checked to be another seed of this run."""
+    from reidx.pipeline.training.checkpoint import check_soup_member, resume_path
+
+    states = []
+    for path in paths:
+        if Path(path).resolve() == resume_path(config.out).resolve():
+            raise ValueError(f"{path} is this run's own checkpoint: --soup-with names the other runs")
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+            raise ValueError(f"{path}: not a readable checkpoint ({exc})") from None
+        check_soup_member(saved, config, data_hash, path)
+        states.append(saved["state_dict"])
+    return states
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
