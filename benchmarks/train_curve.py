@@ -17,6 +17,7 @@ nothing here chooses anything: it measures what more labels buy. Prints one JSON
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -26,9 +27,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from train import SHARED, VARIANTS, fine_tune, make_splits  # noqa: E402
-from train_cv import DEFAULT, embedded, fit_features, gated, mean_ap, write_mix  # noqa: E402
+from train_cv import DEFAULT, embedded, fit_features, fold_tag, gated, mean_ap, run_name, write_mix  # noqa: E402
 
 from reidx.pipeline.models.domain_gate import GATE_P, calibrate  # noqa: E402
 from reidx.pipeline.models.weights import resolve_weights  # noqa: E402
@@ -44,26 +46,26 @@ def fold_row(args, fold: int | None, base_model, cache: Path) -> dict:
     work = Path(args.workdir)
     recipe = DEFAULT["recipe"]
     if fold is None:
-        fit_folder, name, fold_id = ALL_TRAINING, f"fit.{recipe}.all", "all"
+        fit_folder, name, tag = ALL_TRAINING, f"fit.{recipe}.all", "all"
     else:
         fit_folder = make_splits(work / "splits", fold, args.folds_of)["conreid-fit"]
-        fold_id = f"fold{fold}" if args.folds_of == 4 else f"of{args.folds_of}.fold{fold}"
-        name = f"fit.{recipe}" if (args.folds_of, fold) == (4, 3) else f"fit.{recipe}.{fold_id}"
+        name, tag = run_name(recipe, args.folds_of, fold), fold_tag(args.folds_of, fold)
     out, training = fine_tune(args, work, name, fit_folder, VARIANTS[recipe])
-    data = load_training_set(fit_folder)
-    fit_arrays = fit_features(base_model, lambda: data,
-                              cache / f"{resolve_weights(args.init, '.pth').sha256[:16]}.fit.{fold_id}.npz")
+    data = functools.cache(lambda: load_training_set(fit_folder))  # decoded only when something is not cached
+    fit_arrays = fit_features(base_model, data, cache, args.init, tag)
     gate = calibrate(fit_arrays["features"], fit_arrays["targets"], p=GATE_P)
     run_hash = resolve_weights(str(out), ".pth").sha256[:12]
     mix = work / "cv" / f"{name}.{run_hash}.alpha{DEFAULT['alpha']:g}.{DEFAULT['batchnorm']}.pth"
     write_mix(mix, base_model.state_dict(), torch.load(out, weights_only=True)["state_dict"], DEFAULT["alpha"],
-              DEFAULT["batchnorm"], lambda: data)
+              DEFAULT["batchnorm"], data)
     conreid, cuhk = SHARED / "data" / "con-reid", SHARED / "data" / "cuhk03-train"
     sides = {"test-query": conreid / "query", "test-gallery": conreid / "bounding_box_test",
              "cuhk03-query": cuhk / "query", "cuhk03-gallery": cuhk / "gallery"}
     base = {side: embedded(args.init, side, str(folder), cache) for side, folder in sides.items()}
     tuned = {side: embedded(str(mix), side, str(folder), cache) for side, folder in sides.items()}
-    row = {"fold": fold, "identities": int(data.num_classes), "epochs": args.epochs, "training": training}
+    targets = fit_arrays["targets"]
+    row = {"fold": fold, "identities": len(np.unique(targets[targets >= 0])), "epochs": args.epochs,
+           "training": training}
     for label, g in (("gated", gate), ("tuned_alone", None)):
         mixed = {side: gated(base[side], tuned[side], g) for side in sides}
         row[label] = {"conreid_test_mAP": mean_ap(mixed["test-query"], mixed["test-gallery"]),

@@ -136,9 +136,22 @@ def write_mix(path: Path, base_state: dict, tuned_state: dict, alpha: float, bat
     path.with_suffix(".tmp").replace(path)
 
 
-def fit_features(base_model, data, path: Path):
+def fold_tag(folds_of: int, fold: int) -> str:
+    """A fold's tag in cached file names."""
+    return f"fold{fold}" if folds_of == FOLDS else f"of{folds_of}.fold{fold}"
+
+
+def run_name(recipe: str, folds_of: int, fold: int) -> str:
+    """The file stem of a fold's fine-tuning (or soup) of ``recipe``; fold 3 of four keeps the name it had
+    as the split of every earlier choice."""
+    stem = "fit." + recipe.replace(":", ".").replace("+", ".")
+    return stem if (folds_of, fold) == (FOLDS, 3) else f"{stem}.{fold_tag(folds_of, fold)}"
+
+
+def fit_features(base_model, data, cache: Path, init: str, tag: str):
     """The base's unit features of a fold's fit crops (``data()``, decoded only if not cached) and their
-    targets: what the fold's domain gate is calibrated on; cached in ``path``."""
+    targets: what the fold's domain gate is calibrated on; cached per base model and fold ``tag``."""
+    path = cache / f"{resolve_weights(init, '.pth').sha256[:16]}.fit.{tag}.npz"
     if not path.is_file():
         features = F.normalize(frozen_features(base_model, data(), np.arange(len(data().paths))), dim=1).numpy()
         np.savez(path.with_suffix(".tmp.npz"), features=features, targets=data().targets)
@@ -150,10 +163,9 @@ def run_fold(args, fold: int, base_model, base_state: dict, cache: Path) -> list
     """The base's row and, per recipe, one row per α × BatchNorm treatment × gate."""
     work = Path(args.workdir)
     splits = make_splits(work / "splits", fold, args.folds_of)
-    fold_id = f"fold{fold}" if args.folds_of == FOLDS else f"of{args.folds_of}.fold{fold}"  # in cached names
+    fold_id = fold_tag(args.folds_of, fold)
     data = functools.cache(lambda: load_training_set(splits["conreid-fit"]))  # decoded only when needed
-    fit_arrays = fit_features(base_model, data,
-                              cache / f"{resolve_weights(args.init, '.pth').sha256[:16]}.fit.{fold_id}.npz")
+    fit_arrays = fit_features(base_model, data, cache, args.init, fold_id)
     gates = {label: None if p is None else calibrate(fit_arrays["features"], fit_arrays["targets"], p=p)
              for label, p in GATES.items()}
     cuhk = SHARED / "data" / "cuhk03-train"
@@ -178,15 +190,14 @@ def run_fold(args, fold: int, base_model, base_state: dict, cache: Path) -> list
             runs = [fine_tuned(part) for part in recipe[len(SOUP):].split("+")]
             return (soup([state for state, _, _ in runs]), "-".join(h[:4] for _, h, _ in runs),
                     {"soup_of": [training for _, _, training in runs]})
-        name = f"fit.{recipe}" if (args.folds_of, fold) == (FOLDS, 3) else f"fit.{recipe}.{fold_id}"
-        out, training = fine_tune(args, work, name, splits["conreid-fit"], VARIANTS[recipe])
+        out, training = fine_tune(args, work, run_name(recipe, args.folds_of, fold), splits["conreid-fit"],
+                                  VARIANTS[recipe])
         # the run's hash goes into the mixes' names: a new run is mixed anew
         return torch.load(out, weights_only=True)["state_dict"], resolve_weights(str(out), ".pth").sha256[:12], training
 
     for recipe in [*args.recipes, *(SOUP + s for s in args.soups)]:
         tuned_state, run_hash, training = fine_tuned(recipe)
-        name = f"fit.{recipe.replace(':', '.').replace('+', '.')}" + ("" if (args.folds_of, fold) == (FOLDS, 3)
-                                                                        else f".{fold_id}")
+        name = run_name(recipe, args.folds_of, fold)
         for alpha, batchnorm in itertools.product(args.alphas, args.batchnorm):
             path = work / "cv" / f"{name}.{run_hash}.alpha{alpha:g}.{batchnorm}.pth"
             write_mix(path, base_state, tuned_state, alpha, batchnorm, data)

@@ -46,6 +46,7 @@ def probe_classifier(model: nn.Module, data, label_smoothing: float, weight_deca
     targets = torch.from_numpy(data.targets[labelled]).to(features.device)
     head = model.classifier
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+
     def loss_of(logits: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(with_margin(logits, targets, cosine_margin), targets, label_smoothing=label_smoothing)
 

@@ -168,7 +168,7 @@ class _Run:
         num_unlabelled = int((data.targets < 0).sum())
         log(f"training data: {len(data.paths)} crops, {data.num_classes} identities, {num_unlabelled} unlabelled"
             + "".join(f"; skipped {n}: {reason}" for reason, n in data.skipped.items()))
-        soup_members(config.soup_with or [], config, data.data_hash)  # refused now, not after the training
+        soup_with = soup_members(config.soup_with or [], config, data.data_hash)  # refused now, not after training
         model, origin = build_model(config, data.num_classes)
         freeze_stages(model, config.train_stages)
         oim = None
@@ -187,7 +187,7 @@ class _Run:
                  "triplet": BatchHardTripletLoss(config.margin, config.soft_margin, config.triplet_normalise),
                  "sampler": PKSampler(data.targets, config.p, config.k, config.seed,
                                       unlabelled=config.k if "oim" in config.losses else 0),
-                 "augment": Augment(), "photometric": Photometric()}
+                 "augment": Augment(), "photometric": Photometric(), "soup_with": soup_with}
         run = cls(config, data, device, use_bf16, model, origin, oim, optimizer, progress, log, started, parts)
         if resume:
             run.load_resume_checkpoint()
@@ -332,8 +332,8 @@ class _Run:
         config, history, data, out = self.config, self.history, self.data, Path(self.config.out)
         metadata = self.metadata()
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        if config.soup_with:
-            state = soup([state, *soup_members(config.soup_with, config, data.data_hash)])
+        if self.parts["soup_with"]:  # the other seeds' tuned networks, loaded and checked at the start
+            state = soup([state, *self.parts["soup_with"]])
             self.log(f"tuned network: the soup of this run and {len(config.soup_with)} other seed(s)")
         base = load_base(config.init) if config.wise_alpha < 1.0 or config.domain_gate else None
         if config.wise_alpha < 1.0:
